@@ -1,0 +1,18 @@
+//! App Mesh's resources and the rules they obey, with no I/O: the generated 2019-01-25 shapes,
+//! field-path validation, App Mesh's cross-field rules, ARNs, quotas, the replicated commands and
+//! the state machine that applies them. Everything else in trellis builds on these types.
+
+pub mod command;
+pub mod error;
+pub mod quota;
+pub mod resource;
+pub mod rules;
+pub mod shapes;
+pub mod state;
+pub mod validate;
+
+pub use command::{Command, Outcome};
+pub use error::{ApiError, ErrorKind};
+pub use quota::Quotas;
+pub use resource::{Owner, Record, ResourceKey, ResourceKind, Spec};
+pub use state::MeshState;

@@ -1,0 +1,517 @@
+//! The App Mesh state machine: every resource of every mesh, the `clientToken` ledger and the
+//! quotas. `apply` is a pure, deterministic function of the state and one replicated command, so
+//! every control node reaches the same state; the API reads from it directly.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::command::{Command, Idempotency, Outcome};
+use super::error::{ApiError, ErrorKind};
+use super::quota::Quotas;
+use super::resource::{Metadata, Owner, Record, ResourceKey, ResourceKind, Spec, Status};
+use super::rules;
+use super::shapes::TagRef;
+
+/// Most tags one resource may carry.
+pub const MAX_TAGS: usize = 50;
+/// How long a `clientToken` is remembered, in seconds.
+const TOKEN_WINDOW_SECS: f64 = 8.0 * 3600.0;
+/// How many `clientToken`s are remembered at most (the oldest go first).
+const TOKEN_CAPACITY: usize = 100_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+struct TokenKey {
+    operation: String,
+    key: ResourceKey,
+    token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct TokenEntry {
+    key: TokenKey,
+    fingerprint: u64,
+    at: f64,
+    outcome: Value,
+}
+
+/// The whole replicated App Mesh state.
+#[derive(Debug, Clone, Default)]
+pub struct MeshState {
+    resources: BTreeMap<ResourceKey, Record>,
+    tokens: HashMap<TokenKey, TokenEntry>,
+    /// Token keys in the order they were stored, for eviction.
+    token_order: VecDeque<TokenKey>,
+    quotas: Quotas,
+}
+
+/// The serialized form of [`MeshState`], used for raft snapshots and backups.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StateSnapshot {
+    pub resources: Vec<Record>,
+    tokens: Vec<TokenEntry>,
+    pub quotas: Quotas,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone)]
+pub struct Page<'a> {
+    pub items: Vec<&'a Record>,
+    /// The name of the last item, when more items follow it.
+    pub more_after: Option<String>,
+}
+
+// === impl MeshState ===
+
+impl MeshState {
+    pub fn quotas(&self) -> &Quotas {
+        &self.quotas
+    }
+
+    pub fn get(&self, key: &ResourceKey) -> Option<&Record> {
+        self.resources.get(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.resources.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.resources.is_empty()
+    }
+
+    /// Every stored resource, in key order.
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.resources.values()
+    }
+
+    /// Resources of `kind` under `mesh` / `parent`, in name order.
+    fn children<'a>(
+        &'a self,
+        kind: ResourceKind,
+        mesh: &str,
+        parent: &str,
+    ) -> impl Iterator<Item = &'a Record> + 'a {
+        let (mesh, parent) = (mesh.to_string(), parent.to_string());
+        let start = if kind == ResourceKind::Mesh {
+            ResourceKey::mesh("")
+        } else {
+            ResourceKey::child(kind, &mesh, &parent, "")
+        };
+        self.resources
+            .range((Bound::Included(start), Bound::Unbounded))
+            .map(|(_, r)| r)
+            .take_while(move |r| {
+                r.key.kind == kind
+                    && (kind == ResourceKind::Mesh
+                        || (r.key.mesh == mesh && r.key.parent == parent))
+            })
+    }
+
+    /// One page of the resources of `kind` under `mesh` / `parent`: up to `limit` items whose
+    /// name sorts after `after`. Paging by name is stable under concurrent writes: an item that
+    /// exists for the whole listing is returned exactly once.
+    pub fn list(
+        &self,
+        kind: ResourceKind,
+        mesh: &str,
+        parent: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Page<'_> {
+        let mut items: Vec<&Record> = self
+            .children(kind, mesh, parent)
+            .filter(|r| after.is_none_or(|a| r.key.name() > a))
+            .take(limit + 1)
+            .collect();
+        let more_after = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|r| r.key.name().to_string())
+        } else {
+            None
+        };
+        Page { items, more_after }
+    }
+
+    pub fn snapshot(&self) -> StateSnapshot {
+        StateSnapshot {
+            resources: self.resources.values().cloned().collect(),
+            tokens: self
+                .token_order
+                .iter()
+                .filter_map(|k| self.tokens.get(k).cloned())
+                .collect(),
+            quotas: self.quotas.clone(),
+        }
+    }
+
+    pub fn from_snapshot(s: StateSnapshot) -> Self {
+        let mut state = MeshState {
+            quotas: s.quotas,
+            ..Default::default()
+        };
+        for r in s.resources {
+            state.resources.insert(r.key.clone(), r);
+        }
+        for t in s.tokens {
+            state.token_order.push_back(t.key.clone());
+            state.tokens.insert(t.key.clone(), t);
+        }
+        state
+    }
+
+    /// Applies one committed command. Errors are App Mesh answers (the state is unchanged), not
+    /// failures of the state machine.
+    pub fn apply(&mut self, cmd: &Command) -> Outcome {
+        let operation = cmd.operation();
+        match cmd {
+            Command::Create {
+                key,
+                spec,
+                tags,
+                idempotency,
+                uid,
+                owner,
+                now,
+            } => self.idempotent(&operation, key, idempotency.as_ref(), *now, |s| {
+                s.create(key, spec, tags, uid, owner, *now)
+            }),
+            Command::Update {
+                key,
+                spec,
+                idempotency,
+                now,
+            } => self.idempotent(&operation, key, idempotency.as_ref(), *now, |s| {
+                s.update(key, spec, *now)
+            }),
+            Command::Delete { key, .. } => self.delete(key),
+            Command::Tag { key, tags } => self.tag(key, tags),
+            Command::Untag { key, tag_keys } => self.untag(key, tag_keys),
+            Command::SetQuotas(q) => {
+                self.quotas = q.clone();
+                Ok(json!({}))
+            }
+        }
+    }
+
+    /// Runs `f` unless the token was seen: the same request replays the stored answer, another
+    /// request with the same token is a ConflictException.
+    fn idempotent(
+        &mut self,
+        operation: &str,
+        key: &ResourceKey,
+        idem: Option<&Idempotency>,
+        now: f64,
+        f: impl FnOnce(&mut Self) -> Outcome,
+    ) -> Outcome {
+        let Some(idem) = idem else { return f(self) };
+        self.evict_tokens(now);
+        let tk = TokenKey {
+            operation: operation.into(),
+            key: key.clone(),
+            token: idem.token.clone(),
+        };
+        if let Some(seen) = self.tokens.get(&tk) {
+            if seen.fingerprint == idem.fingerprint {
+                return serde_json::from_value::<Result<Value, ApiError>>(seen.outcome.clone())
+                    .unwrap_or_else(|e| {
+                        Err(ApiError::new(ErrorKind::InternalServerError, e.to_string()))
+                    });
+            }
+            return Err(ApiError::conflict(format!(
+                "clientToken {} was already used for a {operation} request with different parameters",
+                idem.token
+            )));
+        }
+        let outcome = f(self);
+        // Only answers that changed state are replayed; a failed attempt may be retried.
+        if outcome.is_ok() {
+            let stored = serde_json::to_value(&outcome).unwrap_or(Value::Null);
+            self.token_order.push_back(tk.clone());
+            self.tokens.insert(
+                tk.clone(),
+                TokenEntry {
+                    key: tk,
+                    fingerprint: idem.fingerprint,
+                    at: now,
+                    outcome: stored,
+                },
+            );
+        }
+        outcome
+    }
+
+    fn evict_tokens(&mut self, now: f64) {
+        while let Some(front) = self.token_order.front() {
+            let expired = self
+                .tokens
+                .get(front)
+                .is_none_or(|t| t.at + TOKEN_WINDOW_SECS < now);
+            if !expired && self.token_order.len() <= TOKEN_CAPACITY {
+                break;
+            }
+            if let Some(k) = self.token_order.pop_front() {
+                self.tokens.remove(&k);
+            }
+        }
+    }
+
+    fn require_parent(&self, key: &ResourceKey) -> Result<&Record, ApiError> {
+        let pk = key
+            .parent_key()
+            .ok_or_else(|| ApiError::bad_request("a mesh has no parent"))?;
+        let mesh = ResourceKey::mesh(&key.mesh);
+        if self.resources.get(&mesh).is_none() {
+            return Err(ApiError::not_found(format!(
+                "Mesh with name {} not found",
+                key.mesh
+            )));
+        }
+        self.resources.get(&pk).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "{} with name {} is not present under mesh {}",
+                pk.kind, pk.name, pk.mesh
+            ))
+        })
+    }
+
+    fn require(&self, key: &ResourceKey) -> Result<&Record, ApiError> {
+        if key.kind != ResourceKind::Mesh {
+            self.require_parent(key)?;
+        }
+        self.resources.get(key).ok_or_else(|| not_found(key))
+    }
+
+    fn create(
+        &mut self,
+        key: &ResourceKey,
+        spec: &Spec,
+        tags: &[TagRef],
+        uid: &str,
+        owner: &Owner,
+        now: f64,
+    ) -> Outcome {
+        let mesh_owner = if key.kind == ResourceKind::Mesh {
+            owner.account.clone()
+        } else {
+            self.require_parent(key)?;
+            self.resources
+                .get(&ResourceKey::mesh(&key.mesh))
+                .map(|m| m.metadata.mesh_owner.clone())
+                .unwrap_or_else(|| owner.account.clone())
+        };
+        if self.resources.contains_key(key) {
+            return Err(ApiError::conflict(format!(
+                "{} already exists",
+                key.describe()
+            )));
+        }
+        let (limit, what) = self.quotas.limit(key.kind);
+        if self.children(key.kind, &key.mesh, &key.parent).count() >= limit {
+            return Err(ApiError::limit(format!(
+                "cannot create {}: the limit of {limit} {what} is reached",
+                key.describe()
+            )));
+        }
+        self.check_spec_in_context(key, spec)?;
+        if tags.len() > MAX_TAGS {
+            return Err(too_many_tags(tags.len()));
+        }
+        let record = Record {
+            key: key.clone(),
+            metadata: Metadata {
+                arn: owner.arn(key),
+                uid: uid.into(),
+                version: 1,
+                created_at: now,
+                last_updated_at: now,
+                mesh_owner,
+                resource_owner: owner.account.clone(),
+            },
+            spec: spec.clone(),
+            tags: tags
+                .iter()
+                .map(|t| (t.key.clone(), t.value.clone()))
+                .collect(),
+        };
+        let data = record.to_data(Status::Active);
+        self.resources.insert(key.clone(), record);
+        Ok(data)
+    }
+
+    fn update(&mut self, key: &ResourceKey, spec: &Spec, now: f64) -> Outcome {
+        self.require(key)?;
+        self.check_spec_in_context(key, spec)?;
+        let record = self.resources.get_mut(key).ok_or_else(|| not_found(key))?;
+        record.spec = spec.clone();
+        record.metadata.version += 1;
+        record.metadata.last_updated_at = now.max(record.metadata.last_updated_at);
+        Ok(record.to_data(Status::Active))
+    }
+
+    fn delete(&mut self, key: &ResourceKey) -> Outcome {
+        self.require(key)?;
+        if let Some(why) = self.in_use(key) {
+            return Err(ApiError::in_use(why));
+        }
+        let record = self.resources.remove(key).ok_or_else(|| not_found(key))?;
+        Ok(record.to_data(Status::Deleted))
+    }
+
+    fn tag(&mut self, key: &ResourceKey, tags: &[TagRef]) -> Outcome {
+        let record = self.resources.get_mut(key).ok_or_else(|| not_found(key))?;
+        let mut merged = record.tags.clone();
+        for t in tags {
+            merged.insert(t.key.clone(), t.value.clone());
+        }
+        if merged.len() > MAX_TAGS {
+            return Err(too_many_tags(merged.len()));
+        }
+        record.tags = merged;
+        Ok(json!({}))
+    }
+
+    fn untag(&mut self, key: &ResourceKey, tag_keys: &[String]) -> Outcome {
+        let record = self.resources.get_mut(key).ok_or_else(|| not_found(key))?;
+        for k in tag_keys {
+            record.tags.remove(k);
+        }
+        Ok(json!({}))
+    }
+
+    /// Why `key` cannot be deleted yet, if it cannot.
+    fn in_use(&self, key: &ResourceKey) -> Option<String> {
+        match key.kind {
+            ResourceKind::Mesh => {
+                let left: Vec<String> = [
+                    ResourceKind::VirtualService,
+                    ResourceKind::VirtualRouter,
+                    ResourceKind::VirtualNode,
+                    ResourceKind::VirtualGateway,
+                ]
+                .into_iter()
+                .filter_map(|k| {
+                    let n = self.children(k, &key.mesh, "").count();
+                    (n > 0).then(|| format!("{n} {k}"))
+                })
+                .collect();
+                (!left.is_empty()).then(|| {
+                    format!(
+                        "Mesh {} still contains {}; delete them before the mesh",
+                        key.mesh,
+                        left.join(", ")
+                    )
+                })
+            }
+            ResourceKind::VirtualNode | ResourceKind::VirtualRouter => {
+                if key.kind == ResourceKind::VirtualRouter {
+                    let routes = self
+                        .children(ResourceKind::Route, &key.mesh, &key.name)
+                        .count();
+                    if routes > 0 {
+                        return Some(format!(
+                            "VirtualRouter {} in mesh {} still has {routes} Route(s); delete them first",
+                            key.name, key.mesh
+                        ));
+                    }
+                }
+                let providers: Vec<&str> = self
+                    .children(ResourceKind::VirtualService, &key.mesh, "")
+                    .filter(|r| rules::provider_of(&r.spec) == Some((key.kind, key.name.as_str())))
+                    .map(|r| r.key.name.as_str())
+                    .collect();
+                (!providers.is_empty()).then(|| {
+                    format!(
+                        "{} {} in mesh {} is the provider of VirtualService {}; change or delete it first",
+                        key.kind,
+                        key.name,
+                        key.mesh,
+                        providers.join(", ")
+                    )
+                })
+            }
+            ResourceKind::VirtualGateway => {
+                let n = self
+                    .children(ResourceKind::GatewayRoute, &key.mesh, &key.name)
+                    .count();
+                (n > 0).then(|| {
+                    format!(
+                        "VirtualGateway {} in mesh {} still has {n} GatewayRoute(s); delete them first",
+                        key.name, key.mesh
+                    )
+                })
+            }
+            ResourceKind::VirtualService | ResourceKind::Route | ResourceKind::GatewayRoute => None,
+        }
+    }
+
+    /// The rules that depend on other resources: providers exist, route ports and protocols
+    /// match the router's (or gateway's) listeners, backend quota.
+    fn check_spec_in_context(&self, key: &ResourceKey, spec: &Spec) -> Result<(), ApiError> {
+        match spec {
+            Spec::VirtualService(_) => {
+                if let Some((kind, name)) = rules::provider_of(spec) {
+                    let pk = ResourceKey::in_mesh(kind, &key.mesh, name);
+                    if !self.resources.contains_key(&pk) {
+                        let member = if kind == ResourceKind::VirtualNode {
+                            "spec.provider.virtualNode.virtualNodeName"
+                        } else {
+                            "spec.provider.virtualRouter.virtualRouterName"
+                        };
+                        return Err(ApiError::not_found(format!(
+                            "{member}: {kind} with name {name} is not present under mesh {}",
+                            key.mesh
+                        )));
+                    }
+                }
+            }
+            Spec::VirtualNode(vn) => {
+                let n = vn.backends.as_ref().map_or(0, Vec::len);
+                if n > self.quotas.backends_per_virtual_node {
+                    return Err(ApiError::limit(format!(
+                        "spec.backends: {n} backends exceed the limit of {} backends per virtual node",
+                        self.quotas.backends_per_virtual_node
+                    )));
+                }
+            }
+            Spec::Route(route) => {
+                let router = self.require_parent(key)?;
+                if let Spec::VirtualRouter(vr) = &router.spec {
+                    rules::route_fits_listeners(route, vr, &key.parent)
+                        .map_err(ApiError::bad_request)?;
+                }
+            }
+            Spec::GatewayRoute(gr) => {
+                let gateway = self.require_parent(key)?;
+                if let Spec::VirtualGateway(vg) = &gateway.spec {
+                    rules::gateway_route_fits_listeners(gr, vg, &key.parent)
+                        .map_err(ApiError::bad_request)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn not_found(key: &ResourceKey) -> ApiError {
+    match key.kind {
+        ResourceKind::Mesh => ApiError::not_found(format!("Mesh with name {} not found", key.mesh)),
+        ResourceKind::Route | ResourceKind::GatewayRoute => ApiError::not_found(key.describe()),
+        k => ApiError::not_found(format!(
+            "{k} with name {} is not present under mesh {}",
+            key.name, key.mesh
+        )),
+    }
+}
+
+fn too_many_tags(n: usize) -> ApiError {
+    ApiError::new(
+        ErrorKind::TooManyTags,
+        format!(
+            "tags: a resource can have at most {MAX_TAGS} tags, this request would give it {n}; no tags were applied"
+        ),
+    )
+}
