@@ -7,7 +7,7 @@ checks required members, unions, lengths, ranges, enums and patterns with field 
 cross-field rules are hand-written in src/model/rules.rs.
 
 Usage: scripts/gen-model.py [path/to/service-2.json]
-  (default: the model inside the test venv's botocore, .venv/lib/python*/site-packages/botocore)
+  (default: the model inside the test venv's awscli, which vendors botocore)
 Run it again after upgrading botocore; tests/model_generated.rs fails when the output is stale.
 """
 import glob, gzip, html, json, os, re, sys
@@ -20,7 +20,7 @@ KEYWORDS = {"match", "type", "ref", "mod", "fn", "use", "in", "loop", "move", "s
 def find_model():
     if len(sys.argv) > 1:
         return sys.argv[1]
-    cands = glob.glob(os.path.join(ROOT, ".venv/lib/python*/site-packages/botocore/data/appmesh/2019-01-25/service-2.json*"))
+    cands = glob.glob(os.path.join(ROOT, ".venv/lib/python*/site-packages/awscli/botocore/data/appmesh/2019-01-25/service-2.json*"))
     if not cands:
         sys.exit("service-2.json not found: run scripts/test once (it creates .venv) or pass the path")
     return cands[0]

@@ -5,4 +5,6 @@
 //! settings. See DESIGN.md §7 for the layout and the dependency rules between modules.
 #![forbid(unsafe_code)]
 
+pub mod config;
+pub mod control;
 pub mod model;

@@ -263,7 +263,7 @@ impl MeshState {
             .parent_key()
             .ok_or_else(|| ApiError::bad_request("a mesh has no parent"))?;
         let mesh = ResourceKey::mesh(&key.mesh);
-        if self.resources.get(&mesh).is_none() {
+        if !self.resources.contains_key(&mesh) {
             return Err(ApiError::not_found(format!(
                 "Mesh with name {} not found",
                 key.mesh

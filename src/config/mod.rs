@@ -1,0 +1,197 @@
+//! Node-local startup settings: `control.toml` (every key documented here and in
+//! config/control.toml), parsed and checked once at start; each problem names its key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::model::Quotas;
+
+/// A config file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {problems}")]
+    Invalid { path: PathBuf, problems: String },
+}
+
+/// Settings of one control-plane node (`trellis control --config control.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// This node's raft id: unique in the cluster, never reused. Default 1.
+    pub node_id: u64,
+    /// Where the node keeps its raft log, state and keys. Default `/var/lib/trellis`.
+    pub data_dir: PathBuf,
+    /// The App Mesh API (and `/v1/` admin) listener. Default `127.0.0.1:7070`.
+    pub api_addr: SocketAddr,
+    /// The gRPC listener (raft RPCs, proxy config streams). Default `127.0.0.1:7071`.
+    /// Reserved: served once clustering and config push land.
+    pub grpc_addr: SocketAddr,
+    /// The DNS listener (UDP and TCP). Default `127.0.0.1:8600`. Reserved: served once DNS lands.
+    pub dns_addr: SocketAddr,
+    /// The address peers and proxies use to reach this node's gRPC port; default `grpc_addr`.
+    pub advertise_addr: Option<SocketAddr>,
+    /// How many voters to wait for before forming a cluster. Only 1 is supported so far.
+    pub bootstrap_expect: usize,
+    /// Peers to join at start (`host:port` of their gRPC listeners). Must be empty so far.
+    pub retry_join: Vec<String>,
+    /// The region written into ARNs (`arn:aws:appmesh:<region>:…`). Default `us-east-1`.
+    pub region: String,
+    /// The 12-digit account id written into ARNs, `meshOwner` and `resourceOwner`.
+    /// Default `000000000000`.
+    pub account_id: String,
+    /// App Mesh's service quotas; each default is App Mesh's own (see `[quotas]` in the example).
+    pub quotas: Quotas,
+    /// Log filter in `RUST_LOG` syntax. Default `info,openraft=warn,sled=warn`.
+    pub log: String,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            node_id: 1,
+            data_dir: PathBuf::from("/var/lib/trellis"),
+            api_addr: ([127, 0, 0, 1], 7070).into(),
+            grpc_addr: ([127, 0, 0, 1], 7071).into(),
+            dns_addr: ([127, 0, 0, 1], 8600).into(),
+            advertise_addr: None,
+            bootstrap_expect: 1,
+            retry_join: Vec::new(),
+            region: "us-east-1".into(),
+            account_id: "000000000000".into(),
+            quotas: Quotas::default(),
+            log: "info,openraft=warn,sled=warn".into(),
+        }
+    }
+}
+
+impl ControlConfig {
+    /// Reads and checks a `control.toml`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let cfg: ControlConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        cfg.check().map_err(|problems| ConfigError::Invalid {
+            path: path.into(),
+            problems,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Every problem with the settings, each naming its key.
+    pub fn check(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.node_id == 0 {
+            problems.push("node_id: must be at least 1".to_string());
+        }
+        if self.account_id.len() != 12 || !self.account_id.chars().all(|c| c.is_ascii_digit()) {
+            problems.push(format!(
+                "account_id: must be 12 digits, got {:?}",
+                self.account_id
+            ));
+        }
+        if self.region.is_empty()
+            || !self
+                .region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            problems.push(format!(
+                "region: must look like us-east-1, got {:?}",
+                self.region
+            ));
+        }
+        if self.bootstrap_expect != 1 {
+            problems.push(format!(
+                "bootstrap_expect: only single-node control planes are supported so far, got {}",
+                self.bootstrap_expect
+            ));
+        }
+        if !self.retry_join.is_empty() {
+            problems
+                .push("retry_join: joining peers is not supported yet; leave it empty".to_string());
+        }
+        let q = &self.quotas;
+        for (key, v) in [
+            ("quotas.meshes", q.meshes),
+            ("quotas.virtual_nodes_per_mesh", q.virtual_nodes_per_mesh),
+            (
+                "quotas.virtual_services_per_mesh",
+                q.virtual_services_per_mesh,
+            ),
+            (
+                "quotas.virtual_routers_per_mesh",
+                q.virtual_routers_per_mesh,
+            ),
+            (
+                "quotas.routes_per_virtual_router",
+                q.routes_per_virtual_router,
+            ),
+            (
+                "quotas.virtual_gateways_per_mesh",
+                q.virtual_gateways_per_mesh,
+            ),
+            (
+                "quotas.gateway_routes_per_virtual_gateway",
+                q.gateway_routes_per_virtual_gateway,
+            ),
+            (
+                "quotas.backends_per_virtual_node",
+                q.backends_per_virtual_node,
+            ),
+        ] {
+            if v == 0 {
+                problems.push(format!("{key}: must be at least 1"));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+            problems.push(format!("log: {e}"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/control.toml");
+        let cfg = ControlConfig::load(&path).unwrap();
+        assert_eq!(cfg.quotas, Quotas::default());
+    }
+
+    #[test]
+    fn problems_name_their_keys() {
+        let cfg = ControlConfig {
+            account_id: "12".into(),
+            node_id: 0,
+            ..Default::default()
+        };
+        let e = cfg.check().unwrap_err();
+        assert!(e.contains("account_id: must be 12 digits"), "{e}");
+        assert!(e.contains("node_id: must be at least 1"), "{e}");
+        let e = toml::from_str::<ControlConfig>("api_adr = '1'")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api_adr"), "{e}");
+    }
+}

@@ -1,0 +1,463 @@
+//! The App Mesh REST API (`/v20190125/…`), wire-compatible with the `aws appmesh` CLI: one
+//! generic set of handlers serves the seven resource kinds (list, create, describe, update,
+//! delete), plus the three tag operations. Writes go through raft; reads come from the applied
+//! state. Authentication (SigV4) and TLS wrap this router in a later issue.
+
+mod body;
+mod error;
+mod inputs;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, Method, Request, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use base64::Engine;
+use serde_json::{Value, json};
+
+pub use body::MAX_BODY_BYTES;
+use error::HttpError;
+
+use crate::control::raft::Consensus;
+use crate::model::resource::{Status, parse_arn};
+use crate::model::validate::Validator;
+use crate::model::{ApiError, Command, Owner, ResourceKey, ResourceKind};
+
+/// What the API handlers share.
+pub struct ApiState {
+    pub consensus: Consensus,
+    /// Region and account of the resources this control plane creates.
+    pub owner: Owner,
+}
+
+type Shared = State<Arc<ApiState>>;
+type Params = HashMap<String, String>;
+
+/// The URL collection segment of each kind (`/meshes/{mesh}/virtualNodes`).
+fn collection_path(kind: ResourceKind) -> &'static str {
+    match kind {
+        ResourceKind::Mesh => "/v20190125/meshes",
+        ResourceKind::VirtualNode => "/v20190125/meshes/{meshName}/virtualNodes",
+        ResourceKind::VirtualService => "/v20190125/meshes/{meshName}/virtualServices",
+        ResourceKind::VirtualRouter => "/v20190125/meshes/{meshName}/virtualRouters",
+        ResourceKind::Route => "/v20190125/meshes/{meshName}/virtualRouter/{parentName}/routes",
+        ResourceKind::VirtualGateway => "/v20190125/meshes/{meshName}/virtualGateways",
+        ResourceKind::GatewayRoute => {
+            "/v20190125/meshes/{meshName}/virtualGateway/{parentName}/gatewayRoutes"
+        }
+    }
+}
+
+/// The list body's member for each kind.
+fn list_member(kind: ResourceKind) -> &'static str {
+    match kind {
+        ResourceKind::Mesh => "meshes",
+        ResourceKind::VirtualNode => "virtualNodes",
+        ResourceKind::VirtualService => "virtualServices",
+        ResourceKind::VirtualRouter => "virtualRouters",
+        ResourceKind::Route => "routes",
+        ResourceKind::VirtualGateway => "virtualGateways",
+        ResourceKind::GatewayRoute => "gatewayRoutes",
+    }
+}
+
+/// The App Mesh API router.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let mut r = Router::new();
+    for kind in ResourceKind::ALL {
+        let coll = collection_path(kind);
+        let item = if kind == ResourceKind::Mesh {
+            "/v20190125/meshes/{meshName}".to_string()
+        } else {
+            format!("{coll}/{{name}}")
+        };
+        r = r
+            .route(
+                coll,
+                get(move |s: Shared, p: Path<Params>, q: Query<Params>| list(s, kind, p, q)).put(
+                    move |s: Shared, p: Path<Params>, q: Query<Params>, req: Request<Body>| {
+                        create(s, kind, p, q, req)
+                    },
+                ),
+            )
+            .route(
+                &item,
+                get(move |s: Shared, p: Path<Params>, q: Query<Params>| describe(s, kind, p, q))
+                    .put(
+                        move |s: Shared, p: Path<Params>, q: Query<Params>, req: Request<Body>| {
+                            update(s, kind, p, q, req)
+                        },
+                    )
+                    .delete(move |s: Shared, p: Path<Params>, q: Query<Params>| {
+                        delete(s, kind, p, q)
+                    }),
+            );
+    }
+    r.route("/v20190125/tag", put(tag_resource))
+        .route("/v20190125/untag", put(untag_resource))
+        .route("/v20190125/tags", get(list_tags))
+        .route("/v1/health", get(health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// Every answer carries `x-amzn-RequestId` (botocore copies it into ResponseMetadata).
+async fn request_id(req: Request<Body>, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut resp = next.run(req).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-amzn-requestid", v);
+    }
+    tracing::debug!(%method, %path, status = resp.status().as_u16(), request_id = %id, "api request");
+    resp
+}
+
+async fn not_found(method: Method, uri: Uri) -> HttpError {
+    HttpError::new(
+        StatusCode::NOT_FOUND,
+        "NotFoundException",
+        format!("no App Mesh operation at {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> HttpError {
+    HttpError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "BadRequestException",
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
+}
+
+async fn health(State(s): Shared) -> Response {
+    let resources = s.consensus.read(|st| st.len());
+    json_ok(json!({"status": "ok", "nodeId": s.consensus.node_id(), "resources": resources}))
+}
+
+fn json_ok(v: Value) -> Response {
+    let mut resp = (StatusCode::OK, v.to_string()).into_response();
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Checks the names in the URI and builds the key of the collection's parent.
+fn names(kind: ResourceKind, p: &Params) -> Result<(String, String), ApiError> {
+    let mesh = p.get("meshName").cloned().unwrap_or_default();
+    let parent = p.get("parentName").cloned().unwrap_or_default();
+    let mut v = Validator::default();
+    if kind != ResourceKind::Mesh || p.contains_key("meshName") {
+        crate::model::rules::check_name(&mut v, "meshName", &mesh);
+    }
+    if let Some(pk) = kind.parent() {
+        crate::model::rules::check_name(&mut v, pk.name_member(), &parent);
+    }
+    if let Some(name) = p.get("name") {
+        crate::model::rules::check_name(&mut v, kind.name_member(), name);
+    }
+    v.finish()?;
+    Ok((mesh, parent))
+}
+
+fn item_key(kind: ResourceKind, p: &Params) -> Result<ResourceKey, ApiError> {
+    let (mesh, parent) = names(kind, p)?;
+    let name = p.get("name").cloned().unwrap_or_default();
+    Ok(match kind {
+        ResourceKind::Mesh => ResourceKey::mesh(&mesh),
+        _ => ResourceKey::child(kind, &mesh, &parent, &name),
+    })
+}
+
+/// `meshOwner` names the account that owns the mesh; here every mesh is this account's.
+fn check_mesh_owner(s: &ApiState, q: &Params, mesh: &str) -> Result<(), ApiError> {
+    let Some(owner) = q.get("meshOwner") else {
+        return Ok(());
+    };
+    if owner.len() != 12 || !owner.chars().all(|c| c.is_ascii_digit()) {
+        return Err(ApiError::bad_request(format!(
+            "meshOwner: must be a 12-digit account id, got {owner:?}"
+        )));
+    }
+    let actual = s.consensus.read(|st| {
+        st.get(&ResourceKey::mesh(mesh))
+            .map(|m| m.metadata.mesh_owner.clone())
+    });
+    match actual {
+        Some(a) if a != *owner => Err(ApiError::not_found(format!(
+            "Mesh with name {mesh} and owner {owner} not found"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Missing parents answer NotFound before anything else.
+fn check_parents(s: &ApiState, key: &ResourceKey) -> Result<(), ApiError> {
+    s.consensus.read(|st| {
+        if key.kind != ResourceKind::Mesh && st.get(&ResourceKey::mesh(&key.mesh)).is_none() {
+            return Err(ApiError::not_found(format!(
+                "Mesh with name {} not found",
+                key.mesh
+            )));
+        }
+        if let Some(pk) = key.kind.parent() {
+            let parent = ResourceKey::in_mesh(pk, &key.mesh, &key.parent);
+            if st.get(&parent).is_none() {
+                return Err(ApiError::not_found(format!(
+                    "{pk} with name {} is not present under mesh {}",
+                    key.parent, key.mesh
+                )));
+            }
+        }
+        Ok(())
+    })
+}
+
+async fn write(s: &ApiState, cmd: Command) -> Result<Response, HttpError> {
+    let outcome = s.consensus.write(cmd).await?;
+    Ok(json_ok(outcome?))
+}
+
+fn limit(q: &Params, max: i64) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(100),
+        Some(l) => {
+            let n: i64 = l.parse().map_err(|_| {
+                ApiError::bad_request(format!("limit: must be an integer, got {l:?}"))
+            })?;
+            if !(1..=max).contains(&n) {
+                return Err(ApiError::bad_request(format!(
+                    "limit: must be between 1 and {max}, got {n}"
+                )));
+            }
+            Ok(n as usize)
+        }
+    }
+}
+
+/// nextToken is an opaque encoding of the last name returned; listing resumes after it.
+fn encode_token(after: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json!({ "after": after }).to_string())
+}
+
+fn decode_token(q: &Params) -> Result<Option<String>, ApiError> {
+    let Some(t) = q.get("nextToken") else {
+        return Ok(None);
+    };
+    let bad = || ApiError::bad_request("nextToken: is not a token this API returned");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(t)
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    v.get("after")
+        .and_then(Value::as_str)
+        .map(|s| Some(s.to_string()))
+        .ok_or_else(bad)
+}
+
+async fn list(
+    State(s): Shared,
+    kind: ResourceKind,
+    Path(p): Path<Params>,
+    Query(q): Query<Params>,
+) -> Result<Response, HttpError> {
+    let (mesh, parent) = names(kind, &p)?;
+    let limit = limit(&q, 100)?;
+    let after = decode_token(&q)?;
+    if kind != ResourceKind::Mesh {
+        check_parents(&s, &ResourceKey::child(kind, &mesh, &parent, ""))?;
+        check_mesh_owner(&s, &q, &mesh)?;
+    }
+    let body = s.consensus.read(|st| {
+        let page = st.list(kind, &mesh, &parent, after.as_deref(), limit);
+        let items: Vec<Value> = page.items.iter().map(|r| r.to_ref()).collect();
+        let mut body = serde_json::Map::new();
+        body.insert(list_member(kind).into(), Value::Array(items));
+        if let Some(a) = page.more_after {
+            body.insert("nextToken".into(), Value::String(encode_token(&a)));
+        }
+        Value::Object(body)
+    });
+    Ok(json_ok(body))
+}
+
+async fn describe(
+    State(s): Shared,
+    kind: ResourceKind,
+    Path(p): Path<Params>,
+    Query(q): Query<Params>,
+) -> Result<Response, HttpError> {
+    let key = item_key(kind, &p)?;
+    check_parents(&s, &key)?;
+    check_mesh_owner(&s, &q, &key.mesh)?;
+    let data = s
+        .consensus
+        .read(|st| st.get(&key).map(|r| r.to_data(Status::Active)));
+    match data {
+        Some(d) => Ok(json_ok(d)),
+        None => Err(not_present(&key).into()),
+    }
+}
+
+fn not_present(key: &ResourceKey) -> ApiError {
+    match key.kind {
+        ResourceKind::Mesh => ApiError::not_found(format!("Mesh with name {} not found", key.mesh)),
+        ResourceKind::Route | ResourceKind::GatewayRoute => ApiError::not_found(key.describe()),
+        k => ApiError::not_found(format!(
+            "{k} with name {} is not present under mesh {}",
+            key.name, key.mesh
+        )),
+    }
+}
+
+async fn create(
+    State(s): Shared,
+    kind: ResourceKind,
+    Path(p): Path<Params>,
+    Query(q): Query<Params>,
+    req: Request<Body>,
+) -> Result<Response, HttpError> {
+    let path = req.uri().path().to_string();
+    let (mesh, parent) = names(kind, &p)?;
+    let bytes = body::read(req.into_body()).await?;
+    let parsed = inputs::create(kind, &bytes, &path)?;
+    let name = parsed.name.unwrap_or_default();
+    let key = match kind {
+        ResourceKind::Mesh => ResourceKey::mesh(&name),
+        _ => ResourceKey::child(kind, &mesh, &parent, &name),
+    };
+    if kind != ResourceKind::Mesh {
+        check_mesh_owner(&s, &q, &mesh)?;
+    }
+    let cmd = Command::Create {
+        key,
+        spec: parsed.spec,
+        tags: parsed.tags,
+        idempotency: parsed.idempotency,
+        uid: uuid::Uuid::new_v4().to_string(),
+        owner: s.owner.clone(),
+        now: now(),
+    };
+    write(&s, cmd).await
+}
+
+async fn update(
+    State(s): Shared,
+    kind: ResourceKind,
+    Path(p): Path<Params>,
+    Query(q): Query<Params>,
+    req: Request<Body>,
+) -> Result<Response, HttpError> {
+    let path = req.uri().path().to_string();
+    let key = item_key(kind, &p)?;
+    let bytes = body::read(req.into_body()).await?;
+    let parsed = inputs::update(kind, &bytes, &path)?;
+    check_mesh_owner(&s, &q, &key.mesh)?;
+    write(
+        &s,
+        Command::Update {
+            key,
+            spec: parsed.spec,
+            idempotency: parsed.idempotency,
+            now: now(),
+        },
+    )
+    .await
+}
+
+async fn delete(
+    State(s): Shared,
+    kind: ResourceKind,
+    Path(p): Path<Params>,
+    Query(q): Query<Params>,
+) -> Result<Response, HttpError> {
+    let key = item_key(kind, &p)?;
+    check_mesh_owner(&s, &q, &key.mesh)?;
+    write(&s, Command::Delete { key, now: now() }).await
+}
+
+/// Resolves `resourceArn` to a stored resource of this control plane.
+fn arn_key(s: &ApiState, q: &Params) -> Result<ResourceKey, ApiError> {
+    let arn = q
+        .get("resourceArn")
+        .ok_or_else(|| ApiError::bad_request("resourceArn: is required"))?;
+    let (owner, key) = parse_arn(arn).ok_or_else(|| {
+        ApiError::bad_request(format!("resourceArn: is not an App Mesh ARN: {arn:?}"))
+    })?;
+    let exists = s
+        .consensus
+        .read(|st| st.get(&key).is_some_and(|r| r.metadata.arn == *arn));
+    if owner.region != s.owner.region || !exists {
+        return Err(ApiError::not_found(format!("no resource with ARN {arn}")));
+    }
+    Ok(key)
+}
+
+async fn tag_resource(
+    State(s): Shared,
+    Query(q): Query<Params>,
+    req: Request<Body>,
+) -> Result<Response, HttpError> {
+    let key = arn_key(&s, &q)?;
+    let bytes = body::read(req.into_body()).await?;
+    let tags = inputs::tags(&bytes)?;
+    write(&s, Command::Tag { key, tags }).await
+}
+
+async fn untag_resource(
+    State(s): Shared,
+    Query(q): Query<Params>,
+    req: Request<Body>,
+) -> Result<Response, HttpError> {
+    let key = arn_key(&s, &q)?;
+    let bytes = body::read(req.into_body()).await?;
+    let tag_keys = inputs::tag_keys(&bytes)?;
+    write(&s, Command::Untag { key, tag_keys }).await
+}
+
+async fn list_tags(State(s): Shared, Query(q): Query<Params>) -> Result<Response, HttpError> {
+    let key = arn_key(&s, &q)?;
+    let limit = limit(&q, 50)?;
+    let after = decode_token(&q)?;
+    let body = s.consensus.read(|st| {
+        let Some(r) = st.get(&key) else {
+            return Err(not_present(&key));
+        };
+        let mut tags: Vec<Value> = r
+            .tags
+            .iter()
+            .filter(|(k, _)| after.as_deref().is_none_or(|a| k.as_str() > a))
+            .take(limit + 1)
+            .map(|(k, v)| json!({"key": k, "value": v}))
+            .collect();
+        let mut body = serde_json::Map::new();
+        let next = if tags.len() > limit {
+            tags.truncate(limit);
+            tags.last()
+                .and_then(|t| t["key"].as_str())
+                .map(encode_token)
+        } else {
+            None
+        };
+        body.insert("tags".into(), Value::Array(tags));
+        if let Some(n) = next {
+            body.insert("nextToken".into(), Value::String(n));
+        }
+        Ok(Value::Object(body))
+    })?;
+    Ok(json_ok(body))
+}

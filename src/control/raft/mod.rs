@@ -1,0 +1,194 @@
+//! Consensus for the control plane: openraft over the sled `Store`. This module is the only one
+//! that sees openraft types; the rest of the control plane proposes `model::Command`s through
+//! [`Consensus::write`] and reads the applied `model::MeshState` through [`Consensus::read`].
+//!
+//! Layout follows openraft's examples: `log_store` (the raft log on `Store`), `state_machine`
+//! (applies commands, builds and installs snapshots), `network` (RPCs to peers).
+
+mod log_store;
+mod network;
+mod state_machine;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
+use tokio::sync::watch;
+
+use crate::control::store::Store;
+use crate::model::{Command, MeshState, Outcome};
+
+pub use state_machine::Applied;
+
+openraft::declare_raft_types!(
+    /// trellis's raft types: model commands in, App Mesh answers out.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = u64,
+        Node = BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// What applying one log entry answered (blank and membership entries answer `Ok(null)`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Response(pub Outcome);
+
+/// Why a write did not produce an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// No leader is known right now (an election is under way, or there is no quorum).
+    #[error("no raft leader is available; retry shortly")]
+    NoLeader,
+    /// This node is not the leader; the leader is `leader` (forwarding comes with clustering).
+    #[error("this node is not the raft leader (leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    #[error("raft: {0}")]
+    Fatal(String),
+}
+
+/// Why the consensus module could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid raft config: {0}")]
+    Config(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("no leader elected within {0:?}")]
+    NoLeader(Duration),
+}
+
+/// Tuning for the raft node.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    pub heartbeat_interval: Duration,
+    pub election_timeout: (Duration, Duration),
+    /// Build a snapshot (and compact the log) after this many applied entries.
+    pub snapshot_every: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(150),
+            election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+            snapshot_every: 5000,
+        }
+    }
+}
+
+/// A running raft member and its applied state.
+#[derive(Clone)]
+pub struct Consensus {
+    node_id: u64,
+    raft: Raft<TypeConfig>,
+    applied: Arc<std::sync::RwLock<Applied>>,
+    applied_index: watch::Receiver<u64>,
+}
+
+// === impl Consensus ===
+
+impl Consensus {
+    /// Starts raft on `store`. A node whose store was never initialized bootstraps a one-voter
+    /// cluster of itself (advertised at `addr`); a restarted node recovers from its snapshot and
+    /// log. Returns once this node knows a leader.
+    pub async fn start(
+        node_id: u64,
+        addr: &str,
+        store: Store,
+        settings: RaftSettings,
+    ) -> Result<Self, StartError> {
+        let config = Config {
+            cluster_name: "trellis".into(),
+            heartbeat_interval: settings.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: settings.election_timeout.0.as_millis() as u64,
+            election_timeout_max: settings.election_timeout.1.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        };
+        let config = Arc::new(
+            config
+                .validate()
+                .map_err(|e| StartError::Config(e.to_string()))?,
+        );
+        let (sm, applied, applied_index) = state_machine::StateMachine::open(store.clone())
+            .map_err(|e| StartError::Storage(e.to_string()))?;
+        let log = log_store::LogStore::new(store);
+        let raft = Raft::new(node_id, config, network::Network, log, sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        if !raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?
+        {
+            let members = BTreeMap::from([(node_id, BasicNode::new(addr))]);
+            raft.initialize(members)
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?;
+        }
+        let wait = Duration::from_secs(30);
+        raft.wait(Some(wait))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await
+            .map_err(|_| StartError::NoLeader(wait))?;
+        Ok(Self {
+            node_id,
+            raft,
+            applied,
+            applied_index,
+        })
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// Proposes `cmd`, waits until it is committed and applied here, and returns its answer.
+    pub async fn write(&self, cmd: Command) -> Result<Outcome, WriteError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data.0),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_id {
+                Some(leader) => Err(WriteError::NotLeader {
+                    leader: Some(leader),
+                }),
+                None => Err(WriteError::NoLeader),
+            },
+            Err(e) => Err(WriteError::Fatal(e.to_string())),
+        }
+    }
+
+    /// Reads the applied state.
+    pub fn read<T>(&self, f: impl FnOnce(&MeshState) -> T) -> T {
+        let guard = self.applied.read().unwrap_or_else(|e| e.into_inner());
+        f(&guard.state)
+    }
+
+    /// The index of the last applied log entry; changes whenever the state does.
+    pub fn applied_index(&self) -> watch::Receiver<u64> {
+        self.applied_index.clone()
+    }
+
+    /// Builds a snapshot now and compacts the log behind it.
+    pub async fn snapshot(&self) -> Result<(), WriteError> {
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| WriteError::Fatal(e.to_string()))
+    }
+
+    /// Stops raft; the store stays consistent for the next start.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The raft state machine: applies committed `model::Command`s to the in-memory `MeshState` and
+//! keeps it recoverable through snapshots persisted in the `Store` (openraft replays the log
+//! after the snapshot on start). Readers share the state through an `RwLock`.
+
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageError,
+    StorageIOError, StoredMembership,
+};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::{Response, TypeConfig};
+use crate::control::store::{Store, StoreError, keys};
+use crate::model::MeshState;
+use crate::model::state::StateSnapshot;
+
+/// The applied state and the raft bookkeeping that goes with it.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub last_applied: Option<LogId<u64>>,
+    pub membership: StoredMembership<u64, BasicNode>,
+    pub state: MeshState,
+}
+
+pub struct StateMachine {
+    store: Store,
+    applied: Arc<RwLock<Applied>>,
+    applied_tx: watch::Sender<u64>,
+}
+
+type Shared = (StateMachine, Arc<RwLock<Applied>>, watch::Receiver<u64>);
+
+impl StateMachine {
+    /// Opens the state machine, restoring the last persisted snapshot.
+    pub fn open(store: Store) -> Result<Shared, StoreError> {
+        let mut applied = Applied::default();
+        if let Some(bytes) = store.get_meta(keys::SNAPSHOT)? {
+            let (meta, data) = decode(&bytes).map_err(StoreError::Corrupt)?;
+            let snap: StateSnapshot =
+                serde_json::from_slice(&data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            applied.last_applied = meta.last_log_id;
+            applied.membership = meta.last_membership;
+            applied.state = MeshState::from_snapshot(snap);
+        }
+        let index = applied.last_applied.map_or(0, |l| l.index);
+        let (tx, rx) = watch::channel(index);
+        let applied = Arc::new(RwLock::new(applied));
+        Ok((
+            StateMachine {
+                store,
+                applied: applied.clone(),
+                applied_tx: tx,
+            },
+            applied,
+            rx,
+        ))
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
+        self.applied.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Applied> {
+        self.applied.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A persisted snapshot: 8-byte big-endian length of the JSON meta, the meta, then the data.
+fn encode(meta: &SnapshotMeta<u64, BasicNode>, data: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    let m = serde_json::to_vec(meta)?;
+    let mut out = Vec::with_capacity(8 + m.len() + data.len());
+    out.extend_from_slice(&(m.len() as u64).to_be_bytes());
+    out.extend_from_slice(&m);
+    out.extend_from_slice(data);
+    Ok(out)
+}
+
+fn decode(bytes: &[u8]) -> Result<(SnapshotMeta<u64, BasicNode>, Vec<u8>), String> {
+    let len: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("snapshot header truncated")?;
+    let len = u64::from_be_bytes(len) as usize;
+    let meta = bytes.get(8..8 + len).ok_or("snapshot meta truncated")?;
+    let meta = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
+    Ok((meta, bytes[8 + len..].to_vec()))
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), StorageError<u64>> {
+        let a = self.read();
+        Ok((a.last_applied, a.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut out = Vec::new();
+        let last = {
+            let mut a = self.write();
+            for entry in entries {
+                a.last_applied = Some(entry.log_id);
+                let r = match entry.payload {
+                    EntryPayload::Blank => Ok(Value::Null),
+                    EntryPayload::Normal(cmd) => a.state.apply(&cmd),
+                    EntryPayload::Membership(m) => {
+                        a.membership = StoredMembership::new(Some(entry.log_id), m);
+                        Ok(Value::Null)
+                    }
+                };
+                out.push(Response(r));
+            }
+            a.last_applied.map_or(0, |l| l.index)
+        };
+        self.applied_tx.send_replace(last);
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            store: self.store.clone(),
+            applied: self.applied.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<u64>> {
+        let data = snapshot.into_inner();
+        let snap: StateSnapshot = serde_json::from_slice(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let bytes = encode(meta, &data)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.store
+            .put_meta(keys::SNAPSHOT, bytes)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let index = {
+            let mut a = self.write();
+            a.last_applied = meta.last_log_id;
+            a.membership = meta.last_membership.clone();
+            a.state = MeshState::from_snapshot(snap);
+            a.last_applied.map_or(0, |l| l.index)
+        };
+        self.applied_tx.send_replace(index);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
+        let bytes = self
+            .store
+            .get_meta(keys::SNAPSHOT)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let Some(bytes) = bytes else { return Ok(None) };
+        let (meta, data) = decode(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(None, &std::io::Error::other(e)))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
+
+pub struct SnapshotBuilder {
+    store: Store,
+    applied: Arc<RwLock<Applied>>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        let (meta, data) = {
+            let a = self.applied.read().unwrap_or_else(|e| e.into_inner());
+            let data = serde_json::to_vec(&a.state.snapshot())
+                .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+            let last = a.last_applied;
+            let snapshot_id = match last {
+                Some(l) => format!(
+                    "{}-{}-{}",
+                    l.leader_id,
+                    l.index,
+                    uuid::Uuid::new_v4().simple()
+                ),
+                None => format!("none-{}", uuid::Uuid::new_v4().simple()),
+            };
+            (
+                SnapshotMeta {
+                    last_log_id: last,
+                    last_membership: a.membership.clone(),
+                    snapshot_id,
+                },
+                data,
+            )
+        };
+        let bytes = encode(&meta, &data)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.store
+            .put_meta(keys::SNAPSHOT, bytes)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}

@@ -1,0 +1,166 @@
+//! The durable storage of a control node, on sled: the raft log (entries by index, big-endian so
+//! sled's byte order is index order) and a small metadata tree (vote, committed id, purge mark,
+//! the latest state-machine snapshot). It stores opaque bytes; `control::raft` decides what they
+//! mean. This is the only module that knows sled.
+
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+
+/// A failed storage operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+/// Keys in the metadata tree.
+pub mod keys {
+    pub const VOTE: &str = "vote";
+    pub const COMMITTED: &str = "committed";
+    pub const LAST_PURGED: &str = "last_purged";
+    pub const SNAPSHOT: &str = "snapshot";
+}
+
+/// A control node's log and metadata. Cloning shares the same database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens (or creates) the store under `dir`. Only one process may hold it open.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir.join("raft.sled"))
+            // A control plane's state is small; sled's 1 GiB default cache is not.
+            .cache_capacity(64 * 1024 * 1024)
+            .open()?;
+        let log = db.open_tree("log")?;
+        let meta = db.open_tree("meta")?;
+        Ok(Self { db, log, meta })
+    }
+
+    /// Appends entries `(index, bytes)` in one batch and waits until they are on disk.
+    pub async fn append(&self, entries: Vec<(u64, Vec<u8>)>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (index, bytes) in entries {
+            batch.insert(&index.to_be_bytes(), bytes);
+        }
+        self.log.apply_batch(batch)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// The entries whose index is in `range`, in order.
+    pub fn entries(&self, range: impl RangeBounds<u64>) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => Bound::Included(i.to_be_bytes()),
+            Bound::Excluded(i) => Bound::Excluded(i.to_be_bytes()),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(i.to_be_bytes()),
+            Bound::Excluded(i) => Bound::Excluded(i.to_be_bytes()),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        self.log
+            .range::<[u8; 8], _>((start, end))
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((index_of(&k)?, v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// The last entry, if the log holds any.
+    pub fn last_entry(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        match self.log.last()? {
+            Some((k, v)) => Ok(Some((index_of(&k)?, v.to_vec()))),
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes entries with index `>= from` (a conflicting suffix) and waits for disk.
+    pub async fn truncate_from(&self, from: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for kv in self.log.range(from.to_be_bytes()..) {
+            let (k, _) = kv?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Deletes entries with index `<= upto` (compacted into a snapshot).
+    pub async fn purge_upto(&self, upto: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for kv in self.log.range(..=upto.to_be_bytes()) {
+            let (k, _) = kv?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// How many entries the log holds.
+    pub fn log_len(&self) -> usize {
+        self.log.len()
+    }
+
+    pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Stores a metadata value and waits until it is on disk.
+    pub async fn put_meta(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.meta.insert(key, value)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+fn index_of(k: &[u8]) -> Result<u64, StoreError> {
+    let b: [u8; 8] = k
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("log key of {} bytes", k.len())))?;
+    Ok(u64::from_be_bytes(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn log_orders_by_index_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.append(
+                (1..=300u64)
+                    .map(|i| (i, i.to_string().into_bytes()))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+            s.truncate_from(290).await.unwrap();
+            s.purge_upto(10).await.unwrap();
+            s.put_meta(keys::VOTE, b"v".to_vec()).await.unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let all = s.entries(..).unwrap();
+        assert_eq!(all.first().unwrap().0, 11);
+        assert_eq!(all.last().unwrap().0, 289);
+        assert!(all.windows(2).all(|w| w[0].0 + 1 == w[1].0));
+        assert_eq!(s.entries(255..=256).unwrap()[1].1, b"256");
+        assert_eq!(s.last_entry().unwrap().unwrap().0, 289);
+        assert_eq!(s.get_meta(keys::VOTE).unwrap(), Some(b"v".to_vec()));
+    }
+}
