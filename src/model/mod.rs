@@ -16,3 +16,6 @@ pub use error::{ApiError, ErrorKind};
 pub use quota::Quotas;
 pub use resource::{Owner, Record, ResourceKey, ResourceKind, Spec};
 pub use state::MeshState;
+
+#[cfg(test)]
+mod tests;
