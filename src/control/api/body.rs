@@ -5,7 +5,9 @@ use axum::body::Body;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::error::HttpError;
 use crate::model::ApiError;
@@ -35,17 +37,23 @@ pub async fn read(body: Body) -> Result<Bytes, HttpError> {
 }
 
 /// Parses JSON into `T`, naming the member at fault. An empty body counts as `{}`.
-pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub fn parse<T: DeserializeOwned + Serialize>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         bytes
     };
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let input: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
+    if !input.is_object() {
+        return Err(ApiError::bad_request(format!(
+            "request body: expected a JSON object, got {}",
+            kind(&input)
+        )));
+    }
+    let typed: T = serde_path_to_error::deserialize(&input).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        let msg = inner.to_string();
+        let msg = e.into_inner().to_string();
         let path = if path == "." { String::new() } else { path };
         // serde says "missing field `port`" at the parent; name the member itself instead.
         if let Some(rest) = msg.strip_prefix("missing field `")
@@ -58,23 +66,80 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             };
             return ApiError::bad_request(format!("{full}: is required"));
         }
-        if inner.is_syntax() || inner.is_eof() {
-            return ApiError::bad_request(format!("the request body is not valid JSON: {msg}"));
-        }
-        let msg = strip_position(&msg);
         if path.is_empty() {
             ApiError::bad_request(format!("request body: {msg}"))
         } else {
             ApiError::bad_request(format!("{path}: {msg}"))
         }
-    })
+    })?;
+    // serde also accepts a JSON array for a struct (as a tuple); App Mesh's shapes are objects.
+    // Whatever the typed value does not say back the same way was not an App Mesh shape.
+    let back = serde_json::to_value(&typed).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some((path, want, got)) = first_difference(&back, &input, String::new()) {
+        return Err(ApiError::bad_request(format!(
+            "{path}: expected {want}, got {got}"
+        )));
+    }
+    Ok(typed)
 }
 
-/// serde_json appends " at line 1 column 42"; the field path says more.
-fn strip_position(msg: &str) -> &str {
-    match msg.rfind(" at line ") {
-        Some(i) => &msg[..i],
-        None => msg,
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The first place where `input` differs from the typed value's rendering `back` (members that
+/// are null in the input are absent in `back`).
+fn first_difference(
+    back: &Value,
+    input: &Value,
+    path: String,
+) -> Option<(String, &'static str, &'static str)> {
+    let at = |p: &str, m: &str| {
+        if p.is_empty() {
+            m.to_string()
+        } else {
+            format!("{p}.{m}")
+        }
+    };
+    match (back, input) {
+        (Value::Object(b), Value::Object(i)) => {
+            for (k, iv) in i {
+                match b.get(k) {
+                    Some(bv) => {
+                        if let Some(d) = first_difference(bv, iv, at(&path, k)) {
+                            return Some(d);
+                        }
+                    }
+                    None if iv.is_null() => {}
+                    None => return Some((at(&path, k), "no value here", kind(iv))),
+                }
+            }
+            None
+        }
+        (Value::Array(b), Value::Array(i)) => b
+            .iter()
+            .zip(i)
+            .enumerate()
+            .find_map(|(n, (bv, iv))| first_difference(bv, iv, format!("{path}[{n}]"))),
+        (Value::Number(_), Value::Number(_))
+        | (Value::String(_), Value::String(_))
+        | (Value::Bool(_), Value::Bool(_)) => None,
+        (b, i) => Some((
+            if path.is_empty() {
+                "request body".into()
+            } else {
+                path
+            },
+            kind(b),
+            kind(i),
+        )),
     }
 }
 
