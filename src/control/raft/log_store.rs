@@ -130,18 +130,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
             batch.push((e.log_id.index, bytes));
         }
-        // openraft may treat the entries as durable only after this flush.
-        let res = self.store.append(batch).await;
-        match res {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(StorageIOError::write_logs(&e).into())
-            }
-        }
+        // openraft may treat the entries as durable only once the group commit has flushed them.
+        let done: crate::control::store::OnDurable =
+            Box::new(move |r| callback.log_io_completed(r.map_err(std::io::Error::other)));
+        self.store
+            .append(batch, done)
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {

@@ -192,3 +192,34 @@ impl Consensus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::StorageError;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    use super::TypeConfig;
+    use super::log_store::LogStore;
+    use super::state_machine::StateMachine;
+    use crate::control::store::Store;
+
+    struct SledBuilder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
+            let dir = tempfile::tempdir().map_err(|e| openraft::StorageIOError::write(&e))?;
+            let store = Store::open(dir.path()).map_err(|e| openraft::StorageIOError::write(&e))?;
+            let (sm, _, _) = StateMachine::open(store.clone())
+                .map_err(|e| openraft::StorageIOError::read(&e))?;
+            Ok((dir, LogStore::new(store), sm))
+        }
+    }
+
+    /// openraft's own conformance suite for log storage and state machines, on the sled store.
+    #[test]
+    fn openraft_storage_suite() {
+        Suite::test_all(SledBuilder).unwrap();
+    }
+}

@@ -23,12 +23,17 @@ pub mod keys {
     pub const SNAPSHOT: &str = "snapshot";
 }
 
+/// Called once the entries of one `append` are on disk (or could not be made durable).
+pub type OnDurable = Box<dyn FnOnce(Result<(), String>) + Send>;
+
 /// A control node's log and metadata. Cloning shares the same database.
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    /// Appends waiting for the group commit, in log order.
+    durable: tokio::sync::mpsc::UnboundedSender<(sled::Db, OnDurable)>,
 }
 
 // === impl Store ===
@@ -43,17 +48,35 @@ impl Store {
             .open()?;
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
-        Ok(Self { db, log, meta })
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("trellis-log-flush".into())
+            .spawn(move || group_commit(rx))
+            .map_err(|e| StoreError::Corrupt(format!("starting the log flusher: {e}")))?;
+        Ok(Self {
+            db,
+            log,
+            meta,
+            durable: tx,
+        })
     }
 
-    /// Appends entries `(index, bytes)` in one batch and waits until they are on disk.
-    pub async fn append(&self, entries: Vec<(u64, Vec<u8>)>) -> Result<(), StoreError> {
+    /// Appends entries `(index, bytes)` in one batch. They are readable when this returns;
+    /// `on_durable` runs once they are fsynced. Appends that arrive while a flush is under way
+    /// share the next one (group commit), so concurrent writers do not pay one fsync each.
+    pub fn append(
+        &self,
+        entries: Vec<(u64, Vec<u8>)>,
+        on_durable: OnDurable,
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (index, bytes) in entries {
             batch.insert(&index.to_be_bytes(), bytes);
         }
         self.log.apply_batch(batch)?;
-        self.db.flush_async().await?;
+        if let Err(e) = self.durable.send((self.db.clone(), on_durable)) {
+            ((e.0).1)(Err("the store is closed".into()));
+        }
         Ok(())
     }
 
@@ -125,6 +148,30 @@ impl Store {
         self.db.flush_async().await?;
         Ok(())
     }
+
+    /// Stores a metadata value that may be lost in a crash (sled flushes it within a second).
+    pub fn put_meta_lazy(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.meta.insert(key, value)?;
+        Ok(())
+    }
+}
+
+/// Flushes once for every run of appends queued behind the previous flush, then reports each
+/// of them durable, in order. A thread of its own: a synchronous flush here costs far less CPU
+/// than sled's `flush_async`, which hands every flush to its I/O thread pool. Each request
+/// carries the database, so an idle flusher holds no reference to it (a closed store can be
+/// reopened at once); the thread ends when the last `Store` clone is dropped.
+fn group_commit(mut rx: tokio::sync::mpsc::UnboundedReceiver<(sled::Db, OnDurable)>) {
+    while let Some((db, first)) = rx.blocking_recv() {
+        let mut waiting = vec![first];
+        while let Ok((_, more)) = rx.try_recv() {
+            waiting.push(more);
+        }
+        let res = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        for done in waiting {
+            done(res.clone());
+        }
+    }
 }
 
 fn index_of(k: &[u8]) -> Result<u64, StoreError> {
@@ -143,13 +190,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            s.append(
-                (1..=300u64)
-                    .map(|i| (i, i.to_string().into_bytes()))
-                    .collect(),
-            )
-            .await
-            .unwrap();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let entries = (1..=300u64)
+                .map(|i| (i, i.to_string().into_bytes()))
+                .collect();
+            s.append(entries, Box::new(move |r| drop(tx.send(r))))
+                .unwrap();
+            rx.await.unwrap().unwrap();
             s.truncate_from(290).await.unwrap();
             s.purge_upto(10).await.unwrap();
             s.put_meta(keys::VOTE, b"v".to_vec()).await.unwrap();
