@@ -41,6 +41,10 @@ enum Command {
         /// Reserved for the DNS listener (not served yet).
         #[arg(long, default_value = "127.0.0.1:8600")]
         dns_addr: SocketAddr,
+        /// Other settings (region, account_id, quotas, log) from a control.toml; the data
+        /// directory and the API address still come from the flags above.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run a control-plane node from a config file.
     ///
@@ -106,7 +110,11 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-async fn run_dev(data_dir: Option<PathBuf>, api_addr: SocketAddr) -> anyhow::Result<()> {
+async fn run_dev(
+    base: ControlConfig,
+    data_dir: Option<PathBuf>,
+    api_addr: SocketAddr,
+) -> anyhow::Result<()> {
     let (_temp, data_dir) = match data_dir {
         Some(d) => (None, d),
         None => {
@@ -121,7 +129,7 @@ async fn run_dev(data_dir: Option<PathBuf>, api_addr: SocketAddr) -> anyhow::Res
     let cfg = ControlConfig {
         data_dir: data_dir.clone(),
         api_addr,
-        ..Default::default()
+        ..base
     };
     init_logging(&cfg.log);
     let node = ControlNode::start(&cfg).await?;
@@ -201,13 +209,23 @@ fn main() -> ExitCode {
             api_addr,
             grpc_addr: _,
             dns_addr: _,
-        } => match rt.block_on(run_dev(data_dir, api_addr)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("trellis: {e:#}");
-                ExitCode::from(1)
+            config,
+        } => {
+            let base = match config.map(|c| ControlConfig::load(&c)).transpose() {
+                Ok(c) => c.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("trellis: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match rt.block_on(run_dev(base, data_dir, api_addr)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("trellis: {e:#}");
+                    ExitCode::from(1)
+                }
             }
-        },
+        }
         Command::Control {
             config,
             data_dir,

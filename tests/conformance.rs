@@ -2518,3 +2518,21 @@ fn color_app_deletes_in_dependency_order() {
     delete_checked(&node, &Res::mesh(MESH), &json!({}), 1);
     assert_eq!(node.aws_ok(&["list-meshes"]), json!({"meshes": []}));
 }
+
+/// The paging check at its full size: 250 virtual nodes (over App Mesh's default quota
+/// of 200, raised through `--config`) listed with `--page-size 7` come back each exactly once.
+#[test]
+fn list_250_virtual_nodes_with_page_size_7() {
+    let node = DevNode::start_with_config("[quotas]\nvirtual_nodes_per_mesh = 300\n");
+    raw_mesh(&node, "big");
+    let order: Vec<usize> = (0..250).map(|i| (i * 11 + 5) % 250).collect();
+    assert_eq!(order.iter().collect::<BTreeSet<_>>().len(), 250);
+    for i in &order {
+        let name = format!("vn-{i:03}");
+        raw_create(&node, &Res::vn("big", &name), &small_node_spec(&name));
+    }
+    let items = list(&node, &Res::vn("big", "vn-000"), &["--page-size", "7"]);
+    let names = ref_names(&items, Kind::VirtualNode);
+    let want: Vec<String> = (0..250).map(|i| format!("vn-{i:03}")).collect();
+    assert_eq!(names, want, "each node exactly once, in name order");
+}

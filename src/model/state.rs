@@ -258,7 +258,9 @@ impl MeshState {
         }
     }
 
-    fn require_parent(&self, key: &ResourceKey) -> Result<&Record, ApiError> {
+    /// The parent of `key` (its mesh, or the router / gateway of a route), or NotFound naming
+    /// whichever is missing.
+    pub fn find_parent(&self, key: &ResourceKey) -> Result<&Record, ApiError> {
         let pk = key
             .parent_key()
             .ok_or_else(|| ApiError::bad_request("a mesh has no parent"))?;
@@ -277,9 +279,10 @@ impl MeshState {
         })
     }
 
-    fn require(&self, key: &ResourceKey) -> Result<&Record, ApiError> {
+    /// The resource at `key`, or NotFound naming the missing mesh, parent or resource.
+    pub fn find(&self, key: &ResourceKey) -> Result<&Record, ApiError> {
         if key.kind != ResourceKind::Mesh {
-            self.require_parent(key)?;
+            self.find_parent(key)?;
         }
         self.resources.get(key).ok_or_else(|| not_found(key))
     }
@@ -296,7 +299,7 @@ impl MeshState {
         let mesh_owner = if key.kind == ResourceKind::Mesh {
             owner.account.clone()
         } else {
-            self.require_parent(key)?;
+            self.find_parent(key)?;
             self.resources
                 .get(&ResourceKey::mesh(&key.mesh))
                 .map(|m| m.metadata.mesh_owner.clone())
@@ -342,7 +345,7 @@ impl MeshState {
     }
 
     fn update(&mut self, key: &ResourceKey, spec: &Spec, now: f64) -> Outcome {
-        self.require(key)?;
+        self.find(key)?;
         self.check_spec_in_context(key, spec)?;
         let record = self.resources.get_mut(key).ok_or_else(|| not_found(key))?;
         record.spec = spec.clone();
@@ -352,7 +355,7 @@ impl MeshState {
     }
 
     fn delete(&mut self, key: &ResourceKey) -> Outcome {
-        self.require(key)?;
+        self.find(key)?;
         if let Some(why) = self.in_use(key) {
             return Err(ApiError::in_use(why));
         }
@@ -477,14 +480,14 @@ impl MeshState {
                 }
             }
             Spec::Route(route) => {
-                let router = self.require_parent(key)?;
+                let router = self.find_parent(key)?;
                 if let Spec::VirtualRouter(vr) = &router.spec {
                     rules::route_fits_listeners(route, vr, &key.parent)
                         .map_err(ApiError::bad_request)?;
                 }
             }
             Spec::GatewayRoute(gr) => {
-                let gateway = self.require_parent(key)?;
+                let gateway = self.find_parent(key)?;
                 if let Spec::VirtualGateway(vg) = &gateway.spec {
                     rules::gateway_route_fits_listeners(gr, vg, &key.parent)
                         .map_err(ApiError::bad_request)?;
@@ -496,7 +499,8 @@ impl MeshState {
     }
 }
 
-fn not_found(key: &ResourceKey) -> ApiError {
+/// App Mesh's NotFound message for a missing resource.
+pub fn not_found(key: &ResourceKey) -> ApiError {
     match key.kind {
         ResourceKind::Mesh => ApiError::not_found(format!("Mesh with name {} not found", key.mesh)),
         ResourceKind::Route | ResourceKind::GatewayRoute => ApiError::not_found(key.describe()),

@@ -72,7 +72,22 @@ impl DevNode {
             .tempdir()
             .expect("create data tempdir");
         let dir = data.path().to_path_buf();
-        let mut node = Self::spawn(&dir);
+        let mut node = Self::spawn(&dir, &[]);
+        node._owned_data = Some(data);
+        node
+    }
+
+    /// Starts `trellis dev` on a fresh data directory with `control.toml` settings (quotas,
+    /// region, account) given as TOML text.
+    pub fn start_with_config(toml: &str) -> DevNode {
+        let data = tempfile::Builder::new()
+            .prefix("trellis-data-")
+            .tempdir()
+            .expect("create data tempdir");
+        let config = data.path().join("control.toml");
+        std::fs::write(&config, toml).expect("write control.toml");
+        let dir = data.path().join("state");
+        let mut node = Self::spawn(&dir, &["--config".into(), config.display().to_string()]);
         node._owned_data = Some(data);
         node
     }
@@ -80,10 +95,10 @@ impl DevNode {
     /// Starts `trellis dev` on an existing data directory (e.g. to restart a node that was
     /// `kill`ed). The directory is left in place when the node is dropped.
     pub fn start_in(dir: &Path) -> DevNode {
-        Self::spawn(dir)
+        Self::spawn(dir, &[])
     }
 
-    fn spawn(dir: &Path) -> DevNode {
+    fn spawn(dir: &Path, extra: &[String]) -> DevNode {
         let scratch = tempfile::Builder::new()
             .prefix("trellis-test-")
             .tempdir()
@@ -102,6 +117,7 @@ impl DevNode {
                 "--dns-addr",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

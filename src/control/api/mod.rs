@@ -207,24 +207,10 @@ fn check_mesh_owner(s: &ApiState, q: &Params, mesh: &str) -> Result<(), ApiError
 
 /// Missing parents answer NotFound before anything else.
 fn check_parents(s: &ApiState, key: &ResourceKey) -> Result<(), ApiError> {
-    s.consensus.read(|st| {
-        if key.kind != ResourceKind::Mesh && st.get(&ResourceKey::mesh(&key.mesh)).is_none() {
-            return Err(ApiError::not_found(format!(
-                "Mesh with name {} not found",
-                key.mesh
-            )));
-        }
-        if let Some(pk) = key.kind.parent() {
-            let parent = ResourceKey::in_mesh(pk, &key.mesh, &key.parent);
-            if st.get(&parent).is_none() {
-                return Err(ApiError::not_found(format!(
-                    "{pk} with name {} is not present under mesh {}",
-                    key.parent, key.mesh
-                )));
-            }
-        }
-        Ok(())
-    })
+    if key.kind == ResourceKind::Mesh {
+        return Ok(());
+    }
+    s.consensus.read(|st| st.find_parent(key).map(|_| ()))
 }
 
 async fn write(s: &ApiState, cmd: Command) -> Result<Response, HttpError> {
@@ -306,22 +292,8 @@ async fn describe(
     check_mesh_owner(&s, &q, &key.mesh)?;
     let data = s
         .consensus
-        .read(|st| st.get(&key).map(|r| r.to_data(Status::Active)));
-    match data {
-        Some(d) => Ok(json_ok(d)),
-        None => Err(not_present(&key).into()),
-    }
-}
-
-fn not_present(key: &ResourceKey) -> ApiError {
-    match key.kind {
-        ResourceKind::Mesh => ApiError::not_found(format!("Mesh with name {} not found", key.mesh)),
-        ResourceKind::Route | ResourceKind::GatewayRoute => ApiError::not_found(key.describe()),
-        k => ApiError::not_found(format!(
-            "{k} with name {} is not present under mesh {}",
-            key.name, key.mesh
-        )),
-    }
+        .read(|st| st.find(&key).map(|r| r.to_data(Status::Active)))?;
+    Ok(json_ok(data))
 }
 
 async fn create(
@@ -434,9 +406,7 @@ async fn list_tags(State(s): Shared, Query(q): Query<Params>) -> Result<Response
     let limit = limit(&q, 50)?;
     let after = decode_token(&q)?;
     let body = s.consensus.read(|st| {
-        let Some(r) = st.get(&key) else {
-            return Err(not_present(&key));
-        };
+        let r = st.find(&key)?;
         let mut tags: Vec<Value> = r
             .tags
             .iter()
@@ -457,7 +427,7 @@ async fn list_tags(State(s): Shared, Query(q): Query<Params>) -> Result<Response
         if let Some(n) = next {
             body.insert("nextToken".into(), Value::String(n));
         }
-        Ok(Value::Object(body))
+        Ok::<_, ApiError>(Value::Object(body))
     })?;
     Ok(json_ok(body))
 }

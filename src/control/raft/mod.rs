@@ -71,6 +71,9 @@ pub struct RaftSettings {
     pub election_timeout: (Duration, Duration),
     /// Build a snapshot (and compact the log) after this many applied entries.
     pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, so a briefly lagging follower can catch up
+    /// from the log instead of a whole snapshot.
+    pub logs_kept_after_snapshot: u64,
 }
 
 impl Default for RaftSettings {
@@ -79,6 +82,7 @@ impl Default for RaftSettings {
             heartbeat_interval: Duration::from_millis(150),
             election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
             snapshot_every: 5000,
+            logs_kept_after_snapshot: 1000,
         }
     }
 }
@@ -110,7 +114,7 @@ impl Consensus {
             election_timeout_min: settings.election_timeout.0.as_millis() as u64,
             election_timeout_max: settings.election_timeout.1.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: settings.logs_kept_after_snapshot,
             ..Default::default()
         };
         let config = Arc::new(
@@ -198,10 +202,11 @@ mod tests {
     use openraft::StorageError;
     use openraft::testing::{StoreBuilder, Suite};
 
-    use super::TypeConfig;
     use super::log_store::LogStore;
     use super::state_machine::StateMachine;
-    use crate::control::store::Store;
+    use super::*;
+    use crate::control::store::keys;
+    use crate::model::{Owner, Quotas, ResourceKey, Spec};
 
     struct SledBuilder;
 
@@ -221,5 +226,83 @@ mod tests {
     #[test]
     fn openraft_storage_suite() {
         Suite::test_all(SledBuilder).unwrap();
+    }
+
+    fn mesh(name: &str) -> Command {
+        Command::Create {
+            key: ResourceKey::mesh(name),
+            spec: Spec::Mesh(Default::default()),
+            tags: vec![],
+            idempotency: None,
+            uid: format!("uid-{name}"),
+            owner: Owner {
+                region: "us-east-1".into(),
+                account: "000000000000".into(),
+            },
+            now: 1.0,
+        }
+    }
+
+    /// Snapshots are built every `snapshot_every` entries, the log is compacted behind them,
+    /// and a restarted node rebuilds the same state from snapshot plus log.
+    #[tokio::test]
+    async fn snapshots_compact_the_log_and_restore_on_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = RaftSettings {
+            snapshot_every: 50,
+            logs_kept_after_snapshot: 10,
+            ..RaftSettings::default()
+        };
+        let quotas = Quotas {
+            meshes: 1000,
+            ..Quotas::default()
+        };
+        let before;
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let node = Consensus::start(1, "127.0.0.1:0", store.clone(), settings.clone())
+                .await
+                .unwrap();
+            node.write(Command::SetQuotas(quotas.clone()))
+                .await
+                .unwrap()
+                .unwrap();
+            for i in 0..400 {
+                node.write(mesh(&format!("m{i:03}")))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+            let mut applied = node.applied_index();
+            // Compaction runs in the background after the snapshot; wait for it.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while store.log_len() > 50 + 10 + 10 && std::time::Instant::now() < deadline {
+                let _ = tokio::time::timeout(Duration::from_millis(100), applied.changed()).await;
+            }
+            assert!(
+                store.get_meta(keys::SNAPSHOT).unwrap().is_some(),
+                "a snapshot was persisted"
+            );
+            assert!(
+                store.log_len() <= 70,
+                "the log is compacted: {} entries",
+                store.log_len()
+            );
+            assert!(
+                store.entries(..=300).unwrap().is_empty(),
+                "the log head was purged"
+            );
+            before = node.read(|s| s.snapshot().resources);
+            node.shutdown().await;
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let node = Consensus::start(1, "127.0.0.1:0", store, settings)
+            .await
+            .unwrap();
+        let after = node.read(|s| s.snapshot().resources);
+        assert_eq!(after.len(), 400);
+        assert_eq!(after, before);
+        assert_eq!(node.read(|s| s.quotas().clone()), quotas);
+        node.shutdown().await;
     }
 }

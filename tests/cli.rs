@@ -1,0 +1,80 @@
+//! The command line's contract (DESIGN §9): version, config checking with the key at fault, and
+//! exit codes 0 / 1 / 2.
+
+use std::process::Command;
+
+fn trellis(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(args)
+        .output()
+        .expect("run trellis");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn version_prints_the_package_version() {
+    let (code, out, _) = trellis(&["version"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), format!("trellis {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn config_check_accepts_the_shipped_example() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/control.toml");
+    let (code, out, err) = trellis(&["config", "check", path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok"), "{out}");
+}
+
+#[test]
+fn bad_config_names_every_key_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.toml");
+    std::fs::write(
+        &path,
+        "account_id = \"12\"\nnode_id = 0\n[quotas]\nmeshes = 0\n",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let (code, _, err) = trellis(&["config", "check", p]);
+    assert_eq!(code, 2);
+    for key in ["account_id:", "node_id:", "quotas.meshes:"] {
+        assert!(err.contains(key), "{key} missing from: {err}");
+    }
+    std::fs::write(&path, "api_adr = \"127.0.0.1:1\"\n").unwrap();
+    let (code, _, err) = trellis(&["config", "check", p]);
+    assert_eq!(code, 2);
+    assert!(err.contains("api_adr"), "{err}");
+    let (code, _, err) = trellis(&["control", "--config", p]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = trellis(&["dev", "--config", p]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (code, _, _) = trellis(&["no-such-command"]);
+    assert_eq!(code, 2);
+    let (code, _, _) = trellis(&["dev", "--api-addr", "not-an-address"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn an_unusable_data_dir_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let (code, _, err) = trellis(&[
+        "dev",
+        "--api-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("data_dir"), "{err}");
+}
