@@ -34,6 +34,11 @@ def load(path):
         return json.load(f)
 
 
+def jd(v):
+    """A Rust string literal (JSON's escapes are Rust's, given non-ASCII stays literal)."""
+    return json.dumps(v, ensure_ascii=False)
+
+
 def snake(name):
     s = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
     s = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", s).lower()
@@ -161,7 +166,7 @@ def main():
             if "min" in s or "max" in s:
                 out.append(f"{indent}v.length({expr}, {s.get('min', 0)}, {s.get('max', 'usize::MAX')});")
             if "pattern" in s:
-                out.append(f"{indent}v.pattern({expr}, {json.dumps(s['pattern'])});")
+                out.append(f"{indent}v.pattern({expr}, {jd(s['pattern'])});")
         elif t in ("integer", "long"):
             if "min" in s or "max" in s:
                 lo = s.get("min", "i64::MIN")
@@ -188,11 +193,11 @@ def main():
             buf.append("#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]\n")
             buf.append(f"pub enum {n} {{\n")
             for e in s["enum"]:
-                buf.append(f"    #[serde(rename = {json.dumps(e)})]\n    {variant(e)},\n")
+                buf.append(f"    #[serde(rename = {jd(e)})]\n    {variant(e)},\n")
             buf.append("}\n\n")
             buf.append(f"impl {n} {{\n    /// The value as App Mesh spells it on the wire.\n    pub fn as_str(self) -> &'static str {{\n        match self {{\n")
             for e in s["enum"]:
-                buf.append(f"            Self::{variant(e)} => {json.dumps(e)},\n")
+                buf.append(f"            Self::{variant(e)} => {jd(e)},\n")
             buf.append("        }\n    }\n}\n\n")
             files.setdefault(group[n], []).append("".join(buf))
             continue
@@ -213,20 +218,20 @@ def main():
             ty = rust_type(ms["shape"])
             buf.append(doc(ms.get("documentation", ""), "    "))
             if m in required:
-                buf.append(f"    #[serde(rename = {json.dumps(m)})]\n    pub {field}: {ty},\n")
+                buf.append(f"    #[serde(rename = {jd(m)})]\n    pub {field}: {ty},\n")
                 c = checks("x", ms["shape"], "            ")
                 if c:
-                    vbody.append(f"        v.field({json.dumps(m)}, |v| {{\n            let x = &self.{field};\n" + "\n".join(c) + "\n        });\n")
+                    vbody.append(f"        v.field({jd(m)}, |v| {{\n            let x = &self.{field};\n" + "\n".join(c) + "\n        });\n")
             else:
-                buf.append(f"    #[serde(rename = {json.dumps(m)}, default, skip_serializing_if = \"Option::is_none\")]\n    pub {field}: Option<{ty}>,\n")
+                buf.append(f"    #[serde(rename = {jd(m)}, default, skip_serializing_if = \"Option::is_none\")]\n    pub {field}: Option<{ty}>,\n")
                 c = checks("x", ms["shape"], "                ")
                 if c:
-                    vbody.append(f"        if let Some(x) = &self.{field} {{\n            v.field({json.dumps(m)}, |v| {{\n" + "\n".join(c) + "\n            });\n        }\n")
+                    vbody.append(f"        if let Some(x) = &self.{field} {{\n            v.field({jd(m)}, |v| {{\n" + "\n".join(c) + "\n            });\n        }\n")
         buf.append("}\n\n")
         if union:
             names = list(members)
             setv = ", ".join(f"self.{snake(m)}.is_some()" for m in names)
-            vbody.insert(0, f"        v.union(&[{', '.join(json.dumps(m) for m in names)}], &[{setv}]);\n")
+            vbody.insert(0, f"        v.union(&[{', '.join(jd(m) for m in names)}], &[{setv}]);\n")
         if vbody:
             buf.append(f"impl Validate for {n} {{\n    fn validate(&self, v: &mut Validator) {{\n" + "".join(vbody) + "    }\n}\n\n")
         else:

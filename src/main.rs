@@ -218,6 +218,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let probe = ControlConfig {
+                api_addr,
+                ..base.clone()
+            };
+            if let Err(problems) = probe.check() {
+                eprintln!("trellis: {problems}");
+                return ExitCode::from(2);
+            }
             match rt.block_on(run_dev(base, data_dir, api_addr)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -56,6 +56,16 @@ fn bad_config_names_every_key_and_exits_2() {
 }
 
 #[test]
+fn the_unauthenticated_api_stays_on_loopback() {
+    let (code, _, err) = trellis(&["dev", "--api-addr", "0.0.0.0:0"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("api_addr: must be a loopback address"),
+        "{err}"
+    );
+}
+
+#[test]
 fn usage_errors_exit_2() {
     let (code, _, _) = trellis(&["no-such-command"]);
     assert_eq!(code, 2);

@@ -166,19 +166,18 @@ impl ResourceKey {
         s
     }
 
-    /// Human description for messages: `VirtualNode with name vn`.
+    /// Names the resource for messages: `VirtualNode with name vn in mesh m`,
+    /// `Route with name r under VirtualRouter vr in mesh m`.
     pub fn describe(&self) -> String {
         match self.kind {
             ResourceKind::Mesh => format!("Mesh with name {}", self.mesh),
-            ResourceKind::Route | ResourceKind::GatewayRoute => format!(
-                "{} with name {} is not present under {} {} in mesh {}",
-                self.kind,
-                self.name,
-                self.kind.parent().map(|p| p.type_name()).unwrap_or(""),
-                self.parent,
-                self.mesh
-            ),
-            k => format!("{} with name {} in mesh {}", k, self.name, self.mesh),
+            k => match k.parent() {
+                Some(p) => format!(
+                    "{k} with name {} under {p} {} in mesh {}",
+                    self.name, self.parent, self.mesh
+                ),
+                None => format!("{k} with name {} in mesh {}", self.name, self.mesh),
+            },
         }
     }
 }

@@ -20,7 +20,9 @@ pub const MAX_TAGS: usize = 50;
 /// How long a `clientToken` is remembered, in seconds.
 const TOKEN_WINDOW_SECS: f64 = 8.0 * 3600.0;
 /// How many `clientToken`s are remembered at most (the oldest go first).
-const TOKEN_CAPACITY: usize = 100_000;
+const TOKEN_CAPACITY: usize = 50_000;
+/// How many bytes of stored answers the `clientToken`s may hold at most.
+const TOKEN_BYTES: usize = 32 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 struct TokenKey {
@@ -34,7 +36,10 @@ struct TokenEntry {
     key: TokenKey,
     fingerprint: u64,
     at: f64,
+    /// The answer given, replayed for a retry.
     outcome: Value,
+    /// Its size as JSON, for the byte cap.
+    size: usize,
 }
 
 /// The whole replicated App Mesh state.
@@ -44,6 +49,8 @@ pub struct MeshState {
     tokens: HashMap<TokenKey, TokenEntry>,
     /// Token keys in the order they were stored, for eviction.
     token_order: VecDeque<TokenKey>,
+    /// Sum of the stored answers' sizes.
+    token_bytes: usize,
     quotas: Quotas,
 }
 
@@ -156,6 +163,7 @@ impl MeshState {
             state.resources.insert(r.key.clone(), r);
         }
         for t in s.tokens {
+            state.token_bytes += t.size;
             state.token_order.push_back(t.key.clone());
             state.tokens.insert(t.key.clone(), t);
         }
@@ -214,21 +222,27 @@ impl MeshState {
             token: idem.token.clone(),
         };
         if let Some(seen) = self.tokens.get(&tk) {
-            if seen.fingerprint == idem.fingerprint {
-                return serde_json::from_value::<Result<Value, ApiError>>(seen.outcome.clone())
-                    .unwrap_or_else(|e| {
-                        Err(ApiError::new(ErrorKind::InternalServerError, e.to_string()))
-                    });
+            // The answer is about one incarnation of the resource: once it is deleted (and
+            // perhaps created again) the token no longer says anything.
+            let current = self.resources.get(key).map(|r| r.metadata.uid.as_str());
+            let answered = seen.outcome["metadata"]["uid"].as_str();
+            if current.is_some() && current == answered {
+                if seen.fingerprint == idem.fingerprint {
+                    return Ok(seen.outcome.clone());
+                }
+                return Err(ApiError::conflict(format!(
+                    "clientToken {} was already used for a {operation} request with different parameters",
+                    idem.token
+                )));
             }
-            return Err(ApiError::conflict(format!(
-                "clientToken {} was already used for a {operation} request with different parameters",
-                idem.token
-            )));
+            self.forget_token(&tk);
+            self.token_order.retain(|k| *k != tk);
         }
         let outcome = f(self);
         // Only answers that changed state are replayed; a failed attempt may be retried.
-        if outcome.is_ok() {
-            let stored = serde_json::to_value(&outcome).unwrap_or(Value::Null);
+        if let Ok(v) = &outcome {
+            let size = v.to_string().len();
+            self.token_bytes += size;
             self.token_order.push_back(tk.clone());
             self.tokens.insert(
                 tk.clone(),
@@ -236,24 +250,34 @@ impl MeshState {
                     key: tk,
                     fingerprint: idem.fingerprint,
                     at: now,
-                    outcome: stored,
+                    outcome: v.clone(),
+                    size,
                 },
             );
+            self.evict_tokens(now);
         }
         outcome
     }
 
+    fn forget_token(&mut self, tk: &TokenKey) {
+        if let Some(t) = self.tokens.remove(tk) {
+            self.token_bytes -= t.size;
+        }
+    }
+
+    /// Drops the oldest tokens while any is past the window or the ledger is over its caps.
     fn evict_tokens(&mut self, now: f64) {
         while let Some(front) = self.token_order.front() {
-            let expired = self
+            let stale = self
                 .tokens
                 .get(front)
                 .is_none_or(|t| t.at + TOKEN_WINDOW_SECS < now);
-            if !expired && self.token_order.len() <= TOKEN_CAPACITY {
+            let over = self.token_order.len() > TOKEN_CAPACITY || self.token_bytes > TOKEN_BYTES;
+            if !stale && !over {
                 break;
             }
             if let Some(k) = self.token_order.pop_front() {
-                self.tokens.remove(&k);
+                self.forget_token(&k);
             }
         }
     }
@@ -479,6 +503,31 @@ impl MeshState {
                     )));
                 }
             }
+            // A listener change must not strand the routes already written against it.
+            Spec::VirtualRouter(vr) => {
+                for r in self.children(ResourceKind::Route, &key.mesh, &key.name) {
+                    if let Spec::Route(route) = &r.spec
+                        && let Err(why) = rules::route_fits_listeners(route, vr, &key.name)
+                    {
+                        return Err(ApiError::bad_request(format!(
+                            "spec.listeners: Route {} would no longer fit this VirtualRouter ({why}); update or delete it first",
+                            r.key.name
+                        )));
+                    }
+                }
+            }
+            Spec::VirtualGateway(vg) => {
+                for r in self.children(ResourceKind::GatewayRoute, &key.mesh, &key.name) {
+                    if let Spec::GatewayRoute(route) = &r.spec
+                        && let Err(why) = rules::gateway_route_fits_listeners(route, vg, &key.name)
+                    {
+                        return Err(ApiError::bad_request(format!(
+                            "spec.listeners: GatewayRoute {} would no longer fit this VirtualGateway ({why}); update or delete it first",
+                            r.key.name
+                        )));
+                    }
+                }
+            }
             Spec::Route(route) => {
                 let router = self.find_parent(key)?;
                 if let Spec::VirtualRouter(vr) = &router.spec {
@@ -503,11 +552,17 @@ impl MeshState {
 pub fn not_found(key: &ResourceKey) -> ApiError {
     match key.kind {
         ResourceKind::Mesh => ApiError::not_found(format!("Mesh with name {} not found", key.mesh)),
-        ResourceKind::Route | ResourceKind::GatewayRoute => ApiError::not_found(key.describe()),
-        k => ApiError::not_found(format!(
-            "{k} with name {} is not present under mesh {}",
-            key.name, key.mesh
-        )),
+        // App Mesh's own wording: "VirtualNode with name vn is not present under mesh m".
+        k => match k.parent() {
+            Some(p) => ApiError::not_found(format!(
+                "{k} with name {} is not present under {p} {} in mesh {}",
+                key.name, key.parent, key.mesh
+            )),
+            None => ApiError::not_found(format!(
+                "{k} with name {} is not present under mesh {}",
+                key.name, key.mesh
+            )),
+        },
     }
 }
 

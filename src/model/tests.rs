@@ -526,3 +526,61 @@ fn snapshot_restores_everything() {
         "tokens survive snapshots"
     );
 }
+
+#[test]
+fn a_token_says_nothing_once_its_resource_is_gone() {
+    let mut h = Harness::new();
+    h.create(ResourceKey::mesh("m"), json!({})).unwrap();
+    let first = h.create_with(vn("a"), json!({}), Some(("t", 1))).unwrap();
+    h.delete(vn("a")).unwrap();
+    let again = h.create_with(vn("a"), json!({}), Some(("t", 1))).unwrap();
+    assert_ne!(
+        again["metadata"]["uid"], first["metadata"]["uid"],
+        "created anew, not replayed"
+    );
+    assert!(h.state.get(&vn("a")).is_some());
+}
+
+#[test]
+fn router_updates_cannot_strand_routes() {
+    let mut h = Harness::new();
+    h.create(ResourceKey::mesh("m"), json!({})).unwrap();
+    let vr = ResourceKey::in_mesh(K::VirtualRouter, "m", "vr");
+    let http = json!({"listeners": [{"portMapping": {"port": 80, "protocol": "http"}}]});
+    h.create(vr.clone(), http.clone()).unwrap();
+    let route = json!({"httpRoute": {"match": {"prefix": "/"},
+        "action": {"weightedTargets": [{"virtualNode": "a", "weight": 1}]}}});
+    h.create(ResourceKey::child(K::Route, "m", "vr", "r"), route)
+        .unwrap();
+    let tcp = parse_spec(
+        K::VirtualRouter,
+        json!({"listeners": [{"portMapping": {"port": 80, "protocol": "tcp"}}]}),
+    );
+    let err = h
+        .state
+        .apply(&Command::Update {
+            key: vr.clone(),
+            spec: tcp,
+            idempotency: None,
+            now: 0.0,
+        })
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::BadRequest);
+    assert!(
+        err.message
+            .starts_with("spec.listeners: Route r would no longer fit"),
+        "{}",
+        err.message
+    );
+    let same = parse_spec(K::VirtualRouter, http);
+    let ok = h
+        .state
+        .apply(&Command::Update {
+            key: vr,
+            spec: same,
+            idempotency: None,
+            now: 0.0,
+        })
+        .unwrap();
+    assert_eq!(ok["metadata"]["version"], 2);
+}

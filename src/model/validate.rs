@@ -168,10 +168,15 @@ impl Validator {
         let re = cache
             .entry(pattern)
             .or_insert_with(|| regex::Regex::new(pattern).ok());
-        if let Some(re) = re
-            && !re.is_match(s)
-        {
-            self.error(format!("must match the pattern {pattern}, got {s:?}"));
+        match re {
+            Some(re) if !re.is_match(s) => {
+                self.error(format!("must match the pattern {pattern}, got {s:?}"))
+            }
+            Some(_) => {}
+            // A model pattern this regex engine cannot read must not silently pass everything.
+            None => self.error(format!(
+                "cannot be checked: the model's pattern {pattern} does not compile"
+            )),
         }
     }
 

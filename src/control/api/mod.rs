@@ -13,7 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -37,6 +38,35 @@ pub struct ApiState {
 
 type Shared = State<Arc<ApiState>>;
 type Params = HashMap<String, String>;
+
+/// The names in the URI path; a malformed one (e.g. bad percent-encoding) is a BadRequest in
+/// App Mesh's error format rather than axum's plain-text answer.
+struct Names(Params);
+
+impl<S: Send + Sync> FromRequestParts<S> for Names {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<Params>::from_request_parts(parts, state).await {
+            Ok(Path(p)) => Ok(Names(p)),
+            Err(e) => Err(ApiError::bad_request(format!("request path: {}", e.body_text())).into()),
+        }
+    }
+}
+
+/// The query string (`limit`, `nextToken`, `meshOwner`, `resourceArn`), same treatment.
+struct QueryParams(Params);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<Params>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(QueryParams(q)),
+            Err(e) => Err(ApiError::bad_request(format!("query string: {}", e.body_text())).into()),
+        }
+    }
+}
 
 /// The URL collection segment of each kind (`/meshes/{mesh}/virtualNodes`).
 fn collection_path(kind: ResourceKind) -> &'static str {
@@ -79,23 +109,21 @@ pub fn router(state: Arc<ApiState>) -> Router {
         r = r
             .route(
                 coll,
-                get(move |s: Shared, p: Path<Params>, q: Query<Params>| list(s, kind, p, q)).put(
-                    move |s: Shared, p: Path<Params>, q: Query<Params>, req: Request<Body>| {
+                get(move |s: Shared, p: Names, q: QueryParams| list(s, kind, p, q)).put(
+                    move |s: Shared, p: Names, q: QueryParams, req: Request<Body>| {
                         create(s, kind, p, q, req)
                     },
                 ),
             )
             .route(
                 &item,
-                get(move |s: Shared, p: Path<Params>, q: Query<Params>| describe(s, kind, p, q))
+                get(move |s: Shared, p: Names, q: QueryParams| describe(s, kind, p, q))
                     .put(
-                        move |s: Shared, p: Path<Params>, q: Query<Params>, req: Request<Body>| {
+                        move |s: Shared, p: Names, q: QueryParams, req: Request<Body>| {
                             update(s, kind, p, q, req)
                         },
                     )
-                    .delete(move |s: Shared, p: Path<Params>, q: Query<Params>| {
-                        delete(s, kind, p, q)
-                    }),
+                    .delete(move |s: Shared, p: Names, q: QueryParams| delete(s, kind, p, q)),
             );
     }
     r.route("/v20190125/tag", put(tag_resource))
@@ -258,8 +286,8 @@ fn decode_token(q: &Params) -> Result<Option<String>, ApiError> {
 async fn list(
     State(s): Shared,
     kind: ResourceKind,
-    Path(p): Path<Params>,
-    Query(q): Query<Params>,
+    Names(p): Names,
+    QueryParams(q): QueryParams,
 ) -> Result<Response, HttpError> {
     let (mesh, parent) = names(kind, &p)?;
     let limit = limit(&q, 100)?;
@@ -284,8 +312,8 @@ async fn list(
 async fn describe(
     State(s): Shared,
     kind: ResourceKind,
-    Path(p): Path<Params>,
-    Query(q): Query<Params>,
+    Names(p): Names,
+    QueryParams(q): QueryParams,
 ) -> Result<Response, HttpError> {
     let key = item_key(kind, &p)?;
     check_parents(&s, &key)?;
@@ -299,8 +327,8 @@ async fn describe(
 async fn create(
     State(s): Shared,
     kind: ResourceKind,
-    Path(p): Path<Params>,
-    Query(q): Query<Params>,
+    Names(p): Names,
+    QueryParams(q): QueryParams,
     req: Request<Body>,
 ) -> Result<Response, HttpError> {
     let path = req.uri().path().to_string();
@@ -330,8 +358,8 @@ async fn create(
 async fn update(
     State(s): Shared,
     kind: ResourceKind,
-    Path(p): Path<Params>,
-    Query(q): Query<Params>,
+    Names(p): Names,
+    QueryParams(q): QueryParams,
     req: Request<Body>,
 ) -> Result<Response, HttpError> {
     let path = req.uri().path().to_string();
@@ -354,8 +382,8 @@ async fn update(
 async fn delete(
     State(s): Shared,
     kind: ResourceKind,
-    Path(p): Path<Params>,
-    Query(q): Query<Params>,
+    Names(p): Names,
+    QueryParams(q): QueryParams,
 ) -> Result<Response, HttpError> {
     let key = item_key(kind, &p)?;
     check_mesh_owner(&s, &q, &key.mesh)?;
@@ -381,7 +409,7 @@ fn arn_key(s: &ApiState, q: &Params) -> Result<ResourceKey, ApiError> {
 
 async fn tag_resource(
     State(s): Shared,
-    Query(q): Query<Params>,
+    QueryParams(q): QueryParams,
     req: Request<Body>,
 ) -> Result<Response, HttpError> {
     let key = arn_key(&s, &q)?;
@@ -392,7 +420,7 @@ async fn tag_resource(
 
 async fn untag_resource(
     State(s): Shared,
-    Query(q): Query<Params>,
+    QueryParams(q): QueryParams,
     req: Request<Body>,
 ) -> Result<Response, HttpError> {
     let key = arn_key(&s, &q)?;
@@ -401,7 +429,7 @@ async fn untag_resource(
     write(&s, Command::Untag { key, tag_keys }).await
 }
 
-async fn list_tags(State(s): Shared, Query(q): Query<Params>) -> Result<Response, HttpError> {
+async fn list_tags(State(s): Shared, QueryParams(q): QueryParams) -> Result<Response, HttpError> {
     let key = arn_key(&s, &q)?;
     let limit = limit(&q, 50)?;
     let after = decode_token(&q)?;

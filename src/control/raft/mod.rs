@@ -7,15 +7,15 @@
 
 mod log_store;
 mod network;
+mod proposer;
 mod state_machine;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::control::store::Store;
 use crate::model::{Command, MeshState, Outcome};
@@ -25,7 +25,7 @@ pub use state_machine::Applied;
 openraft::declare_raft_types!(
     /// trellis's raft types: model commands in, App Mesh answers out.
     pub TypeConfig:
-        D = Command,
+        D = Proposal,
         R = Response,
         NodeId = u64,
         Node = BasicNode,
@@ -34,12 +34,17 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
-/// What applying one log entry answered (blank and membership entries answer `Ok(null)`).
+/// One raft entry's payload: commands applied in order (see `proposer`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Response(pub Outcome);
+pub struct Proposal(pub Vec<Command>);
+
+/// What applying one entry answered, one outcome per command (none for blank and membership
+/// entries).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Response(pub Vec<Outcome>);
 
 /// Why a write did not produce an answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
     /// No leader is known right now (an election is under way, or there is no quorum).
     #[error("no raft leader is available; retry shortly")]
@@ -94,6 +99,7 @@ pub struct Consensus {
     raft: Raft<TypeConfig>,
     applied: Arc<std::sync::RwLock<Applied>>,
     applied_index: watch::Receiver<u64>,
+    proposals: mpsc::Sender<proposer::Pending>,
 }
 
 // === impl Consensus ===
@@ -143,11 +149,14 @@ impl Consensus {
             .metrics(|m| m.current_leader.is_some(), "a leader is known")
             .await
             .map_err(|_| StartError::NoLeader(wait))?;
+        let (proposals, rx) = mpsc::channel(4 * proposer::MAX_BATCH);
+        tokio::spawn(proposer::run(raft.clone(), rx));
         Ok(Self {
             node_id,
             raft,
             applied,
             applied_index,
+            proposals,
         })
     }
 
@@ -157,16 +166,13 @@ impl Consensus {
 
     /// Proposes `cmd`, waits until it is committed and applied here, and returns its answer.
     pub async fn write(&self, cmd: Command) -> Result<Outcome, WriteError> {
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => Ok(resp.data.0),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_id {
-                Some(leader) => Err(WriteError::NotLeader {
-                    leader: Some(leader),
-                }),
-                None => Err(WriteError::NoLeader),
-            },
-            Err(e) => Err(WriteError::Fatal(e.to_string())),
-        }
+        let (answer, rx) = oneshot::channel();
+        let stopped = || WriteError::Fatal("raft is shutting down".into());
+        self.proposals
+            .send(proposer::Pending { cmd, answer })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     /// Reads the applied state.

@@ -10,7 +10,6 @@ use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageError,
     StorageIOError, StoredMembership,
 };
-use serde_json::Value;
 use tokio::sync::watch;
 
 use super::{Response, TypeConfig};
@@ -30,6 +29,9 @@ pub struct StateMachine {
     store: Store,
     applied: Arc<RwLock<Applied>>,
     applied_tx: watch::Sender<u64>,
+    /// Serializes snapshot writes: openraft builds snapshots on a task of their own while an
+    /// installed one may arrive, and the older must never overwrite the newer.
+    snapshot_writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 type Shared = (StateMachine, Arc<RwLock<Applied>>, watch::Receiver<u64>);
@@ -54,6 +56,7 @@ impl StateMachine {
                 store,
                 applied: applied.clone(),
                 applied_tx: tx,
+                snapshot_writer: Default::default(),
             },
             applied,
             rx,
@@ -67,6 +70,34 @@ impl StateMachine {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Applied> {
         self.applied.read().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Stores `meta` + `data` as the snapshot unless the stored one is newer.
+async fn persist(
+    store: &Store,
+    writer: &tokio::sync::Mutex<()>,
+    meta: &SnapshotMeta<u64, BasicNode>,
+    data: &[u8],
+) -> Result<(), StorageError<u64>> {
+    let err = |e: &dyn std::fmt::Display| {
+        StorageIOError::write_snapshot(
+            Some(meta.signature()),
+            &std::io::Error::other(e.to_string()),
+        )
+    };
+    let _one_writer = writer.lock().await;
+    if let Some(stored) = store.get_meta(keys::SNAPSHOT).map_err(|e| err(&e))?
+        && let Ok((old, _)) = decode(&stored)
+        && old.last_log_id > meta.last_log_id
+    {
+        return Ok(());
+    }
+    let bytes = encode(meta, data).map_err(|e| err(&e))?;
+    store
+        .put_meta(keys::SNAPSHOT, bytes)
+        .await
+        .map_err(|e| err(&e))?;
+    Ok(())
 }
 
 /// A persisted snapshot: 8-byte big-endian length of the JSON meta, the meta, then the data.
@@ -85,9 +116,12 @@ fn decode(bytes: &[u8]) -> Result<(SnapshotMeta<u64, BasicNode>, Vec<u8>), Strin
         .and_then(|b| b.try_into().ok())
         .ok_or("snapshot header truncated")?;
     let len = u64::from_be_bytes(len) as usize;
-    let meta = bytes.get(8..8 + len).ok_or("snapshot meta truncated")?;
+    let end = 8usize
+        .checked_add(len)
+        .ok_or("snapshot meta length overflows")?;
+    let meta = bytes.get(8..end).ok_or("snapshot meta truncated")?;
     let meta = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
-    Ok((meta, bytes[8 + len..].to_vec()))
+    Ok((meta, bytes[end..].to_vec()))
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -111,11 +145,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             for entry in entries {
                 a.last_applied = Some(entry.log_id);
                 let r = match entry.payload {
-                    EntryPayload::Blank => Ok(Value::Null),
-                    EntryPayload::Normal(cmd) => a.state.apply(&cmd),
+                    EntryPayload::Blank => Vec::new(),
+                    EntryPayload::Normal(proposal) => {
+                        proposal.0.iter().map(|cmd| a.state.apply(cmd)).collect()
+                    }
                     EntryPayload::Membership(m) => {
                         a.membership = StoredMembership::new(Some(entry.log_id), m);
-                        Ok(Value::Null)
+                        Vec::new()
                     }
                 };
                 out.push(Response(r));
@@ -128,6 +164,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
+            snapshot_writer: self.snapshot_writer.clone(),
             store: self.store.clone(),
             applied: self.applied.clone(),
         }
@@ -147,12 +184,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data = snapshot.into_inner();
         let snap: StateSnapshot = serde_json::from_slice(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let bytes = encode(meta, &data)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.store
-            .put_meta(keys::SNAPSHOT, bytes)
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        persist(&self.store, &self.snapshot_writer, meta, &data).await?;
         let index = {
             let mut a = self.write();
             a.last_applied = meta.last_log_id;
@@ -184,6 +216,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 pub struct SnapshotBuilder {
     store: Store,
     applied: Arc<RwLock<Applied>>,
+    snapshot_writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -211,12 +244,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 data,
             )
         };
-        let bytes = encode(&meta, &data)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.store
-            .put_meta(keys::SNAPSHOT, bytes)
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        persist(&self.store, &self.snapshot_writer, &meta, &data).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
