@@ -51,6 +51,8 @@ pub struct MeshState {
     token_order: VecDeque<TokenKey>,
     /// Sum of the stored answers' sizes.
     token_bytes: usize,
+    /// How many resources of each kind each parent holds, for quotas without a scan.
+    counts: HashMap<(ResourceKind, String, String), usize>,
     quotas: Quotas,
 }
 
@@ -160,6 +162,7 @@ impl MeshState {
             ..Default::default()
         };
         for r in s.resources {
+            state.count(&r.key, 1);
             state.resources.insert(r.key.clone(), r);
         }
         for t in s.tokens {
@@ -259,6 +262,28 @@ impl MeshState {
         outcome
     }
 
+    fn count_key(kind: ResourceKind, mesh: &str, parent: &str) -> (ResourceKind, String, String) {
+        // Meshes are counted account-wide.
+        let mesh = if kind == ResourceKind::Mesh { "" } else { mesh };
+        (kind, mesh.to_string(), parent.to_string())
+    }
+
+    fn count(&mut self, key: &ResourceKey, delta: isize) {
+        let n = self
+            .counts
+            .entry(Self::count_key(key.kind, &key.mesh, &key.parent))
+            .or_default();
+        *n = n.saturating_add_signed(delta);
+    }
+
+    /// How many resources of `kind` live under `mesh` / `parent`.
+    fn how_many(&self, kind: ResourceKind, mesh: &str, parent: &str) -> usize {
+        self.counts
+            .get(&Self::count_key(kind, mesh, parent))
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn forget_token(&mut self, tk: &TokenKey) {
         if let Some(t) = self.tokens.remove(tk) {
             self.token_bytes -= t.size;
@@ -336,7 +361,7 @@ impl MeshState {
             )));
         }
         let (limit, what) = self.quotas.limit(key.kind);
-        if self.children(key.kind, &key.mesh, &key.parent).count() >= limit {
+        if self.how_many(key.kind, &key.mesh, &key.parent) >= limit {
             return Err(ApiError::limit(format!(
                 "cannot create {}: the limit of {limit} {what} is reached",
                 key.describe()
@@ -364,6 +389,7 @@ impl MeshState {
                 .collect(),
         };
         let data = record.to_data(Status::Active);
+        self.count(key, 1);
         self.resources.insert(key.clone(), record);
         Ok(data)
     }
@@ -384,6 +410,7 @@ impl MeshState {
             return Err(ApiError::in_use(why));
         }
         let record = self.resources.remove(key).ok_or_else(|| not_found(key))?;
+        self.count(key, -1);
         Ok(record.to_data(Status::Deleted))
     }
 
@@ -420,7 +447,7 @@ impl MeshState {
                 ]
                 .into_iter()
                 .filter_map(|k| {
-                    let n = self.children(k, &key.mesh, "").count();
+                    let n = self.how_many(k, &key.mesh, "");
                     (n > 0).then(|| format!("{n} {k}"))
                 })
                 .collect();

@@ -221,10 +221,10 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
-        let (meta, data) = {
+        // Copy under the lock, serialize outside it: apply() waits for the lock, not for JSON.
+        let (meta, state) = {
             let a = self.applied.read().unwrap_or_else(|e| e.into_inner());
-            let data = serde_json::to_vec(&a.state.snapshot())
-                .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+            let state = a.state.snapshot();
             let last = a.last_applied;
             let snapshot_id = match last {
                 Some(l) => format!(
@@ -241,9 +241,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                     last_membership: a.membership.clone(),
                     snapshot_id,
                 },
-                data,
+                state,
             )
         };
+        let data =
+            serde_json::to_vec(&state).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         persist(&self.store, &self.snapshot_writer, &meta, &data).await?;
         Ok(Snapshot {
             meta,
