@@ -38,7 +38,7 @@ enum Command {
         /// Reserved for the gRPC listener (config push; not served yet).
         #[arg(long, default_value = "127.0.0.1:7071")]
         grpc_addr: SocketAddr,
-        /// Reserved for the DNS listener (not served yet).
+        /// The DNS listener (UDP and TCP): virtual service names answer with their VIPs.
         #[arg(long, default_value = "127.0.0.1:8600")]
         dns_addr: SocketAddr,
         /// Other settings (region, account_id, quotas, log) from a control.toml; the data
@@ -114,6 +114,7 @@ async fn run_dev(
     base: ControlConfig,
     data_dir: Option<PathBuf>,
     api_addr: SocketAddr,
+    dns_addr: SocketAddr,
 ) -> anyhow::Result<()> {
     let (_temp, data_dir) = match data_dir {
         Some(d) => (None, d),
@@ -129,17 +130,23 @@ async fn run_dev(
     let cfg = ControlConfig {
         data_dir: data_dir.clone(),
         api_addr,
+        dns_addr,
         ..base
     };
     init_logging(&cfg.log);
     let node = ControlNode::start(&cfg).await?;
     let api = node.api_addr;
-    println!("trellis dev ready: api=http://{api}");
+    let dns = node.dns_addr;
+    println!("trellis dev ready: api=http://{api} dns={dns}");
     println!(
         "\nstate: {}\ntry:\n  export AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=dev AWS_SECRET_ACCESS_KEY=dev\n  \
          aws appmesh create-mesh --mesh-name demo --endpoint-url http://{api} --no-sign-request\n  \
-         aws appmesh list-meshes --endpoint-url http://{api} --no-sign-request\n\nCtrl-C stops.",
-        data_dir.display()
+         aws appmesh create-virtual-service --mesh-name demo --virtual-service-name hello.demo.local \\\n    \
+         --spec '{{}}' --endpoint-url http://{api} --no-sign-request\n  \
+         dig @{ip} -p {port} hello.demo.local +short\n\nCtrl-C stops.",
+        data_dir.display(),
+        ip = dns.ip(),
+        port = dns.port(),
     );
     node.serve(shutdown_signal()).await?;
     Ok(())
@@ -208,7 +215,7 @@ fn main() -> ExitCode {
             data_dir,
             api_addr,
             grpc_addr: _,
-            dns_addr: _,
+            dns_addr,
             config,
         } => {
             let base = match config.map(|c| ControlConfig::load(&c)).transpose() {
@@ -226,7 +233,7 @@ fn main() -> ExitCode {
                 eprintln!("trellis: {problems}");
                 return ExitCode::from(2);
             }
-            match rt.block_on(run_dev(base, data_dir, api_addr)) {
+            match rt.block_on(run_dev(base, data_dir, api_addr, dns_addr)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("trellis: {e:#}");

@@ -35,8 +35,11 @@ pub struct ControlConfig {
     /// The gRPC listener (raft RPCs, proxy config streams). Default `127.0.0.1:7071`.
     /// Reserved: served once clustering and config push land.
     pub grpc_addr: SocketAddr,
-    /// The DNS listener (UDP and TCP). Default `127.0.0.1:8600`. Reserved: served once DNS lands.
+    /// The DNS listener, UDP and TCP on the same port. Default `127.0.0.1:8600` (binding
+    /// port 53 takes CAP_NET_BIND_SERVICE, which the packaged unit grants).
     pub dns_addr: SocketAddr,
+    /// TTL of DNS answers in seconds: short, so clients follow changes. Default 5.
+    pub dns_ttl: u32,
     /// The address peers and proxies use to reach this node's gRPC port; default `grpc_addr`.
     pub advertise_addr: Option<SocketAddr>,
     /// How many voters to wait for before forming a cluster. Only 1 is supported so far.
@@ -62,6 +65,7 @@ impl Default for ControlConfig {
             api_addr: ([127, 0, 0, 1], 7070).into(),
             grpc_addr: ([127, 0, 0, 1], 7071).into(),
             dns_addr: ([127, 0, 0, 1], 8600).into(),
+            dns_ttl: 5,
             advertise_addr: None,
             bootstrap_expect: 1,
             retry_join: Vec::new(),
@@ -99,6 +103,12 @@ impl ControlConfig {
             problems.push(format!(
                 "api_addr: must be a loopback address while the API has no TLS or SigV4 authentication, got {}",
                 self.api_addr
+            ));
+        }
+        if self.dns_ttl > 3600 {
+            problems.push(format!(
+                "dns_ttl: must be at most 3600 seconds, got {}",
+                self.dns_ttl
             ));
         }
         if self.node_id == 0 {

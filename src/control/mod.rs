@@ -2,6 +2,7 @@
 //! from the applied state. TLS, SigV4, DNS and config push attach here in later issues.
 
 pub mod api;
+pub mod dns;
 pub mod node;
 pub mod raft;
 pub mod store;

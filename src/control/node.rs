@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use super::api::{self, ApiState};
+use super::dns::{DnsError, DnsServer};
 use super::raft::{Consensus, RaftSettings, StartError};
 use super::store::Store;
 use crate::config::ControlConfig;
@@ -33,6 +34,8 @@ pub enum NodeError {
     },
     #[error("setting quotas: {0}")]
     Quotas(String),
+    #[error("{0}")]
+    Dns(#[from] DnsError),
     #[error("api server: {0}")]
     Serve(std::io::Error),
 }
@@ -41,7 +44,9 @@ pub enum NodeError {
 pub struct ControlNode {
     pub consensus: Consensus,
     pub api_addr: SocketAddr,
+    pub dns_addr: SocketAddr,
     listener: TcpListener,
+    dns: DnsServer,
     owner: Owner,
 }
 
@@ -80,15 +85,19 @@ impl ControlNode {
             region: cfg.region.clone(),
             account: cfg.account_id.clone(),
         };
+        let dns = DnsServer::start(cfg.dns_addr, consensus.clone(), cfg.dns_ttl).await?;
         Ok(Self {
             consensus,
             api_addr,
+            dns_addr: dns.addr,
             listener,
+            dns,
             owner,
         })
     }
 
-    /// Serves the API until `shutdown` resolves, then stops raft.
+    /// Serves the API (DNS is already serving) until `shutdown` resolves, then stops DNS and
+    /// raft.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -101,6 +110,7 @@ impl ControlNode {
         let res = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
+        self.dns.shutdown().await;
         self.consensus.shutdown().await;
         res.map_err(NodeError::Serve)
     }

@@ -10,6 +10,7 @@ pub mod rules;
 pub mod shapes;
 pub mod state;
 pub mod validate;
+pub mod vip;
 
 pub use command::{Command, Outcome};
 pub use error::{ApiError, ErrorKind};

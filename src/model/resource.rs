@@ -293,6 +293,9 @@ pub struct Record {
     pub spec: Spec,
     /// Tags by key; sorted so tag listing pages are stable.
     pub tags: BTreeMap<String, String>,
+    /// A virtual service's VIP (not part of App Mesh's shapes; served by DNS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<std::net::Ipv4Addr>,
 }
 
 /// The `status.status` a body reports.

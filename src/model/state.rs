@@ -3,6 +3,7 @@
 //! every control node reaches the same state; the API reads from it directly.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::Ipv4Addr;
 use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,7 @@ use super::quota::Quotas;
 use super::resource::{Metadata, Owner, Record, ResourceKey, ResourceKind, Spec, Status};
 use super::rules;
 use super::shapes::TagRef;
+use super::vip::VipPool;
 
 /// Most tags one resource may carry.
 pub const MAX_TAGS: usize = 50;
@@ -53,6 +55,10 @@ pub struct MeshState {
     token_bytes: usize,
     /// How many resources of each kind each parent holds, for quotas without a scan.
     counts: HashMap<(ResourceKind, String, String), usize>,
+    /// Virtual-service VIPs in use.
+    vips: VipPool,
+    /// Virtual services by lower-cased name (then mesh), for DNS.
+    services: BTreeMap<(String, String), Ipv4Addr>,
     quotas: Quotas,
 }
 
@@ -62,6 +68,8 @@ pub struct StateSnapshot {
     pub resources: Vec<Record>,
     tokens: Vec<TokenEntry>,
     pub quotas: Quotas,
+    #[serde(default)]
+    vips: VipPool,
 }
 
 /// One page of a list.
@@ -144,6 +152,22 @@ impl MeshState {
         Page { items, more_after }
     }
 
+    /// The VIP of the virtual service called `name` (any case). Where several meshes have a
+    /// service of that name, the first mesh by name answers.
+    pub fn service_vip(&self, name: &str) -> Option<Ipv4Addr> {
+        let name = name.to_ascii_lowercase();
+        self.services
+            .range((name.clone(), String::new())..)
+            .next()
+            .filter(|((n, _), _)| *n == name)
+            .map(|(_, vip)| *vip)
+    }
+
+    /// How many virtual services hold a VIP.
+    pub fn vips_in_use(&self) -> usize {
+        self.vips.len()
+    }
+
     pub fn snapshot(&self) -> StateSnapshot {
         StateSnapshot {
             resources: self.resources.values().cloned().collect(),
@@ -153,16 +177,24 @@ impl MeshState {
                 .filter_map(|k| self.tokens.get(k).cloned())
                 .collect(),
             quotas: self.quotas.clone(),
+            vips: self.vips.clone(),
         }
     }
 
     pub fn from_snapshot(s: StateSnapshot) -> Self {
         let mut state = MeshState {
             quotas: s.quotas,
+            vips: s.vips,
             ..Default::default()
         };
         for r in s.resources {
             state.count(&r.key, 1);
+            if let Some(vip) = r.vip {
+                state.vips.restore(vip, &r.key);
+                state
+                    .services
+                    .insert((r.key.name.to_ascii_lowercase(), r.key.mesh.clone()), vip);
+            }
             state.resources.insert(r.key.clone(), r);
         }
         for t in s.tokens {
@@ -371,8 +403,20 @@ impl MeshState {
         if tags.len() > MAX_TAGS {
             return Err(too_many_tags(tags.len()));
         }
+        // Last, once nothing else can fail: the address is taken only for a stored service.
+        let vip = if key.kind == ResourceKind::VirtualService {
+            let vip = self.vips.allocate(key).ok_or_else(|| {
+                ApiError::limit("no free VIP left in 127.77.0.0/16 for another virtual service")
+            })?;
+            self.services
+                .insert((key.name.to_ascii_lowercase(), key.mesh.clone()), vip);
+            Some(vip)
+        } else {
+            None
+        };
         let record = Record {
             key: key.clone(),
+            vip,
             metadata: Metadata {
                 arn: owner.arn(key),
                 uid: uid.into(),
@@ -411,6 +455,11 @@ impl MeshState {
         }
         let record = self.resources.remove(key).ok_or_else(|| not_found(key))?;
         self.count(key, -1);
+        if let Some(vip) = record.vip {
+            self.vips.release(vip);
+            self.services
+                .remove(&(key.name.to_ascii_lowercase(), key.mesh.clone()));
+        }
         Ok(record.to_data(Status::Deleted))
     }
 

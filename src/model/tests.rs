@@ -584,3 +584,61 @@ fn router_updates_cannot_strand_routes() {
         .unwrap();
     assert_eq!(ok["metadata"]["version"], 2);
 }
+
+#[test]
+fn virtual_services_get_stable_vips() {
+    let mut h = Harness::new();
+    h.create(ResourceKey::mesh("m"), json!({})).unwrap();
+    let vs = |n: &str| ResourceKey::in_mesh(K::VirtualService, "m", n);
+    h.create(vs("a.local"), json!({})).unwrap();
+    h.create(vs("b.local"), json!({})).unwrap();
+    assert_eq!(
+        h.state.service_vip("A.Local"),
+        Some("127.77.0.1".parse().unwrap()),
+        "any case"
+    );
+    assert_eq!(
+        h.state.service_vip("b.local"),
+        Some("127.77.0.2".parse().unwrap())
+    );
+    assert_eq!(h.state.service_vip("c.local"), None);
+    let spec = parse_spec(K::VirtualService, json!({}));
+    h.state
+        .apply(&Command::Update {
+            key: vs("a.local"),
+            spec,
+            idempotency: None,
+            now: 0.0,
+        })
+        .unwrap();
+    assert_eq!(
+        h.state.service_vip("a.local"),
+        Some("127.77.0.1".parse().unwrap()),
+        "kept across updates"
+    );
+    let body = h.delete(vs("a.local")).unwrap();
+    assert!(
+        body.get("vip").is_none() && !body.to_string().contains("127.77"),
+        "not in App Mesh's shape"
+    );
+    assert_eq!(
+        h.state.service_vip("a.local"),
+        None,
+        "freed with the service"
+    );
+    let restored = MeshState::from_snapshot(
+        serde_json::from_str(&serde_json::to_string(&h.state.snapshot()).unwrap()).unwrap(),
+    );
+    assert_eq!(
+        restored.service_vip("b.local"),
+        h.state.service_vip("b.local")
+    );
+    h.state = restored;
+    h.create(vs("a.local"), json!({})).unwrap();
+    assert_eq!(
+        h.state.service_vip("a.local"),
+        Some("127.77.0.3".parse().unwrap()),
+        "the cursor survives snapshots"
+    );
+    assert_eq!(h.state.vips_in_use(), 2);
+}

@@ -185,6 +185,17 @@ impl DevNode {
         &self.api
     }
 
+    /// The DNS listener from the ready line (`dns=IP:PORT`).
+    pub fn dns_addr(&self) -> std::net::SocketAddr {
+        self.stdout_lines()
+            .iter()
+            .filter_map(|l| l.trim().strip_prefix("trellis dev ready:"))
+            .flat_map(|rest| rest.split_whitespace())
+            .find_map(|w| w.strip_prefix("dns="))
+            .and_then(|a| a.parse().ok())
+            .expect("the ready line names the DNS address")
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
