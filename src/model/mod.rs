@@ -3,7 +3,9 @@
 //! the state machine that applies them. Everything else in trellis builds on these types.
 
 pub mod command;
+pub mod compile;
 pub mod error;
+pub mod proxy_config;
 pub mod quota;
 pub mod resource;
 pub mod rules;
