@@ -1,10 +1,10 @@
 //! Authoritative DNS for the mesh's names (DESIGN §6), on UDP and TCP at one address: a
 //! virtual service's name answers with its VIP, straight from the applied state, so an answer
-//! follows a change as soon as it is committed. Names the mesh does not own are REFUSED (the
-//! host's resolver forwards only the mesh's domains here). Virtual-node hostnames answer once
-//! proxies register instances (the discovery issue).
+//! follows a change as soon as it is committed; a virtual node's `serviceDiscovery.dns.hostname`
+//! answers with the addresses of its healthy registered instances (A / AAAA). Names the mesh
+//! does not own are REFUSED (the host's resolver forwards only the mesh's domains here).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use hickory_server::Server;
@@ -12,7 +12,7 @@ use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{
     Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode,
 };
-use hickory_server::proto::rr::rdata::A;
+use hickory_server::proto::rr::rdata::{A, AAAA};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -82,21 +82,24 @@ async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)
     Err(last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")))
 }
 
-/// What the mesh knows about a name.
+/// What the mesh knows about a name: its addresses (possibly none: NODATA), or nothing.
 enum Answer {
-    /// An A record (and nothing for other types: NODATA).
-    Address(std::net::Ipv4Addr),
+    Addresses(Vec<IpAddr>),
     /// Not a mesh name.
     Refused,
 }
 
 impl MeshDns {
+    /// A virtual service's VIP; else the healthy instances of the virtual nodes with that
+    /// hostname. The service wins where both share a name: apps must reach the mesh.
     fn lookup(&self, name: &str) -> Answer {
         let name = name.trim_end_matches('.');
-        match self.consensus.read(|s| s.service_vip(name)) {
-            Some(vip) => Answer::Address(vip),
-            None => Answer::Refused,
-        }
+        self.consensus.read(|s| match s.service_vip(name) {
+            Some(vip) => Answer::Addresses(vec![IpAddr::V4(vip)]),
+            None => s
+                .hostname_addresses(name)
+                .map_or(Answer::Refused, Answer::Addresses),
+        })
     }
 }
 
@@ -148,11 +151,20 @@ impl RequestHandler for MeshDns {
                     .await
                     .unwrap_or_else(|_| failed(ResponseCode::Refused));
             }
-            Answer::Address(vip) if matches!(qtype, RecordType::A | RecordType::ANY) => {
+            Answer::Addresses(addrs) => {
                 let name = Name::from(info.query.name().clone());
-                vec![Record::from_rdata(name, self.ttl, RData::A(A(vip)))]
+                addrs
+                    .into_iter()
+                    .filter_map(|a| match (a, qtype) {
+                        (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => Some(RData::A(A(v4))),
+                        (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => {
+                            Some(RData::AAAA(AAAA(v6)))
+                        }
+                        _ => None,
+                    })
+                    .map(|rdata| Record::from_rdata(name.clone(), self.ttl, rdata))
+                    .collect()
             }
-            Answer::Address(_) => Vec::new(),
         };
         let msg = builder.build(metadata, records.iter(), [], [], []);
         match response.send_response(msg).await {

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::quota::Quotas;
+use super::registry::RegistryUpdate;
 use super::resource::{Owner, ResourceKey, Spec};
 use super::shapes::TagRef;
 
@@ -50,6 +51,8 @@ pub enum Command {
     },
     /// Sets the quotas every node enforces (the control nodes' configured limits).
     SetQuotas(Quotas),
+    /// A batch of proxy registrations, renewals and goodbyes.
+    Registry(RegistryUpdate),
 }
 
 impl Command {
@@ -62,6 +65,7 @@ impl Command {
             Command::Tag { .. } => "TagResource".into(),
             Command::Untag { .. } => "UntagResource".into(),
             Command::SetQuotas(_) => "SetQuotas".into(),
+            Command::Registry(_) => "Registry".into(),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod compile;
 pub mod error;
 pub mod proxy_config;
 pub mod quota;
+pub mod registry;
 pub mod resource;
 pub mod rules;
 pub mod shapes;

@@ -10,8 +10,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::command::{Command, Idempotency, Outcome};
+use super::compile::Instances;
 use super::error::{ApiError, ErrorKind};
+use super::proxy_config::{Endpoint, ProxyRole};
 use super::quota::Quotas;
+use super::registry::Registry;
 use super::resource::{Metadata, Owner, Record, ResourceKey, ResourceKind, Spec, Status};
 use super::rules;
 use super::shapes::TagRef;
@@ -59,6 +62,10 @@ pub struct MeshState {
     vips: VipPool,
     /// Virtual services by lower-cased name (then mesh), for DNS.
     services: BTreeMap<(String, String), Ipv4Addr>,
+    /// Virtual nodes by lower-cased `serviceDiscovery.dns.hostname` (then mesh, node), for DNS.
+    hostnames: BTreeMap<(String, String, String), ()>,
+    /// Running proxies.
+    registry: Registry,
     quotas: Quotas,
 }
 
@@ -70,6 +77,8 @@ pub struct StateSnapshot {
     pub quotas: Quotas,
     #[serde(default)]
     vips: VipPool,
+    #[serde(default)]
+    registry: Registry,
 }
 
 /// One page of a list.
@@ -163,6 +172,56 @@ impl MeshState {
             .map(|(_, vip)| *vip)
     }
 
+    fn index_hostname(&mut self, key: &ResourceKey, spec: &Spec, add: bool) {
+        let Spec::VirtualNode(vn) = spec else { return };
+        let Some(dns) = vn.service_discovery.as_ref().and_then(|d| d.dns.as_ref()) else {
+            return;
+        };
+        let k = (
+            dns.hostname.trim_end_matches('.').to_ascii_lowercase(),
+            key.mesh.clone(),
+            key.name.clone(),
+        );
+        if add {
+            self.hostnames.insert(k, ());
+        } else {
+            self.hostnames.remove(&k);
+        }
+    }
+
+    /// The addresses of the healthy instances of every virtual node whose DNS hostname is
+    /// `name` (any case); `None` when no virtual node has that hostname.
+    pub fn hostname_addresses(&self, name: &str) -> Option<Vec<std::net::IpAddr>> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let nodes: Vec<(&String, &String)> = self
+            .hostnames
+            .range((name.clone(), String::new(), String::new())..)
+            .take_while(|((h, _, _), _)| *h == name)
+            .map(|((_, m, n), _)| (m, n))
+            .collect();
+        if nodes.is_empty() {
+            return None;
+        }
+        let mut addrs: Vec<std::net::IpAddr> = nodes
+            .into_iter()
+            .flat_map(|(m, n)| {
+                let role = ProxyRole::VirtualNode(n.clone());
+                self.registry
+                    .healthy(m, &role)
+                    .map(|i| i.address)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        Some(addrs)
+    }
+
+    /// The running proxies.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// How many virtual services hold a VIP.
     pub fn vips_in_use(&self) -> usize {
         self.vips.len()
@@ -178,6 +237,7 @@ impl MeshState {
                 .collect(),
             quotas: self.quotas.clone(),
             vips: self.vips.clone(),
+            registry: self.registry.clone(),
         }
     }
 
@@ -185,10 +245,12 @@ impl MeshState {
         let mut state = MeshState {
             quotas: s.quotas,
             vips: s.vips,
+            registry: s.registry,
             ..Default::default()
         };
         for r in s.resources {
             state.count(&r.key, 1);
+            state.index_hostname(&r.key, &r.spec, true);
             if let Some(vip) = r.vip {
                 state.vips.restore(vip, &r.key);
                 state
@@ -236,6 +298,7 @@ impl MeshState {
                 self.quotas = q.clone();
                 Ok(json!({}))
             }
+            Command::Registry(u) => Ok(json!({ "changed": self.registry.apply(u) })),
         }
     }
 
@@ -434,6 +497,7 @@ impl MeshState {
         };
         let data = record.to_data(Status::Active);
         self.count(key, 1);
+        self.index_hostname(key, spec, true);
         self.resources.insert(key.clone(), record);
         Ok(data)
     }
@@ -441,6 +505,10 @@ impl MeshState {
     fn update(&mut self, key: &ResourceKey, spec: &Spec, now: f64) -> Outcome {
         self.find(key)?;
         self.check_spec_in_context(key, spec)?;
+        if let Some(old) = self.resources.get(key).map(|r| r.spec.clone()) {
+            self.index_hostname(key, &old, false);
+        }
+        self.index_hostname(key, spec, true);
         let record = self.resources.get_mut(key).ok_or_else(|| not_found(key))?;
         record.spec = spec.clone();
         record.metadata.version += 1;
@@ -455,6 +523,7 @@ impl MeshState {
         }
         let record = self.resources.remove(key).ok_or_else(|| not_found(key))?;
         self.count(key, -1);
+        self.index_hostname(key, &record.spec, false);
         if let Some(vip) = record.vip {
             self.vips.release(vip);
             self.services
@@ -649,4 +718,14 @@ fn too_many_tags(n: usize) -> ApiError {
             "tags: a resource can have at most {MAX_TAGS} tags, this request would give it {n}; no tags were applied"
         ),
     )
+}
+
+impl Instances for MeshState {
+    fn endpoints(&self, mesh: &str, node: &str) -> Vec<Endpoint> {
+        let role = ProxyRole::VirtualNode(node.to_string());
+        self.registry
+            .healthy(mesh, &role)
+            .map(|i| i.endpoint())
+            .collect()
+    }
 }

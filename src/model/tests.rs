@@ -642,3 +642,75 @@ fn virtual_services_get_stable_vips() {
     );
     assert_eq!(h.state.vips_in_use(), 2);
 }
+
+#[test]
+fn node_hostnames_resolve_to_healthy_instances() {
+    use super::proxy_config::ProxyRole;
+    use super::registry::{Instance, RegistryUpdate};
+    let mut h = Harness::new();
+    h.create(ResourceKey::mesh("m"), json!({})).unwrap();
+    let spec = |host: &str| {
+        json!({"listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
+                                   "serviceDiscovery": {"dns": {"hostname": host}}})
+    };
+    h.create(vn("red"), spec("red.m.local")).unwrap();
+    assert_eq!(
+        h.state.hostname_addresses("RED.m.local."),
+        Some(vec![]),
+        "known name, no instances yet"
+    );
+    assert_eq!(h.state.hostname_addresses("blue.m.local"), None);
+    let inst = |id: &str, ip: &str, healthy| Instance {
+        proxy_id: id.into(),
+        mesh: "m".into(),
+        role: ProxyRole::VirtualNode("red".into()),
+        address: ip.parse().unwrap(),
+        inbound_port: 15000,
+        healthy,
+        expires_at: 100.0,
+    };
+    let update = RegistryUpdate {
+        now: 1.0,
+        upserts: vec![inst("a", "10.0.0.2", true), inst("b", "10.0.0.3", false)],
+        removals: vec![],
+    };
+    assert_eq!(
+        h.state.apply(&Command::Registry(update)).unwrap()["changed"],
+        true
+    );
+    assert_eq!(
+        h.state.hostname_addresses("red.m.local"),
+        Some(vec!["10.0.0.2".parse().unwrap()])
+    );
+    use super::compile::Instances;
+    assert_eq!(h.state.endpoints("m", "red").len(), 1);
+    // A hostname change moves the name; the snapshot keeps both the index and the registry.
+    let new = parse_spec(K::VirtualNode, spec("rouge.m.local"));
+    h.state
+        .apply(&Command::Update {
+            key: vn("red"),
+            spec: new,
+            idempotency: None,
+            now: 2.0,
+        })
+        .unwrap();
+    assert_eq!(h.state.hostname_addresses("red.m.local"), None);
+    let restored = MeshState::from_snapshot(
+        serde_json::from_str(&serde_json::to_string(&h.state.snapshot()).unwrap()).unwrap(),
+    );
+    assert_eq!(
+        restored.hostname_addresses("rouge.m.local"),
+        Some(vec!["10.0.0.2".parse().unwrap()])
+    );
+    let expire = RegistryUpdate {
+        now: 101.0,
+        upserts: vec![],
+        removals: vec![],
+    };
+    h.state.apply(&Command::Registry(expire)).unwrap();
+    assert_eq!(
+        h.state.hostname_addresses("rouge.m.local"),
+        Some(vec![]),
+        "leases end"
+    );
+}
