@@ -5,6 +5,9 @@
 //! settings. See DESIGN.md §7 for the layout and the dependency rules between modules.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod model;
+pub mod proxy;
+pub mod wire;

@@ -10,6 +10,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use trellis::config::ControlConfig;
 use trellis::control::node::ControlNode;
+use trellis::model::proxy_config::ProxyRole;
+use trellis::proxy::discovery::{self, DiscoverySettings};
 
 #[derive(Parser)]
 #[command(
@@ -35,7 +37,7 @@ enum Command {
         /// The App Mesh API listener (unsigned requests accepted: loopback dev mode).
         #[arg(long, default_value = "127.0.0.1:7070")]
         api_addr: SocketAddr,
-        /// Reserved for the gRPC listener (config push; not served yet).
+        /// The gRPC listener: proxies' config streams (`trellis proxy --control ADDR`).
         #[arg(long, default_value = "127.0.0.1:7071")]
         grpc_addr: SocketAddr,
         /// The DNS listener (UDP and TCP): virtual service names answer with their VIPs.
@@ -63,6 +65,52 @@ enum Command {
         /// Overrides `api_addr` from the file.
         #[arg(long)]
         api_addr: Option<SocketAddr>,
+    },
+    /// Run the proxy for one virtual node (or virtual gateway) on this host.
+    ///
+    /// Example: trellis proxy --control 127.0.0.1:7071 --mesh demo --virtual-node colorteller-red
+    ///            --data-dir /var/lib/trellis/proxy-red --advertise-addr 10.0.0.5
+    Proxy {
+        /// Control nodes' gRPC addresses, comma-separated; tried in turn.
+        #[arg(long, env = "TRELLIS_CONTROL", value_delimiter = ',', required = true)]
+        control: Vec<String>,
+        #[arg(long)]
+        mesh: String,
+        /// The virtual node this proxy serves.
+        #[arg(
+            long,
+            conflicts_with = "virtual_gateway",
+            required_unless_present = "virtual_gateway"
+        )]
+        virtual_node: Option<String>,
+        /// The virtual gateway this proxy serves.
+        #[arg(long)]
+        virtual_gateway: Option<String>,
+        /// Where the last good config is cached (the proxy starts from it when no control node
+        /// answers).
+        #[arg(long, env = "TRELLIS_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The address peers reach this proxy at.
+        #[arg(long, default_value = "127.0.0.1")]
+        advertise_addr: std::net::IpAddr,
+        /// The inbound listener for peer proxies (its port is registered with the instance).
+        #[arg(long, default_value = "0.0.0.0:15000")]
+        inbound_addr: SocketAddr,
+    },
+    /// List the proxies connected to a control node.
+    ///
+    /// Example: trellis proxies --endpoint http://127.0.0.1:7070
+    Proxies {
+        /// The control node's API.
+        #[arg(
+            long,
+            env = "TRELLIS_ENDPOINT",
+            default_value = "http://127.0.0.1:7070"
+        )]
+        endpoint: String,
+        /// Print the JSON the API answers instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the version.
     Version,
@@ -115,6 +163,7 @@ async fn run_dev(
     data_dir: Option<PathBuf>,
     api_addr: SocketAddr,
     dns_addr: SocketAddr,
+    grpc_addr: SocketAddr,
 ) -> anyhow::Result<()> {
     let (_temp, data_dir) = match data_dir {
         Some(d) => (None, d),
@@ -131,13 +180,15 @@ async fn run_dev(
         data_dir: data_dir.clone(),
         api_addr,
         dns_addr,
+        grpc_addr,
         ..base
     };
     init_logging(&cfg.log);
     let node = ControlNode::start(&cfg).await?;
     let api = node.api_addr;
     let dns = node.dns_addr;
-    println!("trellis dev ready: api=http://{api} dns={dns}");
+    let grpc = node.grpc_addr;
+    println!("trellis dev ready: api=http://{api} dns={dns} grpc={grpc}");
     println!(
         "\nstate: {}\ntry:\n  export AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=dev AWS_SECRET_ACCESS_KEY=dev\n  \
          aws appmesh create-mesh --mesh-name demo --endpoint-url http://{api} --no-sign-request\n  \
@@ -185,6 +236,56 @@ async fn run_control(
     })
 }
 
+async fn run_proxy(settings: DiscoverySettings) {
+    init_logging("info");
+    let (current, mut applied) = tokio::sync::watch::channel(None);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let discovery = tokio::spawn(discovery::run(settings, current, stopped));
+    let announce = tokio::spawn(async move {
+        // Scripts wait for this line: the proxy has a config (from a control node or its cache).
+        while applied.changed().await.is_ok() {
+            let version = applied.borrow().as_ref().map(|c| c.version);
+            if let Some(v) = version {
+                println!("trellis proxy ready: version={v}");
+                break;
+            }
+        }
+    });
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    let _ = discovery.await;
+    announce.abort();
+}
+
+/// `trellis proxies`: the connected proxies of one control node.
+async fn proxies(endpoint: &str, json: bool) -> anyhow::Result<()> {
+    let body = trellis::client::get_json(&format!("{}/v1/proxies", endpoint.trim_end_matches('/')))
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    println!(
+        "{:<38} {:<12} {:<32} {:<22} {:>7} {:>8} {:>8}  LAST NACK",
+        "PROXY", "MESH", "RESOURCE", "ADDRESS", "HEALTHY", "SENT", "ACKED"
+    );
+    for p in body["proxies"].as_array().into_iter().flatten() {
+        let s = |k: &str| p[k].as_str().unwrap_or("").to_string();
+        println!(
+            "{:<38} {:<12} {:<32} {:<22} {:>7} {:>8} {:>8}  {}",
+            s("proxyId"),
+            s("mesh"),
+            s("resource"),
+            s("address"),
+            p["healthy"].as_bool().unwrap_or(false),
+            p["versionSent"].as_u64().unwrap_or(0),
+            p["versionAcked"].as_u64().unwrap_or(0),
+            p["lastNack"].as_str().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Runtime::new() {
@@ -195,6 +296,42 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Proxy {
+            control,
+            mesh,
+            virtual_node,
+            virtual_gateway,
+            data_dir,
+            advertise_addr,
+            inbound_addr,
+        } => {
+            let role = match (virtual_node, virtual_gateway) {
+                (Some(n), None) => ProxyRole::VirtualNode(n),
+                (None, Some(g)) => ProxyRole::VirtualGateway(g),
+                _ => {
+                    eprintln!("trellis: name exactly one of --virtual-node and --virtual-gateway");
+                    return ExitCode::from(2);
+                }
+            };
+            let settings = DiscoverySettings {
+                controls: control,
+                mesh,
+                role,
+                proxy_id: uuid::Uuid::new_v4().to_string(),
+                advertise: advertise_addr,
+                inbound_port: inbound_addr.port(),
+                data_dir,
+            };
+            rt.block_on(run_proxy(settings));
+            ExitCode::SUCCESS
+        }
+        Command::Proxies { endpoint, json } => match rt.block_on(proxies(&endpoint, json)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trellis: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::Version => {
             println!("trellis {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -214,7 +351,7 @@ fn main() -> ExitCode {
         Command::Dev {
             data_dir,
             api_addr,
-            grpc_addr: _,
+            grpc_addr,
             dns_addr,
             config,
         } => {
@@ -233,7 +370,7 @@ fn main() -> ExitCode {
                 eprintln!("trellis: {problems}");
                 return ExitCode::from(2);
             }
-            match rt.block_on(run_dev(base, data_dir, api_addr, dns_addr)) {
+            match rt.block_on(run_dev(base, data_dir, api_addr, dns_addr, grpc_addr)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("trellis: {e:#}");

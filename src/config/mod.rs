@@ -40,6 +40,9 @@ pub struct ControlConfig {
     pub dns_addr: SocketAddr,
     /// TTL of DNS answers in seconds: short, so clients follow changes. Default 5.
     pub dns_ttl: u32,
+    /// Seconds a proxy's registration lasts without a heartbeat (proxies heartbeat at a third
+    /// of it). Default 15.
+    pub lease_seconds: u32,
     /// The address peers and proxies use to reach this node's gRPC port; default `grpc_addr`.
     pub advertise_addr: Option<SocketAddr>,
     /// How many voters to wait for before forming a cluster. Only 1 is supported so far.
@@ -66,6 +69,7 @@ impl Default for ControlConfig {
             grpc_addr: ([127, 0, 0, 1], 7071).into(),
             dns_addr: ([127, 0, 0, 1], 8600).into(),
             dns_ttl: 5,
+            lease_seconds: 15,
             advertise_addr: None,
             bootstrap_expect: 1,
             retry_join: Vec::new(),
@@ -103,6 +107,12 @@ impl ControlConfig {
             problems.push(format!(
                 "api_addr: must be a loopback address while the API has no TLS or SigV4 authentication, got {}",
                 self.api_addr
+            ));
+        }
+        if !(3..=3600).contains(&self.lease_seconds) {
+            problems.push(format!(
+                "lease_seconds: must be between 3 and 3600, got {}",
+                self.lease_seconds
             ));
         }
         if self.dns_ttl > 3600 {

@@ -6,3 +6,4 @@ pub mod dns;
 pub mod node;
 pub mod raft;
 pub mod store;
+pub mod xds;

@@ -12,6 +12,7 @@ use super::api::{self, ApiState};
 use super::dns::{DnsError, DnsServer};
 use super::raft::{Consensus, RaftSettings, StartError};
 use super::store::Store;
+use super::xds::Xds;
 use crate::config::ControlConfig;
 use crate::model::{Command, Owner};
 
@@ -45,7 +46,10 @@ pub struct ControlNode {
     pub consensus: Consensus,
     pub api_addr: SocketAddr,
     pub dns_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
     listener: TcpListener,
+    grpc: TcpListener,
+    xds: Xds,
     dns: DnsServer,
     owner: Owner,
 }
@@ -86,11 +90,28 @@ impl ControlNode {
             account: cfg.account_id.clone(),
         };
         let dns = DnsServer::start(cfg.dns_addr, consensus.clone(), cfg.dns_ttl).await?;
+        let grpc = TcpListener::bind(cfg.grpc_addr)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: cfg.grpc_addr,
+                source,
+            })?;
+        let grpc_addr = grpc.local_addr().map_err(|source| NodeError::Bind {
+            addr: cfg.grpc_addr,
+            source,
+        })?;
+        let xds = Xds::new(
+            consensus.clone(),
+            std::time::Duration::from_secs(u64::from(cfg.lease_seconds)),
+        );
         Ok(Self {
             consensus,
             api_addr,
             dns_addr: dns.addr,
+            grpc_addr,
             listener,
+            grpc,
+            xds,
             dns,
             owner,
         })
@@ -105,11 +126,29 @@ impl ControlNode {
         let state = Arc::new(ApiState {
             consensus: self.consensus.clone(),
             owner: self.owner,
+            proxies: self.xds.proxies(),
         });
+        let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+        let grpc = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(self.xds.into_service())
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(self.grpc),
+                    async {
+                        let _ = grpc_stopped.await;
+                    },
+                ),
+        );
         let app = api::router(state);
         let res = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
+        let _ = stop_grpc.send(());
+        match grpc.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "grpc server"),
+            Err(e) => tracing::warn!(error = %e, "grpc server task"),
+            Ok(Ok(())) => {}
+        }
         self.dns.shutdown().await;
         self.consensus.shutdown().await;
         res.map_err(NodeError::Serve)

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod proxy;
+
 /// The account trellis puts in ARNs and owner fields by default.
 pub const ACCOUNT: &str = "000000000000";
 /// The region trellis puts in ARNs by default.
@@ -90,6 +92,11 @@ impl DevNode {
         let mut node = Self::spawn(&dir, &["--config".into(), config.display().to_string()]);
         node._owned_data = Some(data);
         node
+    }
+
+    /// Starts `trellis dev` on an existing data directory with extra flags.
+    pub fn start_in_with(dir: &Path, extra: &[String]) -> DevNode {
+        Self::spawn(dir, extra)
     }
 
     /// Starts `trellis dev` on an existing data directory (e.g. to restart a node that was
@@ -187,13 +194,22 @@ impl DevNode {
 
     /// The DNS listener from the ready line (`dns=IP:PORT`).
     pub fn dns_addr(&self) -> std::net::SocketAddr {
+        self.ready_field("dns=")
+    }
+
+    /// The gRPC listener (proxies' config streams) from the ready line (`grpc=IP:PORT`).
+    pub fn grpc_addr(&self) -> std::net::SocketAddr {
+        self.ready_field("grpc=")
+    }
+
+    fn ready_field(&self, prefix: &str) -> std::net::SocketAddr {
         self.stdout_lines()
             .iter()
             .filter_map(|l| l.trim().strip_prefix("trellis dev ready:"))
             .flat_map(|rest| rest.split_whitespace())
-            .find_map(|w| w.strip_prefix("dns="))
+            .find_map(|w| w.strip_prefix(prefix))
             .and_then(|a| a.parse().ok())
-            .expect("the ready line names the DNS address")
+            .unwrap_or_else(|| panic!("the ready line names {prefix}"))
     }
 
     pub fn data_dir(&self) -> &Path {

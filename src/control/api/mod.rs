@@ -34,6 +34,8 @@ pub struct ApiState {
     pub consensus: Consensus,
     /// Region and account of the resources this control plane creates.
     pub owner: Owner,
+    /// The proxies connected to this node.
+    pub proxies: crate::control::xds::ProxyTable,
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -130,6 +132,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v20190125/untag", put(untag_resource))
         .route("/v20190125/tags", get(list_tags))
         .route("/v1/health", get(health))
+        .route("/v1/proxies", get(proxies))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(request_id))
@@ -168,6 +171,18 @@ async fn method_not_allowed(method: Method, uri: Uri) -> HttpError {
 async fn health(State(s): Shared) -> Response {
     let resources = s.consensus.read(|st| st.len());
     json_ok(json!({"status": "ok", "nodeId": s.consensus.node_id(), "resources": resources}))
+}
+
+/// The proxies connected to this node, with the config versions sent and acknowledged.
+async fn proxies(State(s): Shared) -> Response {
+    let list: Vec<Value> = s
+        .proxies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .map(|p| serde_json::to_value(p).unwrap_or(Value::Null))
+        .collect();
+    json_ok(json!({ "proxies": list }))
 }
 
 fn json_ok(v: Value) -> Response {

@@ -1,0 +1,332 @@
+//! Config push: the gRPC `Discovery` service every control node serves. A proxy's stream starts
+//! with a Hello; the node registers the instance (through raft, batched), compiles the proxy's
+//! config from the applied state and sends it, then recompiles whenever the state moves and
+//! sends again when the result differs. Acks, nacks and heartbeats land in the node's table of
+//! connected proxies (`GET /v1/proxies`).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::raft::Consensus;
+use crate::model::Command;
+use crate::model::compile::compile;
+use crate::model::proxy_config::{ProxyConfig, ProxyRole};
+use crate::model::registry::{Instance, RegistryUpdate};
+use crate::wire::discovery::discovery_server::{Discovery, DiscoveryServer};
+use crate::wire::discovery::{ControlMessage, Hello, ProxyMessage, control_message, proxy_message};
+use crate::wire::{encode_config, hello_role};
+
+/// How long a proxy may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long registry changes wait to share one raft entry.
+const REGISTRY_BATCH: Duration = Duration::from_millis(50);
+
+/// What the node knows of one connected proxy.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    pub proxy_id: String,
+    pub mesh: String,
+    /// `virtualNode/<name>` or `virtualGateway/<name>`.
+    pub resource: String,
+    pub address: String,
+    pub healthy: bool,
+    /// The last config version sent and the last one the proxy acknowledged.
+    pub version_sent: u64,
+    pub version_acked: u64,
+    /// Why the proxy refused a config, if it last did.
+    pub last_nack: Option<String>,
+    /// Epoch seconds.
+    pub connected_at: f64,
+    pub last_heartbeat: f64,
+}
+
+/// The proxies connected to this node.
+pub type ProxyTable = Arc<Mutex<BTreeMap<String, ProxyStatus>>>;
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn resource_name(role: &ProxyRole) -> String {
+    match role {
+        ProxyRole::VirtualNode(n) => format!("virtualNode/{n}"),
+        ProxyRole::VirtualGateway(g) => format!("virtualGateway/{g}"),
+    }
+}
+
+enum RegistryChange {
+    Upsert(Instance),
+    Remove(String),
+}
+
+/// The Discovery service of one control node.
+#[derive(Clone)]
+pub struct Xds {
+    consensus: Consensus,
+    proxies: ProxyTable,
+    registry: mpsc::UnboundedSender<RegistryChange>,
+    lease: Duration,
+}
+
+impl Xds {
+    /// Starts the registry batcher; `lease` is how long a registration lasts unrenewed.
+    pub fn new(consensus: Consensus, lease: Duration) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(registry_batcher(consensus.clone(), rx, lease));
+        Self {
+            consensus,
+            proxies: Default::default(),
+            registry: tx,
+            lease,
+        }
+    }
+
+    pub fn proxies(&self) -> ProxyTable {
+        self.proxies.clone()
+    }
+
+    pub fn into_service(self) -> DiscoveryServer<Self> {
+        DiscoveryServer::new(self)
+    }
+
+    fn instance(
+        &self,
+        hello: &Hello,
+        role: &ProxyRole,
+        address: IpAddr,
+        healthy: bool,
+    ) -> Instance {
+        Instance {
+            proxy_id: hello.proxy_id.clone(),
+            mesh: hello.mesh.clone(),
+            role: role.clone(),
+            address,
+            inbound_port: hello.inbound_port as u16,
+            healthy,
+            expires_at: now() + self.lease.as_secs_f64(),
+        }
+    }
+
+    fn update(&self, proxy_id: &str, f: impl FnOnce(&mut ProxyStatus)) {
+        let mut table = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = table.get_mut(proxy_id) {
+            f(p);
+        }
+    }
+}
+
+/// Checks a Hello; the error says which field is wrong.
+fn check_hello(h: &Hello) -> Result<(ProxyRole, IpAddr), Status> {
+    if h.proxy_id.is_empty() || h.proxy_id.len() > 128 {
+        return Err(Status::invalid_argument(
+            "hello.proxy_id: must be 1 to 128 characters",
+        ));
+    }
+    if h.mesh.is_empty() {
+        return Err(Status::invalid_argument("hello.mesh: is required"));
+    }
+    let role = hello_role(h).ok_or_else(|| {
+        Status::invalid_argument("hello.role: name a virtual_node or a virtual_gateway")
+    })?;
+    let address: IpAddr = h.advertise_address.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "hello.advertise_address: not an IP address: {:?}",
+            h.advertise_address
+        ))
+    })?;
+    if h.inbound_port == 0 || h.inbound_port > 65535 {
+        return Err(Status::invalid_argument(format!(
+            "hello.inbound_port: must be 1 to 65535, got {}",
+            h.inbound_port
+        )));
+    }
+    Ok((role, address))
+}
+
+type ConfigStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for Xds {
+    type StreamStream = ConfigStream;
+
+    async fn stream(
+        &self,
+        req: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<ConfigStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))??
+            .ok_or_else(|| Status::invalid_argument("the stream ended before a Hello"))?;
+        let Some(proxy_message::Kind::Hello(hello)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "the first message must be a Hello",
+            ));
+        };
+        let (role, address) = check_hello(&hello)?;
+        // Refuse proxies for resources that do not exist before registering anything.
+        let compiled = self.consensus.read(|s| compile(s, &hello.mesh, &role, s));
+        if let Err(e) = compiled {
+            return Err(Status::not_found(e.message));
+        }
+        let _ = self.registry.send(RegistryChange::Upsert(self.instance(
+            &hello,
+            &role,
+            address,
+            hello.healthy,
+        )));
+        let t = now();
+        self.proxies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                hello.proxy_id.clone(),
+                ProxyStatus {
+                    proxy_id: hello.proxy_id.clone(),
+                    mesh: hello.mesh.clone(),
+                    resource: resource_name(&role),
+                    address: SocketAddr::new(address, hello.inbound_port as u16).to_string(),
+                    healthy: hello.healthy,
+                    version_sent: 0,
+                    version_acked: hello.have_version,
+                    last_nack: None,
+                    connected_at: t,
+                    last_heartbeat: t,
+                },
+            );
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(session(self.clone(), hello, role, address, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One proxy's stream, until either side ends it.
+async fn session(
+    xds: Xds,
+    hello: Hello,
+    role: ProxyRole,
+    address: IpAddr,
+    mut inbound: Streaming<ProxyMessage>,
+    tx: mpsc::Sender<Result<ControlMessage, Status>>,
+) {
+    let id = hello.proxy_id.clone();
+    let mut applied = xds.consensus.applied_index();
+    let mut last_sent: Option<ProxyConfig> = None;
+    let lease_seconds = xds.lease.as_secs().max(1) as u32;
+    loop {
+        let version = *applied.borrow_and_update();
+        match xds.consensus.read(|s| compile(s, &hello.mesh, &role, s)) {
+            Ok(config) if last_sent.as_ref() != Some(&config) => {
+                let msg = ControlMessage {
+                    kind: Some(control_message::Kind::Config(encode_config(
+                        version,
+                        &config,
+                        lease_seconds,
+                    ))),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
+                }
+                xds.update(&id, |p| p.version_sent = version);
+                last_sent = Some(config);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // The node or gateway was deleted: this proxy has nothing left to serve.
+                let _ = tx.send(Err(Status::not_found(e.message))).await;
+                break;
+            }
+        }
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { break },
+            msg = inbound.message() => match msg {
+                Ok(Some(m)) => match m.kind {
+                    Some(proxy_message::Kind::Ack(a)) => xds.update(&id, |p| {
+                        p.version_acked = a.version;
+                        p.last_nack = None;
+                    }),
+                    Some(proxy_message::Kind::Nack(n)) => {
+                        tracing::warn!(proxy = %id, version = n.version, reason = %n.reason, "proxy refused a config");
+                        xds.update(&id, |p| p.last_nack = Some(format!("version {}: {}", n.version, n.reason)));
+                    }
+                    Some(proxy_message::Kind::Heartbeat(h)) => {
+                        let _ = xds.registry.send(RegistryChange::Upsert(xds.instance(&hello, &role, address, h.healthy)));
+                        xds.update(&id, |p| {
+                            p.last_heartbeat = now();
+                            p.healthy = h.healthy;
+                        });
+                    }
+                    Some(proxy_message::Kind::Goodbye(_)) => {
+                        let _ = xds.registry.send(RegistryChange::Remove(id.clone()));
+                        break;
+                    }
+                    Some(proxy_message::Kind::Hello(_)) | None => {
+                        let _ = tx.send(Err(Status::invalid_argument("only one Hello per stream"))).await;
+                        break;
+                    }
+                },
+                // The proxy went away; its registration lapses with its lease.
+                Ok(None) | Err(_) => break,
+            },
+        }
+    }
+    xds.proxies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+}
+
+/// Collects registry changes for a moment and writes each batch as one raft entry; also expires
+/// lapsed instances when nothing else writes.
+async fn registry_batcher(
+    consensus: Consensus,
+    mut rx: mpsc::UnboundedReceiver<RegistryChange>,
+    lease: Duration,
+) {
+    let mut sweep = tokio::time::interval(lease / 3);
+    loop {
+        let mut upserts = BTreeMap::new();
+        let mut removals = Vec::new();
+        tokio::select! {
+            change = rx.recv() => {
+                let Some(change) = change else { return };
+                let mut add = |c| match c {
+                    RegistryChange::Upsert(i) => { upserts.insert(i.proxy_id.clone(), i); }
+                    RegistryChange::Remove(id) => removals.push(id),
+                };
+                add(change);
+                tokio::time::sleep(REGISTRY_BATCH).await;
+                while let Ok(c) = rx.try_recv() {
+                    add(c);
+                }
+            }
+            _ = sweep.tick() => {
+                let t = now();
+                if !consensus.read(|s| s.registry().all().any(|i| i.expires_at < t)) {
+                    continue;
+                }
+            }
+        }
+        let update = RegistryUpdate {
+            now: now(),
+            upserts: upserts.into_values().collect(),
+            removals,
+        };
+        if let Err(e) = consensus.write(Command::Registry(update)).await {
+            tracing::warn!(error = %e, "registry update not written; proxies will renew");
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The gRPC contract between proxies and control nodes (generated from proto/ at build time) and
+//! its conversion to and from the model.
+
+#[allow(clippy::all, clippy::pedantic)]
+pub mod discovery {
+    tonic::include_proto!("trellis.discovery.v1");
+}
+
+use crate::model::proxy_config::{ProxyConfig, ProxyRole};
+
+/// A config message body could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("config version {version}: {message}")]
+pub struct DecodeError {
+    pub version: u64,
+    pub message: String,
+}
+
+/// Encodes a compiled config for the stream.
+pub fn encode_config(version: u64, config: &ProxyConfig, lease_seconds: u32) -> discovery::Config {
+    discovery::Config {
+        version,
+        // A ProxyConfig is plain data: serializing it cannot fail.
+        config_json: serde_json::to_vec(config).unwrap_or_default(),
+        lease_seconds,
+    }
+}
+
+pub fn decode_config(c: &discovery::Config) -> Result<ProxyConfig, DecodeError> {
+    serde_json::from_slice(&c.config_json).map_err(|e| DecodeError {
+        version: c.version,
+        message: e.to_string(),
+    })
+}
+
+/// The role a hello names, or `None` when it names neither a node nor a gateway.
+pub fn hello_role(h: &discovery::Hello) -> Option<ProxyRole> {
+    match &h.role {
+        Some(discovery::hello::Role::VirtualNode(n)) => Some(ProxyRole::VirtualNode(n.clone())),
+        Some(discovery::hello::Role::VirtualGateway(g)) => {
+            Some(ProxyRole::VirtualGateway(g.clone()))
+        }
+        None => None,
+    }
+}
+
+pub fn role_to_hello(role: &ProxyRole) -> discovery::hello::Role {
+    match role {
+        ProxyRole::VirtualNode(n) => discovery::hello::Role::VirtualNode(n.clone()),
+        ProxyRole::VirtualGateway(g) => discovery::hello::Role::VirtualGateway(g.clone()),
+    }
+}

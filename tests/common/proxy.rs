@@ -1,0 +1,121 @@
+//! Runs the real `trellis proxy` binary for the tests: ready line, logs, SIGTERM and SIGKILL.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::wait_until;
+
+pub struct Proxy {
+    child: Option<Child>,
+    data_dir: PathBuf,
+    log: tempfile::NamedTempFile,
+    stdout: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    /// Starts a proxy for `role` (`--virtual-node NAME` or `--virtual-gateway NAME`).
+    pub fn start(
+        control: SocketAddr,
+        mesh: &str,
+        role: [&str; 2],
+        data_dir: &Path,
+        advertise: &str,
+    ) -> Proxy {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args([
+                "proxy",
+                "--control",
+                &control.to_string(),
+                "--mesh",
+                mesh,
+                role[0],
+                role[1],
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args([
+                "--advertise-addr",
+                advertise,
+                "--inbound-addr",
+                "127.0.0.1:15000",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log.reopen().unwrap()))
+            .spawn()
+            .expect("spawn trellis proxy");
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l2.lock().unwrap().push(line);
+            }
+        });
+        Proxy {
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            log,
+            stdout: lines,
+        }
+    }
+
+    /// Waits for `trellis proxy ready: version=N` and returns N.
+    pub fn wait_ready(&self, timeout: Duration) -> u64 {
+        let mut version = None;
+        let ok = wait_until(timeout, || {
+            version = self
+                .stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|l| l.strip_prefix("trellis proxy ready: version="))
+                .and_then(|v| v.trim().parse().ok());
+            version.is_some()
+        });
+        assert!(ok, "proxy not ready:\n{}", self.log());
+        version.unwrap()
+    }
+
+    /// The config the proxy cached (its last good one).
+    pub fn cached(&self) -> Option<Value> {
+        let bytes = std::fs::read(self.data_dir.join("config.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// SIGTERM: the proxy says goodbye and exits.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILL: the proxy vanishes without a word.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,423 @@
+//! Discovery end to end with the real binaries: `trellis dev` and `trellis proxy` processes. A
+//! route change reaches the connected proxy (acked) within a second; backend services bring and
+//! take their VIPs; registered instances answer in DNS and leave it when their proxy stops or
+//! vanishes; a proxy starts from its cache with no control plane; a refused config is nacked
+//! with its reason while the old one stays; a proxy for a missing node gets a clear error.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::proxy::Proxy;
+use common::{DevNode, wait_until};
+use serde_json::{Value, json};
+
+fn put(node: &DevNode, path: &str, body: Value) {
+    node.http_ok("PUT", path, Some(&body));
+}
+
+/// mesh demo: red and blue behind router color (route `color`), service color.demo.local, and
+/// virtual node `client` calling it.
+fn color_mesh(node: &DevNode) {
+    put(node, "/v20190125/meshes", json!({"meshName": "demo"}));
+    for c in ["red", "blue"] {
+        put(
+            node,
+            "/v20190125/meshes/demo/virtualNodes",
+            json!({"virtualNodeName": c, "spec": {
+            "listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
+            "serviceDiscovery": {"dns": {"hostname": format!("{c}.demo.local")}}}}),
+        );
+    }
+    put(
+        node,
+        "/v20190125/meshes/demo/virtualRouters",
+        json!({"virtualRouterName": "color", "spec": {"listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}]}}),
+    );
+    put(
+        node,
+        "/v20190125/meshes/demo/virtualRouter/color/routes",
+        json!({"routeName": "color", "spec": route(1, 1)}),
+    );
+    put(
+        node,
+        "/v20190125/meshes/demo/virtualServices",
+        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": {"virtualRouter": {"virtualRouterName": "color"}}}}),
+    );
+    put(
+        node,
+        "/v20190125/meshes/demo/virtualNodes",
+        json!({"virtualNodeName": "client", "spec": client_spec(None)}),
+    );
+}
+
+fn route(red: u32, blue: u32) -> Value {
+    json!({"httpRoute": {"match": {"prefix": "/"}, "action": {"weightedTargets": [
+        {"virtualNode": "red", "weight": red}, {"virtualNode": "blue", "weight": blue}]}}})
+}
+
+fn client_spec(log_path: Option<&str>) -> Value {
+    let mut spec = json!({"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}},
+                                       {"virtualService": {"virtualServiceName": "later.demo.local"}}]});
+    if let Some(p) = log_path {
+        spec["logging"] = json!({"accessLog": {"file": {"path": p}}});
+    }
+    spec
+}
+
+fn proxies(node: &DevNode) -> Vec<Value> {
+    node.http_ok("GET", "/v1/proxies", None)["proxies"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn acked(node: &DevNode, resource: &str) -> u64 {
+    proxies(node)
+        .iter()
+        .find(|p| p["resource"] == resource)
+        .and_then(|p| p["versionAcked"].as_u64())
+        .unwrap_or(0)
+}
+
+fn weights(cached: &Value) -> Vec<u64> {
+    cached["config"]["outbound"][0]["listeners"][0]["routes"][0]["targets"]
+        .as_array()
+        .map(|ts| ts.iter().map(|t| t["weight"].as_u64().unwrap()).collect())
+        .unwrap_or_default()
+}
+
+fn vip(cached: &Value, service: &str) -> Value {
+    cached["config"]["outbound"]
+        .as_array()
+        .and_then(|o| o.iter().find(|s| s["virtual_service"] == service))
+        .map(|s| s["vip"].clone())
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn route_changes_reach_the_proxy_within_a_second() {
+    let node = DevNode::start();
+    color_mesh(&node);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(
+        node.grpc_addr(),
+        "demo",
+        ["--virtual-node", "client"],
+        dir.path(),
+        "127.0.0.10",
+    );
+    let first = proxy.wait_ready(Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(5), || acked(
+            &node,
+            "virtualNode/client"
+        ) >= first),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(weights(&proxy.cached().unwrap()), [1, 1]);
+
+    let mut samples = Vec::new();
+    for (red, blue) in [(3, 1), (0, 1), (1, 0), (5, 5)] {
+        let before = acked(&node, "virtualNode/client");
+        let start = Instant::now();
+        let out = node.aws_ok(&[
+            "update-route",
+            "--mesh-name",
+            "demo",
+            "--virtual-router-name",
+            "color",
+            "--route-name",
+            "color",
+            "--spec",
+            &route(red, blue).to_string(),
+        ]);
+        assert_eq!(out["route"]["spec"], route(red, blue));
+        assert!(
+            wait_until(Duration::from_secs(5), || acked(
+                &node,
+                "virtualNode/client"
+            ) > before),
+            "no ack: {}",
+            proxy.log()
+        );
+        samples.push(start.elapsed());
+        assert_eq!(weights(&proxy.cached().unwrap()), [red as u64, blue as u64]);
+    }
+    samples.sort();
+    eprintln!("update-route → proxy ack (includes the aws CLI's own start-up): {samples:?}");
+    // The aws CLI alone takes a few hundred ms to start.
+    assert!(
+        samples[samples.len() / 2] < Duration::from_secs(3),
+        "{samples:?}"
+    );
+
+    // The push alone: UpdateRoute over raw HTTP, until the proxy's ack is visible.
+    let mut push = Vec::new();
+    for i in 0..10u32 {
+        let before = acked(&node, "virtualNode/client");
+        let start = Instant::now();
+        put(
+            &node,
+            "/v20190125/meshes/demo/virtualRouter/color/routes/color",
+            json!({"spec": route(i, 10 - i)}),
+        );
+        assert!(wait_until(Duration::from_secs(5), || acked(
+            &node,
+            "virtualNode/client"
+        ) > before));
+        push.push(start.elapsed());
+    }
+    push.sort();
+    eprintln!(
+        "UpdateRoute → proxy ack: p50 {:?}, max {:?}",
+        push[push.len() / 2],
+        push[push.len() - 1]
+    );
+    assert!(push[push.len() / 2] < Duration::from_secs(1), "{push:?}");
+}
+
+#[test]
+fn backend_services_bring_and_take_their_vips() {
+    let node = DevNode::start();
+    color_mesh(&node);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(
+        node.grpc_addr(),
+        "demo",
+        ["--virtual-node", "client"],
+        dir.path(),
+        "127.0.0.10",
+    );
+    proxy.wait_ready(Duration::from_secs(20));
+    assert!(
+        vip(&proxy.cached().unwrap(), "color.demo.local")
+            .as_str()
+            .unwrap()
+            .starts_with("127.77.")
+    );
+    assert_eq!(
+        vip(&proxy.cached().unwrap(), "later.demo.local"),
+        Value::Null
+    );
+    put(
+        &node,
+        "/v20190125/meshes/demo/virtualServices",
+        json!({"virtualServiceName": "later.demo.local", "spec": {}}),
+    );
+    assert!(wait_until(Duration::from_secs(2), || vip(
+        &proxy.cached().unwrap(),
+        "later.demo.local"
+    )
+    .is_string()));
+    node.http_ok(
+        "DELETE",
+        "/v20190125/meshes/demo/virtualServices/later.demo.local",
+        None,
+    );
+    assert!(wait_until(Duration::from_secs(2), || vip(
+        &proxy.cached().unwrap(),
+        "later.demo.local"
+    )
+    .is_null()));
+}
+
+fn dig_short(node: &DevNode, name: &str) -> Vec<String> {
+    let dns = node.dns_addr();
+    let out = std::process::Command::new("dig")
+        .args([
+            &format!("@{}", dns.ip()),
+            "-p",
+            &dns.port().to_string(),
+            name,
+            "+short",
+            "+time=2",
+            "+tries=1",
+        ])
+        .output()
+        .unwrap();
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn instances_come_and_go_in_dns() {
+    let node = DevNode::start_with_config("lease_seconds = 3\n");
+    color_mesh(&node);
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Proxy::start(
+        node.grpc_addr(),
+        "demo",
+        ["--virtual-node", "red"],
+        d1.path(),
+        "127.0.0.21",
+    );
+    let mut b = Proxy::start(
+        node.grpc_addr(),
+        "demo",
+        ["--virtual-node", "red"],
+        d2.path(),
+        "127.0.0.22",
+    );
+    a.wait_ready(Duration::from_secs(20));
+    b.wait_ready(Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(3), || dig_short(
+        &node,
+        "red.demo.local"
+    ) == [
+        "127.0.0.21",
+        "127.0.0.22"
+    ]));
+    assert_eq!(
+        dig_short(&node, "blue.demo.local"),
+        Vec::<String>::new(),
+        "no instances: no addresses"
+    );
+
+    // A clean stop says goodbye: gone at once.
+    a.terminate();
+    assert!(wait_until(Duration::from_secs(2), || dig_short(
+        &node,
+        "red.demo.local"
+    ) == ["127.0.0.22"]));
+    // A vanished proxy is gone within one lease (3 s) plus a sweep (1 s).
+    let t = Instant::now();
+    b.kill();
+    assert!(wait_until(Duration::from_secs(6), || dig_short(
+        &node,
+        "red.demo.local"
+    )
+    .is_empty()));
+    eprintln!(
+        "a SIGKILLed proxy left DNS after {:?} (lease 3 s)",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_proxy_starts_from_its_cache_when_no_control_node_answers() {
+    let mut node = DevNode::start();
+    color_mesh(&node);
+    let dir = tempfile::tempdir().unwrap();
+    let grpc = node.grpc_addr();
+    let version = {
+        let p = Proxy::start(
+            grpc,
+            "demo",
+            ["--virtual-node", "client"],
+            dir.path(),
+            "127.0.0.10",
+        );
+        p.wait_ready(Duration::from_secs(20))
+    };
+    node.kill();
+    let p = Proxy::start(
+        grpc,
+        "demo",
+        ["--virtual-node", "client"],
+        dir.path(),
+        "127.0.0.10",
+    );
+    assert_eq!(
+        p.wait_ready(Duration::from_secs(10)),
+        version,
+        "the cached version"
+    );
+    assert_eq!(weights(&p.cached().unwrap()), [1, 1]);
+}
+
+#[test]
+fn a_refused_config_is_nacked_and_the_old_one_stays() {
+    let node = DevNode::start();
+    color_mesh(&node);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(
+        node.grpc_addr(),
+        "demo",
+        ["--virtual-node", "client"],
+        dir.path(),
+        "127.0.0.10",
+    );
+    let good = proxy.wait_ready(Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(5), || acked(
+        &node,
+        "virtualNode/client"
+    ) >= good));
+    // An access log the proxy cannot open: App Mesh's Envoy refuses such a config too.
+    put(
+        &node,
+        "/v20190125/meshes/demo/virtualNodes/client",
+        json!({"spec": client_spec(Some("/nonexistent/dir/access.log"))}),
+    );
+    let nack = || {
+        proxies(&node)
+            .iter()
+            .find(|p| p["resource"] == "virtualNode/client")
+            .and_then(|p| p["lastNack"].as_str().map(str::to_string))
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || nack().is_some()),
+        "{}",
+        proxy.log()
+    );
+    let reason = nack().unwrap();
+    assert!(
+        reason.contains("logging.accessLog.file.path")
+            && reason.contains("/nonexistent/dir/access.log"),
+        "{reason}"
+    );
+    assert_eq!(
+        acked(&node, "virtualNode/client"),
+        good,
+        "the old version stays in force"
+    );
+    assert!(
+        proxy.cached().unwrap()["config"]["access_log"].is_null(),
+        "the cache keeps the good config"
+    );
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["proxies", "--endpoint", node.api_url()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("virtualNode/client") && table.contains("/nonexistent/dir/access.log"),
+        "{table}"
+    );
+    // Fixing the spec heals it.
+    put(
+        &node,
+        "/v20190125/meshes/demo/virtualNodes/client",
+        json!({"spec": client_spec(None)}),
+    );
+    assert!(wait_until(Duration::from_secs(5), || nack().is_none()
+        && acked(&node, "virtualNode/client") > good));
+}
+
+#[test]
+fn a_proxy_for_a_missing_node_gets_a_clear_error() {
+    let node = DevNode::start();
+    color_mesh(&node);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(
+        node.grpc_addr(),
+        "demo",
+        ["--virtual-node", "nope"],
+        dir.path(),
+        "127.0.0.10",
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || proxy.log().contains(
+            "VirtualNode with name nope is not present under mesh demo"
+        )),
+        "{}",
+        proxy.log()
+    );
+    assert!(proxies(&node).is_empty(), "not registered");
+    assert!(proxy.cached().is_none());
+}
