@@ -225,29 +225,32 @@ async fn session(
     let id = hello.proxy_id.clone();
     let mut applied = xds.consensus.applied_index();
     let mut last_sent: Option<ProxyConfig> = None;
+    let mut compiled_at: Option<u64> = None;
     let lease_seconds = xds.lease.as_secs().max(1) as u32;
     loop {
         let version = *applied.borrow_and_update();
-        match xds.consensus.read(|s| compile(s, &hello.mesh, &role, s)) {
-            Ok(config) if last_sent.as_ref() != Some(&config) => {
-                let msg = ControlMessage {
-                    kind: Some(control_message::Kind::Config(encode_config(
-                        version,
-                        &config,
-                        lease_seconds,
-                    ))),
-                };
-                if tx.send(Ok(msg)).await.is_err() {
+        // Lease renewals move the raft index but change no config: skip the recompile.
+        let generation = xds.consensus.read(|s| s.generation());
+        if compiled_at != Some(generation) {
+            compiled_at = Some(generation);
+            match xds.consensus.read(|s| compile(s, &hello.mesh, &role, s)) {
+                Ok(config) if last_sent.as_ref() != Some(&config) => {
+                    let config_msg = encode_config(version, &config, lease_seconds);
+                    let msg = ControlMessage {
+                        kind: Some(control_message::Kind::Config(config_msg)),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                    xds.update(&id, |p| p.version_sent = version);
+                    last_sent = Some(config);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // The node or gateway was deleted: this proxy has nothing left to serve.
+                    let _ = tx.send(Err(Status::not_found(e.message))).await;
                     break;
                 }
-                xds.update(&id, |p| p.version_sent = version);
-                last_sent = Some(config);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                // The node or gateway was deleted: this proxy has nothing left to serve.
-                let _ = tx.send(Err(Status::not_found(e.message))).await;
-                break;
             }
         }
         tokio::select! {

@@ -66,6 +66,8 @@ pub struct MeshState {
     hostnames: BTreeMap<(String, String, String), ()>,
     /// Running proxies.
     registry: Registry,
+    /// See [`MeshState::generation`].
+    generation: u64,
     quotas: Quotas,
 }
 
@@ -270,6 +272,32 @@ impl MeshState {
     /// Applies one committed command. Errors are App Mesh answers (the state is unchanged), not
     /// failures of the state machine.
     pub fn apply(&mut self, cmd: &Command) -> Outcome {
+        let out = self.apply_inner(cmd);
+        // Everything that succeeded changed what proxies may see, except a registry batch of
+        // mere lease renewals.
+        let visible = match cmd {
+            Command::Registry(_) => out.as_ref().is_ok_and(|v| v["changed"] == true),
+            _ => out.is_ok(),
+        };
+        if visible {
+            self.generation += 1;
+        }
+        out
+    }
+
+    /// Counts the changes that can alter a proxy's config (not lease renewals): configs compiled
+    /// at the same generation are the same. Not replicated; each node counts its own.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Carries the generation over when this state replaces `previous` (an installed snapshot),
+    /// so it never repeats a value the old state had.
+    pub fn continue_generation(&mut self, previous: &MeshState) {
+        self.generation = previous.generation + 1;
+    }
+
+    fn apply_inner(&mut self, cmd: &Command) -> Outcome {
         let operation = cmd.operation();
         match cmd {
             Command::Create {

@@ -189,7 +189,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut a = self.write();
             a.last_applied = meta.last_log_id;
             a.membership = meta.last_membership.clone();
-            a.state = MeshState::from_snapshot(snap);
+            let mut state = MeshState::from_snapshot(snap);
+            state.continue_generation(&a.state);
+            a.state = state;
             a.last_applied.map_or(0, |l| l.index)
         };
         self.applied_tx.send_replace(index);
