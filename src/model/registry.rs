@@ -87,10 +87,6 @@ impl Registry {
             .filter(move |i| i.healthy && i.mesh == mesh && i.role == *role)
     }
 
-    pub fn get(&self, proxy_id: &str) -> Option<&Instance> {
-        self.instances.get(proxy_id)
-    }
-
     pub fn all(&self) -> impl Iterator<Item = &Instance> {
         self.instances.values()
     }

@@ -328,10 +328,10 @@ fn route(s: &RouteSpec, v: &mut Validator) {
     ];
     v.union(&given.map(|g| g.0), &given.map(|g| g.1));
     if let Some(r) = &s.http_route {
-        v.field("httpRoute", |v| http_route(r, false, v));
+        v.field("httpRoute", |v| http_route(r, v));
     }
     if let Some(r) = &s.http2_route {
-        v.field("http2Route", |v| http_route(r, true, v));
+        v.field("http2Route", |v| http_route(r, v));
     }
     if let Some(r) = &s.grpc_route {
         v.field("grpcRoute", |v| {
@@ -395,13 +395,10 @@ fn http_events(v: &mut Validator, events: Option<&[String]>) {
     });
 }
 
-fn http_route(r: &HttpRoute, http2: bool, v: &mut Validator) {
+fn http_route(r: &HttpRoute, v: &mut Validator) {
     let m = &r.r#match;
     v.field("match", |v| {
         http_path_match(v, m.prefix.as_deref(), m.path.as_ref(), true);
-        if m.scheme.is_some() && !http2 {
-            // App Mesh accepts scheme on both; it only means something for HTTP/2's :scheme.
-        }
         if let Some(hs) = &m.headers {
             headers(v, hs.iter().map(|h| (h.r#match.as_ref(), h.name.as_str())));
         }

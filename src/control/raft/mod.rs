@@ -186,15 +186,6 @@ impl Consensus {
         self.applied_index.clone()
     }
 
-    /// Builds a snapshot now and compacts the log behind it.
-    pub async fn snapshot(&self) -> Result<(), WriteError> {
-        self.raft
-            .trigger()
-            .snapshot()
-            .await
-            .map_err(|e| WriteError::Fatal(e.to_string()))
-    }
-
     /// Stops raft; the store stays consistent for the next start.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
