@@ -1,7 +1,13 @@
 //! Generates the gRPC code from proto/ with protox (no system protoc needed).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["trellis/discovery/v1/discovery.proto"], ["proto"])?;
+    let fds = protox::compile(
+        [
+            "trellis/discovery/v1/discovery.proto",
+            "grpc/health/v1/health.proto",
+        ],
+        ["proto"],
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

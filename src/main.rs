@@ -12,6 +12,7 @@ use trellis::config::ControlConfig;
 use trellis::control::node::ControlNode;
 use trellis::model::proxy_config::ProxyRole;
 use trellis::proxy::discovery::{self, DiscoverySettings};
+use trellis::proxy::health;
 
 #[derive(Parser)]
 #[command(
@@ -240,7 +241,15 @@ async fn run_proxy(settings: DiscoverySettings) {
     init_logging("info");
     let (current, mut applied) = tokio::sync::watch::channel(None);
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let discovery = tokio::spawn(discovery::run(settings, current, stopped));
+    // Healthy until a config asks for checks and they say otherwise.
+    let (healthy, health) = tokio::sync::watch::channel(true);
+    let checks = tokio::spawn(health::run(
+        applied.clone(),
+        healthy,
+        std::net::IpAddr::from([127, 0, 0, 1]),
+        stopped.clone(),
+    ));
+    let discovery = tokio::spawn(discovery::run(settings, current, health, stopped));
     let announce = tokio::spawn(async move {
         // Scripts wait for this line: the proxy has a config (from a control node or its cache).
         while applied.changed().await.is_ok() {
@@ -254,6 +263,7 @@ async fn run_proxy(settings: DiscoverySettings) {
     shutdown_signal().await;
     let _ = stop.send(true);
     let _ = discovery.await;
+    let _ = checks.await;
     announce.abort();
 }
 

@@ -8,6 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::app::App;
 use common::proxy::Proxy;
 use common::{DevNode, wait_until};
 use serde_json::{Value, json};
@@ -224,6 +225,10 @@ fn backend_services_bring_and_take_their_vips() {
 }
 
 fn dig_short(node: &DevNode, name: &str) -> Vec<String> {
+    dig_short_type(node, name, "A")
+}
+
+fn dig_short_type(node: &DevNode, name: &str, qtype: &str) -> Vec<String> {
     let dns = node.dns_addr();
     let out = std::process::Command::new("dig")
         .args([
@@ -231,6 +236,7 @@ fn dig_short(node: &DevNode, name: &str) -> Vec<String> {
             "-p",
             &dns.port().to_string(),
             name,
+            qtype,
             "+short",
             "+time=2",
             "+tries=1",
@@ -277,6 +283,38 @@ fn instances_come_and_go_in_dns() {
         dig_short(&node, "blue.demo.local"),
         Vec::<String>::new(),
         "no instances: no addresses"
+    );
+    // SRV: one record per instance and listener port; each target resolves to its instance.
+    let srv = [
+        "1 1 9080 7f000015.addr.red.demo.local.",
+        "1 1 9080 7f000016.addr.red.demo.local.",
+    ];
+    assert_eq!(dig_short_type(&node, "red.demo.local", "SRV"), srv);
+    assert_eq!(
+        dig_short_type(&node, "_http._tcp.red.demo.local", "SRV"),
+        srv
+    );
+    let dns = node.dns_addr();
+    let full = std::process::Command::new("dig")
+        .args([&format!("@{}", dns.ip()), "-p", &dns.port().to_string()])
+        .args(["red.demo.local", "SRV", "+time=2", "+tries=1"])
+        .output()
+        .unwrap();
+    let full = String::from_utf8_lossy(&full.stdout);
+    let glue = full.split(";; ADDITIONAL SECTION:").nth(1).unwrap_or("");
+    let glue = glue.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        glue.contains("7f000015.addr.red.demo.local. 5 IN A 127.0.0.21"),
+        "targets come with their addresses:\n{full}"
+    );
+    assert_eq!(
+        dig_short(&node, "7f000016.addr.red.demo.local"),
+        ["127.0.0.22"]
+    );
+    assert_eq!(
+        dig_short(&node, "7f000099.addr.red.demo.local"),
+        Vec::<String>::new(),
+        "not an instance"
     );
 
     // A clean stop says goodbye: gone at once.
@@ -420,4 +458,62 @@ fn a_proxy_for_a_missing_node_gets_a_clear_error() {
     );
     assert!(proxies(&node).is_empty(), "not registered");
     assert!(proxy.cached().is_none());
+}
+
+#[test]
+fn a_failing_app_health_check_takes_the_instance_out_of_dns_within_two_intervals() {
+    let node = DevNode::start();
+    let app = App::start();
+    put(&node, "/v20190125/meshes", json!({"meshName": "demo"}));
+    put(
+        &node,
+        "/v20190125/meshes/demo/virtualNodes",
+        json!({"virtualNodeName": "web", "spec": {
+            "listeners": [{"portMapping": {"port": app.addr.port(), "protocol": "http"},
+                "healthCheck": {"protocol": "http", "path": "/health", "intervalMillis": 5000,
+                    "timeoutMillis": 2000, "healthyThreshold": 2, "unhealthyThreshold": 2}}],
+            "serviceDiscovery": {"dns": {"hostname": "web.demo.local"}}}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(
+        node.grpc_addr(),
+        "demo",
+        ["--virtual-node", "web"],
+        dir.path(),
+        "127.0.0.23",
+    );
+    proxy.wait_ready(Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(3), || dig_short(
+        &node,
+        "web.demo.local"
+    ) == ["127.0.0.23"]));
+
+    // Two failed probes 5 s apart: out within two intervals (10 s) plus delivery.
+    let t = Instant::now();
+    app.set_healthy(false);
+    assert!(
+        wait_until(Duration::from_secs(12), || dig_short(
+            &node,
+            "web.demo.local"
+        )
+        .is_empty()),
+        "still in DNS:\n{}",
+        proxy.log()
+    );
+    let out = t.elapsed();
+    assert!(out <= Duration::from_millis(11_500), "took {out:?}");
+    let listed = proxies(&node);
+    assert_eq!(listed[0]["healthy"], false, "{listed:?}");
+
+    // Two passing probes bring it back.
+    let t = Instant::now();
+    app.set_healthy(true);
+    assert!(wait_until(Duration::from_secs(12), || dig_short(
+        &node,
+        "web.demo.local"
+    ) == ["127.0.0.23"]));
+    eprintln!(
+        "unhealthy app left DNS after {out:?}; back {:?} after recovering (interval 5 s, thresholds 2)",
+        t.elapsed()
+    );
 }

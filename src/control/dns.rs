@@ -1,8 +1,11 @@
 //! Authoritative DNS for the mesh's names (DESIGN §6), on UDP and TCP at one address: a
 //! virtual service's name answers with its VIP, straight from the applied state, so an answer
 //! follows a change as soon as it is committed; a virtual node's `serviceDiscovery.dns.hostname`
-//! answers with the addresses of its healthy registered instances (A / AAAA). Names the mesh
-//! does not own are REFUSED (the host's resolver forwards only the mesh's domains here).
+//! answers with the addresses of its healthy registered instances (A / AAAA), and with SRV
+//! records (one per instance and listener port, at the hostname or `_service._proto.hostname`)
+//! whose targets `<hex address>.addr.<hostname>` resolve to that one instance and come along
+//! as additional records, as Consul does. Names the mesh does not own are REFUSED (the host's
+//! resolver forwards only the mesh's domains here).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -12,7 +15,7 @@ use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{
     Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode,
 };
-use hickory_server::proto::rr::rdata::{A, AAAA};
+use hickory_server::proto::rr::rdata::{A, AAAA, SRV};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -82,25 +85,128 @@ async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)
     Err(last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")))
 }
 
-/// What the mesh knows about a name: its addresses (possibly none: NODATA), or nothing.
-enum Answer {
-    Addresses(Vec<IpAddr>),
-    /// Not a mesh name.
-    Refused,
+/// What the mesh answers for a name (possibly nothing: NODATA), or `None`: not a mesh name.
+#[derive(Debug, Default, PartialEq)]
+struct Answer {
+    answers: Vec<Record>,
+    additionals: Vec<Record>,
 }
 
 impl MeshDns {
     /// A virtual service's VIP; else the healthy instances of the virtual nodes with that
-    /// hostname. The service wins where both share a name: apps must reach the mesh.
-    fn lookup(&self, name: &str) -> Answer {
-        let name = name.trim_end_matches('.');
-        self.consensus.read(|s| match s.service_vip(name) {
-            Some(vip) => Answer::Addresses(vec![IpAddr::V4(vip)]),
-            None => s
-                .hostname_addresses(name)
-                .map_or(Answer::Refused, Answer::Addresses),
+    /// hostname; else an SRV target of one of them. The service wins where both share a name:
+    /// apps must reach the mesh.
+    fn lookup(&self, qname: &Name, qtype: RecordType) -> Option<Answer> {
+        let text = qname.to_ascii().to_ascii_lowercase();
+        let name = text.trim_end_matches('.');
+        self.consensus.read(|s| {
+            if let Some(vip) = s.service_vip(name) {
+                let records = self.addresses(qname, &[IpAddr::V4(vip)], qtype);
+                return Some(Answer {
+                    answers: records,
+                    additionals: vec![],
+                });
+            }
+            if let Some(instances) = s.hostname_instances(name) {
+                return Some(match qtype {
+                    RecordType::SRV | RecordType::ANY => self.srv(qname, name, &instances),
+                    _ => {
+                        let mut addrs: Vec<IpAddr> = instances.iter().map(|(a, _)| *a).collect();
+                        addrs.dedup();
+                        Answer {
+                            answers: self.addresses(qname, &addrs, qtype),
+                            additionals: vec![],
+                        }
+                    }
+                });
+            }
+            if let Some(hostname) = srv_service_of(name)
+                && let Some(instances) = s.hostname_instances(hostname)
+            {
+                let wanted = matches!(qtype, RecordType::SRV | RecordType::ANY);
+                return Some(if wanted {
+                    self.srv(qname, hostname, &instances)
+                } else {
+                    Answer::default()
+                });
+            }
+            let (address, hostname) = srv_target_of(name)?;
+            let instances = s.hostname_instances(hostname)?;
+            let known = instances.iter().any(|(a, _)| *a == address);
+            Some(Answer {
+                answers: if known {
+                    self.addresses(qname, &[address], qtype)
+                } else {
+                    vec![]
+                },
+                additionals: vec![],
+            })
         })
     }
+
+    /// The A / AAAA records among `addrs` that `qtype` asks for.
+    fn addresses(&self, name: &Name, addrs: &[IpAddr], qtype: RecordType) -> Vec<Record> {
+        addrs
+            .iter()
+            .filter_map(|a| match (a, qtype) {
+                (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => Some(RData::A(A(*v4))),
+                (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => {
+                    Some(RData::AAAA(AAAA(*v6)))
+                }
+                _ => None,
+            })
+            .map(|rdata| Record::from_rdata(name.clone(), self.ttl, rdata))
+            .collect()
+    }
+
+    /// One SRV record per instance and listener port of `hostname`, each target with its
+    /// address as an additional record.
+    fn srv(&self, qname: &Name, hostname: &str, instances: &[(IpAddr, Vec<u16>)]) -> Answer {
+        let mut answer = Answer::default();
+        for (address, ports) in instances {
+            let Ok(target) = Name::from_ascii(format!("{}.{hostname}.", target_label(*address)))
+            else {
+                continue;
+            };
+            for port in ports {
+                let rdata = RData::SRV(SRV::new(1, 1, *port, target.clone()));
+                answer
+                    .answers
+                    .push(Record::from_rdata(qname.clone(), self.ttl, rdata));
+            }
+            answer
+                .additionals
+                .extend(self.addresses(&target, &[*address], RecordType::ANY));
+        }
+        answer
+    }
+}
+
+/// `<hex address>.addr`: the first labels of an SRV target (Consul's form).
+fn target_label(address: IpAddr) -> String {
+    match address {
+        IpAddr::V4(v4) => format!("{:08x}.addr", u32::from(v4)),
+        IpAddr::V6(v6) => format!("{:032x}.addr", u128::from(v6)),
+    }
+}
+
+/// The address and hostname of an SRV target name, if `name` has that form.
+fn srv_target_of(name: &str) -> Option<(IpAddr, &str)> {
+    let (hex, rest) = name.split_once('.')?;
+    let hostname = rest.strip_prefix("addr.")?;
+    let address = match hex.len() {
+        8 => IpAddr::V4(u32::from_str_radix(hex, 16).ok()?.into()),
+        32 => IpAddr::V6(u128::from_str_radix(hex, 16).ok()?.into()),
+        _ => return None,
+    };
+    Some((address, hostname))
+}
+
+/// The hostname in an RFC 2782 service name `_service._proto.hostname`.
+fn srv_service_of(name: &str) -> Option<&str> {
+    let (service, rest) = name.split_once('.')?;
+    let (proto, hostname) = rest.split_once('.')?;
+    (service.starts_with('_') && proto.starts_with('_')).then_some(hostname)
 }
 
 #[async_trait::async_trait]
@@ -139,34 +245,24 @@ impl RequestHandler for MeshDns {
                 .await
                 .unwrap_or_else(|_| failed(ResponseCode::FormErr));
         };
-        let qname = info.query.name().to_string();
+        let qname = Name::from(info.query.name().clone());
         let qtype = info.query.query_type();
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
-        let records: Vec<Record> = match self.lookup(&qname) {
-            Answer::Refused => {
-                let msg = builder.error_msg(&request.metadata, ResponseCode::Refused);
-                return response
-                    .send_response(msg)
-                    .await
-                    .unwrap_or_else(|_| failed(ResponseCode::Refused));
-            }
-            Answer::Addresses(addrs) => {
-                let name = Name::from(info.query.name().clone());
-                addrs
-                    .into_iter()
-                    .filter_map(|a| match (a, qtype) {
-                        (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => Some(RData::A(A(v4))),
-                        (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => {
-                            Some(RData::AAAA(AAAA(v6)))
-                        }
-                        _ => None,
-                    })
-                    .map(|rdata| Record::from_rdata(name.clone(), self.ttl, rdata))
-                    .collect()
-            }
+        let Some(answer) = self.lookup(&qname, qtype) else {
+            let msg = builder.error_msg(&request.metadata, ResponseCode::Refused);
+            return response
+                .send_response(msg)
+                .await
+                .unwrap_or_else(|_| failed(ResponseCode::Refused));
         };
-        let msg = builder.build(metadata, records.iter(), [], [], []);
+        let msg = builder.build(
+            metadata,
+            answer.answers.iter(),
+            [],
+            [],
+            answer.additionals.iter(),
+        );
         match response.send_response(msg).await {
             Ok(info) => info,
             Err(e) => {
@@ -174,5 +270,34 @@ impl RequestHandler for MeshDns {
                 failed(ResponseCode::ServFail)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn srv_targets_carry_their_address() {
+        let v4: IpAddr = "127.0.0.21".parse().unwrap();
+        let v6: IpAddr = "fd00::15".parse().unwrap();
+        for a in [v4, v6] {
+            let name = format!("{}.red.demo.local", target_label(a));
+            assert_eq!(srv_target_of(&name), Some((a, "red.demo.local")));
+        }
+        assert_eq!(target_label(v4), "7f000015.addr");
+        assert_eq!(srv_target_of("7f000015.red.demo.local"), None);
+        assert_eq!(srv_target_of("7f00001.addr.red.demo.local"), None);
+        assert_eq!(srv_target_of("zzzzzzzz.addr.red.demo.local"), None);
+    }
+
+    #[test]
+    fn rfc2782_service_names_name_their_hostname() {
+        assert_eq!(
+            srv_service_of("_http._tcp.red.demo.local"),
+            Some("red.demo.local")
+        );
+        assert_eq!(srv_service_of("http._tcp.red.demo.local"), None);
+        assert_eq!(srv_service_of("red.demo.local"), None);
     }
 }

@@ -62,8 +62,9 @@ pub struct MeshState {
     vips: VipPool,
     /// Virtual services by lower-cased name (then mesh), for DNS.
     services: BTreeMap<(String, String), Ipv4Addr>,
-    /// Virtual nodes by lower-cased `serviceDiscovery.dns.hostname` (then mesh, node), for DNS.
-    hostnames: BTreeMap<(String, String, String), ()>,
+    /// Virtual nodes by lower-cased `serviceDiscovery.dns.hostname` (then mesh, node), with
+    /// their listener ports, for DNS.
+    hostnames: BTreeMap<(String, String, String), Vec<u16>>,
     /// Running proxies.
     registry: Registry,
     /// See [`MeshState::generation`].
@@ -185,7 +186,13 @@ impl MeshState {
             key.name.clone(),
         );
         if add {
-            self.hostnames.insert(k, ());
+            let ports = vn
+                .listeners
+                .iter()
+                .flatten()
+                .filter_map(|l| u16::try_from(l.port_mapping.port).ok())
+                .collect();
+            self.hostnames.insert(k, ports);
         } else {
             self.hostnames.remove(&k);
         }
@@ -194,29 +201,41 @@ impl MeshState {
     /// The addresses of the healthy instances of every virtual node whose DNS hostname is
     /// `name` (any case); `None` when no virtual node has that hostname.
     pub fn hostname_addresses(&self, name: &str) -> Option<Vec<std::net::IpAddr>> {
+        let mut addrs: Vec<std::net::IpAddr> = self
+            .hostname_instances(name)?
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        addrs.dedup();
+        Some(addrs)
+    }
+
+    /// Like [`Self::hostname_addresses`], each address with the listener ports of its virtual
+    /// node (for SRV answers); sorted by address, then ports.
+    pub fn hostname_instances(&self, name: &str) -> Option<Vec<(std::net::IpAddr, Vec<u16>)>> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        let nodes: Vec<(&String, &String)> = self
+        let nodes: Vec<(&String, &String, &Vec<u16>)> = self
             .hostnames
             .range((name.clone(), String::new(), String::new())..)
             .take_while(|((h, _, _), _)| *h == name)
-            .map(|((_, m, n), _)| (m, n))
+            .map(|((_, m, n), ports)| (m, n, ports))
             .collect();
         if nodes.is_empty() {
             return None;
         }
-        let mut addrs: Vec<std::net::IpAddr> = nodes
+        let mut found: Vec<(std::net::IpAddr, Vec<u16>)> = nodes
             .into_iter()
-            .flat_map(|(m, n)| {
+            .flat_map(|(m, n, ports)| {
                 let role = ProxyRole::VirtualNode(n.clone());
                 self.registry
                     .healthy(m, &role)
-                    .map(|i| i.address)
+                    .map(|i| (i.address, ports.clone()))
                     .collect::<Vec<_>>()
             })
             .collect();
-        addrs.sort();
-        addrs.dedup();
-        Some(addrs)
+        found.sort();
+        found.dedup();
+        Some(found)
     }
 
     /// The running proxies.

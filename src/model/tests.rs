@@ -682,6 +682,11 @@ fn node_hostnames_resolve_to_healthy_instances() {
         h.state.hostname_addresses("red.m.local"),
         Some(vec!["10.0.0.2".parse().unwrap()])
     );
+    assert_eq!(
+        h.state.hostname_instances("red.m.local"),
+        Some(vec![("10.0.0.2".parse().unwrap(), vec![9080])]),
+        "with the node's listener ports, for SRV"
+    );
     use super::compile::Instances;
     assert_eq!(h.state.endpoints("m", "red").len(), 1);
     // A hostname change moves the name; the snapshot keeps both the index and the registry.

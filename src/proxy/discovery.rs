@@ -1,8 +1,8 @@
 //! The proxy's side of the config stream: connect to one of the control nodes (moving to the
 //! next on failure, with exponential backoff and jitter), say Hello, apply each config that
 //! arrives (checked first; refused ones are nacked and the previous config stays), write the
-//! last good one to the data directory, and heartbeat. At start the cached config is served
-//! until a control node answers.
+//! last good one to the data directory, and heartbeat with the local app's health (at once
+//! when it changes). At start the cached config is served until a control node answers.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -103,6 +103,7 @@ pub fn check(settings: &DiscoverySettings, config: &ProxyConfig) -> Result<(), R
 pub async fn run(
     settings: DiscoverySettings,
     current: watch::Sender<Option<Arc<AppliedConfig>>>,
+    mut health: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     if let Some(cached) = load_cache(&settings.data_dir)
@@ -119,7 +120,7 @@ pub async fn run(
     loop {
         let control = settings.controls[next % settings.controls.len()].clone();
         next += 1;
-        match session(&settings, &control, &current, &mut stop).await {
+        match session(&settings, &control, &current, &mut health, &mut stop).await {
             Ok(Ended::Stopped) => return,
             Ok(Ended::Lost) => backoff = MIN_BACKOFF,
             Err(e) => {
@@ -164,6 +165,7 @@ async fn session(
     settings: &DiscoverySettings,
     control: &str,
     current: &watch::Sender<Option<Arc<AppliedConfig>>>,
+    health: &mut watch::Receiver<bool>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Ended, StreamError> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{control}"))
@@ -179,13 +181,14 @@ async fn session(
         advertise_address: settings.advertise.to_string(),
         inbound_port: u32::from(settings.inbound_port),
         have_version,
-        healthy: true,
+        healthy: *health.borrow_and_update(),
     };
     let send = |kind| ProxyMessage { kind: Some(kind) };
     let _ = out.send(send(proxy_message::Kind::Hello(hello))).await;
     let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(control = %control, "config stream open");
     let mut lease = Duration::from_secs(15);
+    let mut health_open = true;
     let mut beat = tokio::time::interval(lease / 3);
     beat.tick().await;
     loop {
@@ -218,8 +221,15 @@ async fn session(
                     }
                 }
             }
+            changed = health.changed(), if health_open => {
+                health_open = changed.is_ok();
+                // A change is reported now, not at the next beat: DNS and peers follow it at once.
+                let healthy = *health.borrow_and_update();
+                let _ = out.send(send(proxy_message::Kind::Heartbeat(Heartbeat { healthy }))).await;
+            }
             _ = beat.tick() => {
-                let _ = out.send(send(proxy_message::Kind::Heartbeat(Heartbeat { healthy: true }))).await;
+                let healthy = *health.borrow();
+                let _ = out.send(send(proxy_message::Kind::Heartbeat(Heartbeat { healthy }))).await;
             }
             _ = stop.changed() => {
                 let _ = out.send(send(proxy_message::Kind::Goodbye(Goodbye {}))).await;

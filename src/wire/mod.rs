@@ -6,6 +6,12 @@ pub mod discovery {
     tonic::include_proto!("trellis.discovery.v1");
 }
 
+/// The gRPC Health Checking Protocol, which `grpc` health checks speak to the app.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod health {
+    tonic::include_proto!("grpc.health.v1");
+}
+
 use crate::model::proxy_config::{ProxyConfig, ProxyRole};
 
 /// A config message body could not be read.
