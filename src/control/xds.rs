@@ -1,10 +1,11 @@
 //! Config push: the gRPC `Discovery` service every control node serves. A proxy's stream starts
 //! with a Hello; the node registers the instance (through raft, batched), compiles the proxy's
 //! config from the applied state and sends it, then recompiles whenever the state moves and
-//! sends again when the result differs. Acks, nacks and heartbeats land in the node's table of
-//! connected proxies (`GET /v1/proxies`).
+//! sends again when the result differs. Compiled configs are shared by every stream of the same
+//! virtual node or gateway (one compile per change and role, not per proxy). Acks, nacks and
+//! heartbeats land in the node's table of connected proxies (`GET /v1/proxies`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -19,11 +20,14 @@ use tonic::{Request, Response, Status, Streaming};
 use super::raft::Consensus;
 use crate::model::Command;
 use crate::model::compile::compile;
-use crate::model::proxy_config::{ProxyConfig, ProxyRole};
+use crate::model::proxy_config::ProxyRole;
 use crate::model::registry::{Instance, RegistryUpdate};
+use crate::model::state::MeshState;
 use crate::wire::discovery::discovery_server::{Discovery, DiscoveryServer};
-use crate::wire::discovery::{ControlMessage, Hello, ProxyMessage, control_message, proxy_message};
-use crate::wire::{encode_config, hello_role};
+use crate::wire::discovery::{
+    Config, ControlMessage, Hello, ProxyMessage, control_message, proxy_message,
+};
+use crate::wire::hello_role;
 
 /// How long a proxy may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,6 +83,49 @@ pub struct Xds {
     proxies: ProxyTable,
     registry: mpsc::UnboundedSender<RegistryChange>,
     lease: Duration,
+    configs: ConfigCache,
+}
+
+/// The last compiled config of each (mesh, role), by state generation.
+#[derive(Clone, Default)]
+struct ConfigCache {
+    slots: Arc<Mutex<HashMap<(String, ProxyRole), Slot>>>,
+}
+
+/// One role's config; streams of that role wait here while one of them compiles.
+type Slot = Arc<Mutex<Option<Compiled>>>;
+
+#[derive(Clone)]
+struct Compiled {
+    generation: u64,
+    /// The config as JSON, or why there is none (the node or gateway does not exist).
+    json: Result<Arc<Vec<u8>>, String>,
+}
+
+impl ConfigCache {
+    /// The config of `role` in `mesh` at the state's generation, compiled by whichever stream
+    /// asks first; the others of that role wait on the slot and share the result.
+    fn get(&self, state: &MeshState, mesh: &str, role: &ProxyRole) -> Compiled {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((mesh.to_string(), role.clone()))
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = state.generation();
+        match slot.as_ref() {
+            Some(c) if c.generation == generation => c.clone(),
+            _ => {
+                let json = compile(state, mesh, role, state)
+                    // A ProxyConfig is plain data: serializing it cannot fail.
+                    .map(|c| Arc::new(serde_json::to_vec(&c).unwrap_or_default()))
+                    .map_err(|e| e.message);
+                slot.insert(Compiled { generation, json }).clone()
+            }
+        }
+    }
 }
 
 impl Xds {
@@ -91,6 +138,7 @@ impl Xds {
             proxies: Default::default(),
             registry: tx,
             lease,
+            configs: ConfigCache::default(),
         }
     }
 
@@ -178,9 +226,11 @@ impl Discovery for Xds {
         };
         let (role, address) = check_hello(&hello)?;
         // Refuse proxies for resources that do not exist before registering anything.
-        let compiled = self.consensus.read(|s| compile(s, &hello.mesh, &role, s));
-        if let Err(e) = compiled {
-            return Err(Status::not_found(e.message));
+        let compiled = self
+            .consensus
+            .read(|s| self.configs.get(s, &hello.mesh, &role));
+        if let Err(message) = compiled.json {
+            return Err(Status::not_found(message));
         }
         let _ = self.registry.send(RegistryChange::Upsert(self.instance(
             &hello,
@@ -224,7 +274,7 @@ async fn session(
 ) {
     let id = hello.proxy_id.clone();
     let mut applied = xds.consensus.applied_index();
-    let mut last_sent: Option<ProxyConfig> = None;
+    let mut last_sent: Option<Arc<Vec<u8>>> = None;
     let mut compiled_at: Option<u64> = None;
     let lease_seconds = xds.lease.as_secs().max(1) as u32;
     loop {
@@ -232,23 +282,35 @@ async fn session(
         // Lease renewals move the raft index but change no config: skip the recompile.
         let generation = xds.consensus.read(|s| s.generation());
         if compiled_at != Some(generation) {
-            compiled_at = Some(generation);
-            match xds.consensus.read(|s| compile(s, &hello.mesh, &role, s)) {
-                Ok(config) if last_sent.as_ref() != Some(&config) => {
-                    let config_msg = encode_config(version, &config, lease_seconds);
+            let compiled = xds
+                .consensus
+                .read(|s| xds.configs.get(s, &hello.mesh, &role));
+            compiled_at = Some(compiled.generation);
+            match compiled.json {
+                // The same Arc is the same config; a new one may still be equal.
+                Ok(json)
+                    if !last_sent
+                        .as_ref()
+                        .is_some_and(|l| Arc::ptr_eq(l, &json) || **l == *json) =>
+                {
+                    let config = Config {
+                        version,
+                        config_json: json.to_vec(),
+                        lease_seconds,
+                    };
                     let msg = ControlMessage {
-                        kind: Some(control_message::Kind::Config(config_msg)),
+                        kind: Some(control_message::Kind::Config(config)),
                     };
                     if tx.send(Ok(msg)).await.is_err() {
                         break;
                     }
                     xds.update(&id, |p| p.version_sent = version);
-                    last_sent = Some(config);
+                    last_sent = Some(json);
                 }
                 Ok(_) => {}
-                Err(e) => {
+                Err(message) => {
                     // The node or gateway was deleted: this proxy has nothing left to serve.
-                    let _ = tx.send(Err(Status::not_found(e.message))).await;
+                    let _ = tx.send(Err(Status::not_found(message))).await;
                     break;
                 }
             }

@@ -39,7 +39,7 @@ pub struct ProxyConfig {
     pub gateway: Option<GatewayConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ProxyRole {
     VirtualNode(String),
     VirtualGateway(String),

@@ -3,7 +3,7 @@
 //! proxy goes away. Updates arrive in batches (one replicated command per batch, however many
 //! proxies), each carrying the proposer's clock so expiry is the same on every node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
@@ -47,17 +47,65 @@ pub struct RegistryUpdate {
 
 /// The instances of every mesh.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredRegistry")]
 pub struct Registry {
+    instances: BTreeMap<String, Instance>,
+    /// Proxy ids by (mesh, role): compiling a config looks up two or three roles among
+    /// thousands of instances, for every proxy, on every change.
+    #[serde(skip)]
+    by_role: BTreeMap<(String, ProxyRole), BTreeSet<String>>,
+}
+
+/// What snapshots keep of a [`Registry`]; the index is rebuilt.
+#[derive(Deserialize)]
+struct StoredRegistry {
     instances: BTreeMap<String, Instance>,
 }
 
+impl From<StoredRegistry> for Registry {
+    fn from(stored: StoredRegistry) -> Self {
+        let mut r = Registry::default();
+        for i in stored.instances.into_values() {
+            r.insert(i);
+        }
+        r
+    }
+}
+
 impl Registry {
+    fn insert(&mut self, i: Instance) -> Option<Instance> {
+        let key = (i.mesh.clone(), i.role.clone());
+        let id = i.proxy_id.clone();
+        let old = self.instances.insert(id.clone(), i);
+        if let Some(o) = &old {
+            self.unindex(o);
+        }
+        self.by_role.entry(key).or_default().insert(id);
+        old
+    }
+
+    fn remove(&mut self, proxy_id: &str) -> Option<Instance> {
+        let old = self.instances.remove(proxy_id)?;
+        self.unindex(&old);
+        Some(old)
+    }
+
+    fn unindex(&mut self, i: &Instance) {
+        let key = (i.mesh.clone(), i.role.clone());
+        if let Some(ids) = self.by_role.get_mut(&key) {
+            ids.remove(&i.proxy_id);
+            if ids.is_empty() {
+                self.by_role.remove(&key);
+            }
+        }
+    }
+
     /// Applies a batch; returns whether anything that callers can see changed (an instance came,
     /// went, moved or changed health), as opposed to a mere lease renewal.
     pub fn apply(&mut self, u: &RegistryUpdate) -> bool {
         let mut visible = false;
         for i in &u.upserts {
-            match self.instances.insert(i.proxy_id.clone(), i.clone()) {
+            match self.insert(i.clone()) {
                 Some(old) => {
                     visible |= old.address != i.address
                         || old.inbound_port != i.inbound_port
@@ -69,22 +117,32 @@ impl Registry {
             }
         }
         for id in &u.removals {
-            visible |= self.instances.remove(id).is_some();
+            visible |= self.remove(id).is_some();
         }
-        let before = self.instances.len();
-        self.instances.retain(|_, i| i.expires_at >= u.now);
-        visible || self.instances.len() != before
+        let expired: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| i.expires_at < u.now)
+            .map(|i| i.proxy_id.clone())
+            .collect();
+        for id in &expired {
+            self.remove(id);
+        }
+        visible || !expired.is_empty()
     }
 
-    /// The healthy instances serving `role` in `mesh`, in address order.
+    /// The healthy instances serving `role` in `mesh`, in proxy-id order.
     pub fn healthy<'a>(
         &'a self,
-        mesh: &'a str,
-        role: &'a ProxyRole,
+        mesh: &str,
+        role: &ProxyRole,
     ) -> impl Iterator<Item = &'a Instance> + 'a {
-        self.instances
-            .values()
-            .filter(move |i| i.healthy && i.mesh == mesh && i.role == *role)
+        self.by_role
+            .get(&(mesh.to_string(), role.clone()))
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.instances.get(id))
+            .filter(|i| i.healthy)
     }
 
     pub fn all(&self) -> impl Iterator<Item = &Instance> {
@@ -143,10 +201,22 @@ mod tests {
             )),
             "a renewal is invisible"
         );
+        let restored: Registry = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(restored, r, "a snapshot rebuilds the index");
         assert!(r.apply(&batch(16.0, vec![], vec![])), "b's lease ended");
         assert_eq!(r.len(), 1);
+        // Moving to another node moves it in the index.
+        r.apply(&batch(
+            16.5,
+            vec![inst("a", "blue", "127.0.0.2", true, 30.0)],
+            vec![],
+        ));
+        assert_eq!(r.healthy("m", &red).count(), 0);
+        let blue = ProxyRole::VirtualNode("blue".into());
+        assert_eq!(r.healthy("m", &blue).count(), 1);
         assert!(r.apply(&batch(17.0, vec![], vec!["a".into()])));
         assert!(r.is_empty());
+        assert!(r.by_role.is_empty());
         assert_eq!(
             inst("a", "red", "::1", true, 0.0)
                 .endpoint()
