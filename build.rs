@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(
         [
             "trellis/discovery/v1/discovery.proto",
+            "trellis/identity/v1/identity.proto",
             "grpc/health/v1/health.proto",
         ],
         ["proto"],

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod identity;
 pub mod model;
 pub mod proxy;
 pub mod wire;

@@ -13,6 +13,10 @@ use trellis::control::node::ControlNode;
 use trellis::model::proxy_config::ProxyRole;
 use trellis::proxy::discovery::{self, DiscoverySettings};
 use trellis::proxy::health;
+use trellis::proxy::identity as proxy_identity;
+
+#[path = "cli/admin.rs"]
+mod admin;
 
 #[derive(Parser)]
 #[command(
@@ -97,21 +101,45 @@ enum Command {
         /// The inbound listener for peer proxies (its port is registered with the instance).
         #[arg(long, default_value = "0.0.0.0:15000")]
         inbound_addr: SocketAddr,
+        /// The mesh CA bundle (`trellis ca show > ca.pem`): control nodes are reached over TLS
+        /// and the config stream presents this proxy's certificate.
+        #[arg(long, env = "TRELLIS_CA_FILE")]
+        ca_file: Option<PathBuf>,
+        /// A join token (`trellis token create`) to buy the first certificate; not needed
+        /// while the data directory holds a valid one.
+        #[arg(long, env = "TRELLIS_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
     },
     /// List the proxies connected to a control node.
     ///
     /// Example: trellis proxies --endpoint http://127.0.0.1:7070
     Proxies {
-        /// The control node's API.
-        #[arg(
-            long,
-            env = "TRELLIS_ENDPOINT",
-            default_value = "http://127.0.0.1:7070"
-        )]
-        endpoint: String,
+        #[command(flatten)]
+        conn: admin::Connection,
         /// Print the JSON the API answers instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// The mesh CA: print the trust bundle, rotate the root.
+    Ca {
+        #[command(flatten)]
+        conn: admin::Connection,
+        #[command(subcommand)]
+        command: admin::CaCommand,
+    },
+    /// Join tokens: what a proxy trades (with a CSR) for its certificate.
+    Token {
+        #[command(flatten)]
+        conn: admin::Connection,
+        #[command(subcommand)]
+        command: admin::TokenCommand,
+    },
+    /// Access keys for the API (SigV4, as the aws CLI signs).
+    Keys {
+        #[command(flatten)]
+        conn: admin::Connection,
+        #[command(subcommand)]
+        command: admin::KeysCommand,
     },
     /// Print the version.
     Version,
@@ -189,7 +217,14 @@ async fn run_dev(
     let api = node.api_addr;
     let dns = node.dns_addr;
     let grpc = node.grpc_addr;
-    println!("trellis dev ready: api=http://{api} dns={dns} grpc={grpc}");
+    let scheme = if node.tls() { "https" } else { "http" };
+    println!("trellis dev ready: api={scheme}://{api} dns={dns} grpc={grpc}");
+    announce_admin_key(&node, &cfg);
+    if node.tls() || node.admin_key.is_some() {
+        println!("\nstate: {}\nCtrl-C stops.", data_dir.display());
+        node.serve(shutdown_signal()).await?;
+        return Ok(());
+    }
     println!(
         "\nstate: {}\ntry:\n  export AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=dev AWS_SECRET_ACCESS_KEY=dev\n  \
          aws appmesh create-mesh --mesh-name demo --endpoint-url http://{api} --no-sign-request\n  \
@@ -231,16 +266,51 @@ async fn run_control(
         }
     };
     tracing::info!(api = %node.api_addr, node_id = cfg.node_id, "control node ready");
+    announce_admin_key(&node, &cfg);
     node.serve(shutdown_signal()).await.map_err(|e| {
         eprintln!("trellis: {e}");
         ExitCode::from(1)
     })
 }
 
-async fn run_proxy(settings: DiscoverySettings) {
+/// Shows the admin key created at bootstrap, once (it is also in the data directory, 0600).
+/// The secret goes to a terminal only: under systemd stdout is the journal, and secrets stay
+/// out of logs.
+fn announce_admin_key(node: &ControlNode, cfg: &ControlConfig) {
+    use std::io::IsTerminal;
+    if let Some((id, secret)) = &node.admin_key {
+        let path = cfg.data_dir.join(trellis::control::ca::ADMIN_CREDENTIALS);
+        if std::io::stdout().is_terminal() {
+            println!(
+                "admin access key created (shown once; also in {}):\n  aws_access_key_id = {id}\n  aws_secret_access_key = {secret}",
+                path.display()
+            );
+        } else {
+            println!(
+                "admin access key {id} created; its secret is in {} (0600)",
+                path.display()
+            );
+        }
+    }
+}
+
+async fn run_proxy(
+    mut settings: DiscoverySettings,
+    identity: Option<proxy_identity::IdentitySettings>,
+) -> ExitCode {
     init_logging("info");
     let (current, mut applied) = tokio::sync::watch::channel(None);
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (cert_tx, cert_rx) = tokio::sync::watch::channel(None);
+    let mut certs = None;
+    if let Some(id) = identity {
+        settings.cert = Some(cert_rx);
+        certs = Some(tokio::spawn(proxy_identity::run(
+            id,
+            cert_tx,
+            stopped.clone(),
+        )));
+    }
     // Healthy until a config asks for checks and they say otherwise.
     let (healthy, health) = tokio::sync::watch::channel(true);
     let checks = tokio::spawn(health::run(
@@ -260,17 +330,33 @@ async fn run_proxy(settings: DiscoverySettings) {
             }
         }
     });
-    shutdown_signal().await;
+    let certs_failed = async {
+        match &mut certs {
+            Some(task) => match task.await {
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(())) => std::future::pending().await,
+                Err(e) => e.to_string(),
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let code = tokio::select! {
+        _ = shutdown_signal() => ExitCode::SUCCESS,
+        reason = certs_failed => {
+            eprintln!("trellis: certificate: {reason}");
+            ExitCode::from(1)
+        }
+    };
     let _ = stop.send(true);
     let _ = discovery.await;
     let _ = checks.await;
     announce.abort();
+    code
 }
 
 /// `trellis proxies`: the connected proxies of one control node.
-async fn proxies(endpoint: &str, json: bool) -> anyhow::Result<()> {
-    let body = trellis::client::get_json(&format!("{}/v1/proxies", endpoint.trim_end_matches('/')))
-        .await?;
+async fn proxies(conn: &admin::Connection, json: bool) -> anyhow::Result<()> {
+    let body = conn.endpoint()?.get("/v1/proxies").await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
@@ -296,6 +382,16 @@ async fn proxies(endpoint: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn client_result(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trellis: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Runtime::new() {
@@ -314,7 +410,16 @@ fn main() -> ExitCode {
             data_dir,
             advertise_addr,
             inbound_addr,
+            ca_file,
+            token_file,
         } => {
+            let ca_bundle = match ca_file.map(std::fs::read_to_string).transpose() {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("trellis: --ca-file: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let role = match (virtual_node, virtual_gateway) {
                 (Some(n), None) => ProxyRole::VirtualNode(n),
                 (None, Some(g)) => ProxyRole::VirtualGateway(g),
@@ -330,18 +435,28 @@ fn main() -> ExitCode {
                 proxy_id: uuid::Uuid::new_v4().to_string(),
                 advertise: advertise_addr,
                 inbound_port: inbound_addr.port(),
-                data_dir,
+                data_dir: data_dir.clone(),
+                ca_bundle: ca_bundle.clone(),
+                cert: None,
             };
-            rt.block_on(run_proxy(settings));
-            ExitCode::SUCCESS
+            let identity = (ca_bundle.is_some() || token_file.is_some()).then(|| {
+                proxy_identity::IdentitySettings {
+                    controls: settings.controls.clone(),
+                    mesh: settings.mesh.clone(),
+                    role: settings.role.clone(),
+                    data_dir: data_dir.join("identity"),
+                    ca_bundle,
+                    token_file,
+                }
+            });
+            rt.block_on(run_proxy(settings, identity))
         }
-        Command::Proxies { endpoint, json } => match rt.block_on(proxies(&endpoint, json)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("trellis: {e:#}");
-                ExitCode::from(1)
-            }
-        },
+        Command::Proxies { conn, json } => client_result(rt.block_on(proxies(&conn, json))),
+        Command::Ca { conn, command } => client_result(rt.block_on(admin::ca(&conn, command))),
+        Command::Token { conn, command } => {
+            client_result(rt.block_on(admin::token(&conn, command)))
+        }
+        Command::Keys { conn, command } => client_result(rt.block_on(admin::keys(&conn, command))),
         Command::Version => {
             println!("trellis {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -365,8 +480,8 @@ fn main() -> ExitCode {
             dns_addr,
             config,
         } => {
-            let base = match config.map(|c| ControlConfig::load(&c)).transpose() {
-                Ok(c) => c.unwrap_or_default(),
+            let base = match config.map(|c| ControlConfig::load_dev(&c)).transpose() {
+                Ok(c) => c.unwrap_or_else(ControlConfig::dev),
                 Err(e) => {
                     eprintln!("trellis: {e}");
                     return ExitCode::from(2);

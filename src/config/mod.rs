@@ -58,6 +58,33 @@ pub struct ControlConfig {
     pub quotas: Quotas,
     /// Log filter in `RUST_LOG` syntax. Default `info,openraft=warn,sled=warn`.
     pub log: String,
+    /// The SPIFFE trust domain of the mesh CA's identities
+    /// (`spiffe://<trust_domain>/mesh/<mesh>/virtualNode/<name>`). Fixed at bootstrap.
+    /// Default `trellis.local`.
+    pub trust_domain: String,
+    /// Serve the API (HTTPS) and gRPC with a certificate from the mesh CA; clients pin the
+    /// bundle (`trellis ca show`). Default true; `trellis dev` turns it off on loopback.
+    pub tls: bool,
+    /// Extra names and addresses for this node's certificate (beyond `localhost`, 127.0.0.1,
+    /// and the IPs of `api_addr`, `grpc_addr` and `advertise_addr`).
+    pub tls_names: Vec<String>,
+    /// How API callers prove who they are: `sigv4` (AWS Signature Version 4 with a trellis
+    /// access key, as the aws CLI sends it) or `none` (every caller is admin; loopback only).
+    /// Default `sigv4`; `trellis dev` uses `none`.
+    pub auth: AuthMode,
+    /// How far a request's `X-Amz-Date` may be from the server clock, in seconds. Default 300.
+    pub sigv4_max_skew_seconds: u64,
+    /// Lifetime of proxy certificates, in seconds (proxies renew at two thirds). Default
+    /// 86400 (24 h).
+    pub proxy_cert_seconds: u64,
+}
+
+/// How API callers are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Sigv4,
+    None,
 }
 
 impl Default for ControlConfig {
@@ -77,6 +104,12 @@ impl Default for ControlConfig {
             account_id: "000000000000".into(),
             quotas: Quotas::default(),
             log: "info,openraft=warn,sled=warn".into(),
+            trust_domain: "trellis.local".into(),
+            tls: true,
+            tls_names: Vec::new(),
+            auth: AuthMode::Sigv4,
+            sigv4_max_skew_seconds: 300,
+            proxy_cert_seconds: 86400,
         }
     }
 }
@@ -84,14 +117,43 @@ impl Default for ControlConfig {
 impl ControlConfig {
     /// Reads and checks a `control.toml`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, false)
+    }
+
+    /// The settings `trellis dev` starts from: plaintext and no authentication on loopback.
+    pub fn dev() -> Self {
+        Self {
+            tls: false,
+            auth: AuthMode::None,
+            ..Self::default()
+        }
+    }
+
+    /// Reads a `control.toml` for `trellis dev`: keys the file leaves out take
+    /// [`ControlConfig::dev`]'s values.
+    pub fn load_dev(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, true)
+    }
+
+    fn load_with(path: &Path, dev: bool) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
             source,
         })?;
-        let cfg: ControlConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: path.into(),
             message: e.to_string().trim().to_string(),
-        })?;
+        };
+        let cfg: ControlConfig = if dev {
+            let mut table: toml::Table = toml::from_str(&text).map_err(parse_error)?;
+            table.entry("tls").or_insert(toml::Value::Boolean(false));
+            table
+                .entry("auth")
+                .or_insert(toml::Value::String("none".into()));
+            toml::Value::Table(table).try_into().map_err(parse_error)?
+        } else {
+            toml::from_str(&text).map_err(parse_error)?
+        };
         cfg.check().map_err(|problems| ConfigError::Invalid {
             path: path.into(),
             problems,
@@ -102,11 +164,34 @@ impl ControlConfig {
     /// Every problem with the settings, each naming its key.
     pub fn check(&self) -> Result<(), String> {
         let mut problems = Vec::new();
-        // Until TLS and SigV4 arrive, the API trusts every caller: keep it off the network.
-        if !self.api_addr.ip().is_loopback() {
+        // Without TLS and SigV4 the API trusts every caller: keep it off the network.
+        if !(self.api_addr.ip().is_loopback() || self.tls && self.auth == AuthMode::Sigv4) {
             problems.push(format!(
-                "api_addr: must be a loopback address while the API has no TLS or SigV4 authentication, got {}",
+                "api_addr: must be a loopback address unless tls = true and auth = \"sigv4\", got {}",
                 self.api_addr
+            ));
+        }
+        let domain_ok = !self.trust_domain.is_empty()
+            && self.trust_domain.len() <= 255
+            && self.trust_domain.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')
+            });
+        if !domain_ok {
+            problems.push(format!(
+                "trust_domain: must be lower-case letters, digits, '.', '-' or '_', got {:?}",
+                self.trust_domain
+            ));
+        }
+        if !(10..=3600).contains(&self.sigv4_max_skew_seconds) {
+            problems.push(format!(
+                "sigv4_max_skew_seconds: must be between 10 and 3600, got {}",
+                self.sigv4_max_skew_seconds
+            ));
+        }
+        if !(10..=365 * 86400).contains(&self.proxy_cert_seconds) {
+            problems.push(format!(
+                "proxy_cert_seconds: must be between 10 and 31536000 (a year), got {}",
+                self.proxy_cert_seconds
             ));
         }
         if !(3..=3600).contains(&self.lease_seconds) {

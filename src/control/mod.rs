@@ -1,7 +1,10 @@
-//! A control-plane node: raft consensus over the sled store, and the App Mesh REST API served
-//! from the applied state. TLS, SigV4, DNS and config push attach here in later issues.
+//! A control-plane node: raft consensus over the sled store; the App Mesh REST API (TLS, SigV4)
+//! and the admin API served from the applied state; DNS; config push (`xds`); the mesh CA and
+//! proxy certificates (`ca`, `certs`).
 
 pub mod api;
+pub mod ca;
+pub mod certs;
 pub mod dns;
 pub mod node;
 pub mod raft;

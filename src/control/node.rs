@@ -1,19 +1,25 @@
 //! Starts a control-plane node: opens the store, starts raft, makes the cluster's quotas match
-//! the config, and serves the API until told to stop. `trellis control` and `trellis dev` both
+//! the config, makes sure the mesh CA (and, with SigV4, an admin key) exists, and serves the
+//! API, gRPC (config streams, certificates) and DNS until told to stop — over TLS with a
+//! certificate of the mesh CA unless `tls = false`. `trellis control` and `trellis dev` both
 //! come through here, and so do the tests.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use super::api::{self, ApiState};
+use super::api::{self, ApiState, AuthSettings};
+use super::ca::{self, CaError};
+use super::certs::Certs;
 use super::dns::{DnsError, DnsServer};
 use super::raft::{Consensus, RaftSettings, StartError};
 use super::store::Store;
 use super::xds::Xds;
-use crate::config::ControlConfig;
+use crate::config::{AuthMode, ControlConfig};
+use crate::identity::tls;
 use crate::model::{Command, Owner};
 
 /// Why a node could not start or stopped with an error.
@@ -39,6 +45,17 @@ pub enum NodeError {
     Dns(#[from] DnsError),
     #[error("api server: {0}")]
     Serve(std::io::Error),
+    #[error("mesh CA: {0}")]
+    Ca(#[from] CaError),
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// This node's certificate, for the API and gRPC listeners.
+struct NodeTls {
+    chain_pem: String,
+    key_pem: String,
+    bundle_pem: String,
 }
 
 /// A started node, before it serves.
@@ -52,6 +69,11 @@ pub struct ControlNode {
     xds: Xds,
     dns: DnsServer,
     owner: Owner,
+    tls: Option<NodeTls>,
+    auth: Option<AuthSettings>,
+    certs: Certs,
+    /// The admin key created at this start (bootstrap), to show once.
+    pub admin_key: Option<(String, String)>,
 }
 
 impl ControlNode {
@@ -75,6 +97,12 @@ impl ControlNode {
                 .map_err(|e| NodeError::Quotas(e.to_string()))?;
             out.map_err(|e| NodeError::Quotas(e.to_string()))?;
         }
+        ca::ensure_root(&consensus, &cfg.trust_domain).await?;
+        ca::write_bundle(&consensus, &cfg.data_dir)?;
+        let admin_key = match cfg.auth {
+            AuthMode::Sigv4 => ca::ensure_admin_key(&consensus, &cfg.data_dir).await?,
+            AuthMode::None => None,
+        };
         let listener = TcpListener::bind(cfg.api_addr)
             .await
             .map_err(|source| NodeError::Bind {
@@ -103,6 +131,39 @@ impl ControlNode {
         let xds = Xds::new(
             consensus.clone(),
             std::time::Duration::from_secs(u64::from(cfg.lease_seconds)),
+            cfg.tls,
+        );
+        let tls = if cfg.tls {
+            let mut ips: Vec<IpAddr> =
+                vec![IpAddr::from([127, 0, 0, 1]), api_addr.ip(), grpc_addr.ip()];
+            ips.extend(cfg.advertise_addr.map(|a| a.ip()));
+            let mut names = vec!["localhost".to_string()];
+            for n in &cfg.tls_names {
+                match n.parse::<IpAddr>() {
+                    Ok(ip) => ips.push(ip),
+                    Err(_) => names.push(n.clone()),
+                }
+            }
+            ips.retain(|ip| !ip.is_unspecified());
+            ips.sort();
+            ips.dedup();
+            let (chain_pem, key_pem) = ca::node_certificate(&consensus, cfg.node_id, &names, &ips)?;
+            let bundle_pem = consensus.read(|s| s.security().bundle_pem());
+            Some(NodeTls {
+                chain_pem,
+                key_pem,
+                bundle_pem,
+            })
+        } else {
+            None
+        };
+        let auth = (cfg.auth == AuthMode::Sigv4).then(|| AuthSettings {
+            region: cfg.region.clone(),
+            max_skew: Duration::from_secs(cfg.sigv4_max_skew_seconds),
+        });
+        let certs = Certs::new(
+            consensus.clone(),
+            Duration::from_secs(cfg.proxy_cert_seconds),
         );
         Ok(Self {
             consensus,
@@ -114,7 +175,16 @@ impl ControlNode {
             xds,
             dns,
             owner,
+            tls,
+            auth,
+            certs,
+            admin_key,
         })
+    }
+
+    /// Whether the API and gRPC listeners speak TLS.
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// Serves the API (DNS is already serving) until `shutdown` resolves, then stops DNS and
@@ -127,11 +197,28 @@ impl ControlNode {
             consensus: self.consensus.clone(),
             owner: self.owner,
             proxies: self.xds.proxies(),
+            auth: self.auth.clone(),
         });
         let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = &self.tls {
+            // Proxies without a certificate yet must reach Identity.Issue: client certificates
+            // are optional at the handshake and required by the Discovery service itself.
+            let config = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(
+                    &t.chain_pem,
+                    &t.key_pem,
+                ))
+                .client_ca_root(tonic::transport::Certificate::from_pem(&t.bundle_pem))
+                .client_auth_optional(true);
+            builder = builder
+                .tls_config(config)
+                .map_err(|e| NodeError::Tls(e.to_string()))?;
+        }
         let grpc = tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .add_service(self.xds.into_service())
+                .add_service(self.certs.into_service())
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(self.grpc),
                     async {
@@ -140,9 +227,24 @@ impl ControlNode {
                 ),
         );
         let app = api::router(state);
-        let res = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let res = match &self.tls {
+            Some(t) => {
+                let config = tls::server_config(
+                    &t.chain_pem,
+                    &t.key_pem,
+                    None,
+                    false,
+                    &[b"h2", b"http/1.1"],
+                )
+                .map_err(|e| NodeError::Tls(e.to_string()))?;
+                api::serve_tls(self.listener, app, config, shutdown).await
+            }
+            None => {
+                axum::serve(self.listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+        };
         let _ = stop_grpc.send(());
         match grpc.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "grpc server"),

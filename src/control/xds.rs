@@ -84,6 +84,8 @@ pub struct Xds {
     registry: mpsc::UnboundedSender<RegistryChange>,
     lease: Duration,
     configs: ConfigCache,
+    /// Streams must come with the proxy's certificate (mTLS) naming the Hello's node.
+    require_certificate: bool,
 }
 
 /// The last compiled config of each (mesh, role), by state generation.
@@ -130,7 +132,7 @@ impl ConfigCache {
 
 impl Xds {
     /// Starts the registry batcher; `lease` is how long a registration lasts unrenewed.
-    pub fn new(consensus: Consensus, lease: Duration) -> Self {
+    pub fn new(consensus: Consensus, lease: Duration, require_certificate: bool) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(registry_batcher(consensus.clone(), rx, lease));
         Self {
@@ -139,6 +141,7 @@ impl Xds {
             registry: tx,
             lease,
             configs: ConfigCache::default(),
+            require_certificate,
         }
     }
 
@@ -166,6 +169,24 @@ impl Xds {
             healthy,
             expires_at: now() + self.lease.as_secs_f64(),
         }
+    }
+
+    /// The stream's certificate must be this mesh's, for the node the Hello names: a proxy
+    /// only ever receives its own node's config.
+    fn check_peer(&self, peer: Option<&str>, mesh: &str, role: &ProxyRole) -> Result<(), Status> {
+        let uri = peer.ok_or_else(|| {
+            Status::unauthenticated(
+                "the config stream needs the proxy's certificate (mTLS); get one with a join token",
+            )
+        })?;
+        let trust_domain = self.consensus.read(|s| s.security().trust_domain.clone());
+        let want = crate::identity::spiffe::proxy_id(&trust_domain, mesh, role);
+        if uri != want {
+            return Err(Status::permission_denied(format!(
+                "the certificate is for {uri}, the hello names {want}"
+            )));
+        }
+        Ok(())
     }
 
     fn update(&self, proxy_id: &str, f: impl FnOnce(&mut ProxyStatus)) {
@@ -214,6 +235,9 @@ impl Discovery for Xds {
         &self,
         req: Request<Streaming<ProxyMessage>>,
     ) -> Result<Response<ConfigStream>, Status> {
+        let peer = req
+            .peer_certs()
+            .and_then(|certs| crate::identity::tls::peer_spiffe(&certs));
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -225,6 +249,9 @@ impl Discovery for Xds {
             ));
         };
         let (role, address) = check_hello(&hello)?;
+        if self.require_certificate {
+            self.check_peer(peer.as_deref(), &hello.mesh, &role)?;
+        }
         // Refuse proxies for resources that do not exist before registering anything.
         let compiled = self
             .consensus

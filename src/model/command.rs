@@ -9,6 +9,7 @@ use super::error::ApiError;
 use super::quota::Quotas;
 use super::registry::RegistryUpdate;
 use super::resource::{Owner, ResourceKey, Spec};
+use super::security::SecurityCommand;
 use super::shapes::TagRef;
 
 /// A `clientToken` and the fingerprint of the request it came with.
@@ -53,6 +54,8 @@ pub enum Command {
     SetQuotas(Quotas),
     /// A batch of proxy registrations, renewals and goodbyes.
     Registry(RegistryUpdate),
+    /// The mesh CA, join tokens and access keys.
+    Security(SecurityCommand),
 }
 
 impl Command {
@@ -66,6 +69,7 @@ impl Command {
             Command::Untag { .. } => "UntagResource".into(),
             Command::SetQuotas(_) => "SetQuotas".into(),
             Command::Registry(_) => "Registry".into(),
+            Command::Security(c) => c.operation().into(),
         }
     }
 }

@@ -74,6 +74,7 @@ pub fn compile(
         .into_iter()
         .map(|(vn, port)| c.cluster(&vn, port, instances))
         .collect();
+    config.trust_bundle = state.security().bundle_pem();
     Ok(config)
 }
 
@@ -135,6 +136,7 @@ impl Compiler<'_> {
             clusters: Vec::new(),
             access_log,
             gateway: None,
+            trust_bundle: String::new(),
         }
     }
 
@@ -217,6 +219,7 @@ impl Compiler<'_> {
             clusters: Vec::new(),
             access_log,
             gateway: Some(GatewayConfig { listeners }),
+            trust_bundle: String::new(),
         }
     }
 

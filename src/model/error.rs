@@ -79,6 +79,9 @@ impl ApiError {
     pub fn limit(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::LimitExceeded, message)
     }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Forbidden, message)
+    }
 }
 
 impl From<crate::model::validate::FieldErrors> for ApiError {

@@ -10,6 +10,7 @@ pub mod quota;
 pub mod registry;
 pub mod resource;
 pub mod rules;
+pub mod security;
 pub mod shapes;
 pub mod state;
 pub mod validate;

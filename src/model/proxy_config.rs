@@ -37,6 +37,10 @@ pub struct ProxyConfig {
     pub access_log: Option<AccessLog>,
     /// A virtual gateway's listeners and gateway routes.
     pub gateway: Option<GatewayConfig>,
+    /// The mesh CA's roots (PEM): peers' certificates must chain to one of them. Changes
+    /// with `trellis ca rotate`.
+    #[serde(default)]
+    pub trust_bundle: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

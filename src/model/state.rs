@@ -17,6 +17,7 @@ use super::quota::Quotas;
 use super::registry::Registry;
 use super::resource::{Metadata, Owner, Record, ResourceKey, ResourceKind, Spec, Status};
 use super::rules;
+use super::security::{Security, SecurityCommand};
 use super::shapes::TagRef;
 use super::vip::VipPool;
 
@@ -67,6 +68,8 @@ pub struct MeshState {
     hostnames: BTreeMap<(String, String, String), Vec<u16>>,
     /// Running proxies.
     registry: Registry,
+    /// The mesh CA, join tokens, access keys.
+    security: Security,
     /// See [`MeshState::generation`].
     generation: u64,
     quotas: Quotas,
@@ -82,6 +85,8 @@ pub struct StateSnapshot {
     vips: VipPool,
     #[serde(default)]
     registry: Registry,
+    #[serde(default)]
+    security: Security,
 }
 
 /// One page of a list.
@@ -259,6 +264,7 @@ impl MeshState {
             quotas: self.quotas.clone(),
             vips: self.vips.clone(),
             registry: self.registry.clone(),
+            security: self.security.clone(),
         }
     }
 
@@ -267,6 +273,7 @@ impl MeshState {
             quotas: s.quotas,
             vips: s.vips,
             registry: s.registry,
+            security: s.security,
             ..Default::default()
         };
         for r in s.resources {
@@ -296,6 +303,14 @@ impl MeshState {
         // mere lease renewals.
         let visible = match cmd {
             Command::Registry(_) => out.as_ref().is_ok_and(|v| v["changed"] == true),
+            // The trust bundle is in every proxy's config; tokens and keys are in none.
+            Command::Security(c) => {
+                out.is_ok()
+                    && matches!(
+                        c,
+                        SecurityCommand::CaInit { .. } | SecurityCommand::CaRotate { .. }
+                    )
+            }
             _ => out.is_ok(),
         };
         if visible {
@@ -346,6 +361,35 @@ impl MeshState {
                 Ok(json!({}))
             }
             Command::Registry(u) => Ok(json!({ "changed": self.registry.apply(u) })),
+            Command::Security(c) => {
+                let resources = &self.resources;
+                self.security.apply(c, |mesh, role| {
+                    resources.contains_key(&role_key(mesh, role))
+                })
+            }
+        }
+    }
+
+    /// The mesh CA, join tokens and access keys.
+    pub fn security(&self) -> &Security {
+        &self.security
+    }
+
+    /// Whether the virtual node or gateway `role` exists in `mesh`.
+    pub fn find_role(&self, mesh: &str, role: &ProxyRole) -> bool {
+        self.resources.contains_key(&role_key(mesh, role))
+    }
+
+    /// A virtual node's `serviceDiscovery.dns.hostname`, for its proxies' certificates.
+    pub fn role_hostname(&self, mesh: &str, role: &ProxyRole) -> Option<String> {
+        match &self.resources.get(&role_key(mesh, role))?.spec {
+            Spec::VirtualNode(vn) => vn
+                .service_discovery
+                .as_ref()?
+                .dns
+                .as_ref()
+                .map(|d| d.hostname.trim_end_matches('.').to_string()),
+            _ => None,
         }
     }
 
@@ -774,5 +818,13 @@ impl Instances for MeshState {
             .healthy(mesh, &role)
             .map(|i| i.endpoint())
             .collect()
+    }
+}
+
+/// The key of a proxy role's resource.
+fn role_key(mesh: &str, role: &ProxyRole) -> ResourceKey {
+    match role {
+        ProxyRole::VirtualNode(n) => ResourceKey::in_mesh(ResourceKind::VirtualNode, mesh, n),
+        ProxyRole::VirtualGateway(g) => ResourceKey::in_mesh(ResourceKind::VirtualGateway, mesh, g),
     }
 }

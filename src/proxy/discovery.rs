@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::identity::{self, ProxyCert};
 use crate::model::proxy_config::{ProxyConfig, ProxyRole};
 use crate::wire::discovery::discovery_client::DiscoveryClient;
 use crate::wire::discovery::{
@@ -38,6 +39,10 @@ pub struct DiscoverySettings {
     pub inbound_port: u16,
     /// Where the last good config is kept.
     pub data_dir: PathBuf,
+    /// The mesh CA bundle control nodes' certificates chain to; `None`: plaintext (dev).
+    pub ca_bundle: Option<String>,
+    /// This proxy's certificate, presented on the stream (mTLS) when `ca_bundle` is set.
+    pub cert: Option<watch::Receiver<Option<Arc<ProxyCert>>>>,
 }
 
 /// A config in force.
@@ -157,8 +162,10 @@ enum StreamError {
     Connect(#[from] tonic::transport::Error),
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
-    #[error("invalid control address: {0}")]
+    #[error("{0}")]
     Address(String),
+    #[error("waiting for this proxy's certificate")]
+    NoCertificate,
 }
 
 async fn session(
@@ -168,9 +175,12 @@ async fn session(
     health: &mut watch::Receiver<bool>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Ended, StreamError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{control}"))
-        .map_err(|_| StreamError::Address(control.to_string()))?
-        .connect_timeout(Duration::from_secs(3));
+    let cert = settings.cert.as_ref().and_then(|c| c.borrow().clone());
+    if settings.ca_bundle.is_some() && cert.is_none() {
+        return Err(StreamError::NoCertificate);
+    }
+    let endpoint = identity::endpoint(control, settings.ca_bundle.as_deref(), cert.as_deref())
+        .map_err(StreamError::Address)?;
     let mut client = DiscoveryClient::new(endpoint.connect().await?);
     let (out, rx) = mpsc::channel(16);
     let have_version = current.borrow().as_ref().map_or(0, |c| c.version);

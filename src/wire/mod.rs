@@ -6,6 +6,12 @@ pub mod discovery {
     tonic::include_proto!("trellis.discovery.v1");
 }
 
+/// Proxy certificates: a join token or the current certificate, and a CSR.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod identity {
+    tonic::include_proto!("trellis.identity.v1");
+}
+
 /// The gRPC Health Checking Protocol, which `grpc` health checks speak to the app.
 #[allow(clippy::all, clippy::pedantic)]
 pub mod health {

@@ -247,13 +247,28 @@ impl DevNode {
 
     /// Runs `aws appmesh ARGS…` against this node and returns what it produced.
     pub fn aws(&self, args: &[&str]) -> AwsOut {
-        let out = Command::new(aws_binary())
-            .args(["--endpoint-url", &self.api])
-            .args(["--no-sign-request", "--region", REGION, "--output", "json"])
+        self.aws_as(args, None, None)
+    }
+
+    /// Runs `aws appmesh ARGS…` signed with `key` (id, secret) when given (else unsigned),
+    /// trusting the CA bundle file `ca` for https when given.
+    pub fn aws_as(&self, args: &[&str], key: Option<(&str, &str)>, ca: Option<&Path>) -> AwsOut {
+        let mut cmd = Command::new(aws_binary());
+        cmd.args(["--endpoint-url", &self.api]);
+        if key.is_none() {
+            cmd.arg("--no-sign-request");
+        }
+        let (id, secret) = key.unwrap_or(("x", "x"));
+        cmd.env_remove("AWS_CA_BUNDLE");
+        if let Some(ca) = ca {
+            cmd.env("AWS_CA_BUNDLE", ca);
+        }
+        let out = cmd
+            .args(["--region", REGION, "--output", "json"])
             .arg("appmesh")
             .args(args)
-            .env("AWS_ACCESS_KEY_ID", "x")
-            .env("AWS_SECRET_ACCESS_KEY", "x")
+            .env("AWS_ACCESS_KEY_ID", id)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
             .env("AWS_PAGER", "")
             .env("AWS_MAX_ATTEMPTS", "1")
             .env("AWS_CONFIG_FILE", "/dev/null")
@@ -265,7 +280,6 @@ impl DevNode {
             .env_remove("AWS_ENDPOINT_URL")
             .env_remove("AWS_ENDPOINT_URL_APP_MESH")
             .env_remove("AWS_DEFAULT_OUTPUT")
-            .env_remove("AWS_CA_BUNDLE")
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("run {}: {e}", aws_binary().display()));

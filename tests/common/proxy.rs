@@ -28,6 +28,18 @@ impl Proxy {
         data_dir: &Path,
         advertise: &str,
     ) -> Proxy {
+        Self::start_with(control, mesh, role, data_dir, advertise, &[])
+    }
+
+    /// Like `start`, with more flags (`--ca-file`, `--token-file` …).
+    pub fn start_with(
+        control: SocketAddr,
+        mesh: &str,
+        role: [&str; 2],
+        data_dir: &Path,
+        advertise: &str,
+        extra: &[&str],
+    ) -> Proxy {
         let log = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
             .args([
@@ -47,6 +59,7 @@ impl Proxy {
                 "--inbound-addr",
                 "127.0.0.1:15000",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log.reopen().unwrap()))

@@ -1,11 +1,15 @@
 //! The App Mesh REST API (`/v20190125/…`), wire-compatible with the `aws appmesh` CLI: one
 //! generic set of handlers serves the seven resource kinds (list, create, describe, update,
 //! delete), plus the three tag operations. Writes go through raft; reads come from the applied
-//! state. Authentication (SigV4) and TLS wrap this router in a later issue.
+//! state. Every request is authenticated with SigV4 (`auth`) unless the node runs without it
+//! (dev); `serve` carries the router over TLS.
 
+mod admin;
+mod auth;
 mod body;
 mod error;
 mod inputs;
+mod serve;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,8 +25,10 @@ use axum::routing::{get, put};
 use base64::Engine;
 use serde_json::{Value, json};
 
+pub use auth::AuthSettings;
 pub use body::MAX_BODY_BYTES;
 use error::HttpError;
+pub use serve::serve_tls;
 
 use crate::control::raft::Consensus;
 use crate::model::resource::{Status, parse_arn};
@@ -36,6 +42,8 @@ pub struct ApiState {
     pub owner: Owner,
     /// The proxies connected to this node.
     pub proxies: crate::control::xds::ProxyTable,
+    /// SigV4 settings; `None`: every caller is admin (dev mode, loopback only).
+    pub auth: Option<AuthSettings>,
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -133,8 +141,24 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v20190125/tags", get(list_tags))
         .route("/v1/health", get(health))
         .route("/v1/proxies", get(proxies))
+        .route("/v1/ca", get(admin::ca_show))
+        .route("/v1/ca/rotate", axum::routing::post(admin::ca_rotate))
+        .route(
+            "/v1/tokens",
+            get(admin::token_list).post(admin::token_create),
+        )
+        .route(
+            "/v1/tokens/{id}",
+            axum::routing::delete(admin::token_revoke),
+        )
+        .route("/v1/keys", get(admin::key_list).post(admin::key_create))
+        .route("/v1/keys/{id}", axum::routing::delete(admin::key_delete))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
 }

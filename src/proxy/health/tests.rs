@@ -191,6 +191,7 @@ fn config_checking(port: u16, mut policy: HealthCheckPolicy) -> AppliedConfig {
             clusters: vec![],
             access_log: None,
             gateway: None,
+            trust_bundle: String::new(),
         },
     }
 }
