@@ -155,6 +155,10 @@ fn curl_signed(
 #[test]
 fn the_aws_cli_signs_with_access_keys_against_a_tls_control_plane() {
     let s = Secure::start("");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&s.admin), 0o600, "admin credentials");
+    assert_eq!(mode(s.node.data_dir()), 0o700, "data dir");
     let admin = s.admin_key();
     let admin_ref = Some((admin.0.as_str(), admin.1.as_str()));
 
@@ -402,6 +406,15 @@ fn join_tokens_buy_certificates_for_their_own_node_only() {
         "{text}"
     );
     assert!(text.contains("CA:FALSE"), "{text}");
+    let info = trellis::identity::ca::inspect(&leaf).unwrap();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (info.not_after - now - 86_400).abs() < 60,
+        "24 h by default: {info:?}"
+    );
 
     // Revoked and expired tokens buy nothing.
     let revoked = token(&s, "a", &[]);

@@ -79,7 +79,13 @@ pub struct ControlNode {
 impl ControlNode {
     /// Opens storage, starts raft and binds the API listener (port 0 picks a free port).
     pub async fn start(cfg: &ControlConfig) -> Result<Self, NodeError> {
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir {
+        // The store holds the CA key and access keys: only the service user may look inside.
+        let private = |d: &std::path::Path| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(d)?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+        };
+        private(&cfg.data_dir).map_err(|source| NodeError::DataDir {
             path: cfg.data_dir.display().to_string(),
             source,
         })?;

@@ -158,3 +158,75 @@ fn after_rotation_leaves_of_both_roots_chain_to_the_old_root() {
     let bundle = format!("{}{}", old.cert_pem, new.cert_pem);
     verify_leaf(&new_leaf, &bundle, now()).unwrap();
 }
+
+/// Handshakes a server and a client over an in-memory pipe; Ok when both sides accept.
+async fn handshake(
+    server: std::sync::Arc<rustls::ServerConfig>,
+    client: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<(), String> {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let name = rustls_pki_types::ServerName::try_from("a.demo.local").unwrap();
+    let (s, c) = tokio::join!(
+        tokio_rustls::TlsAcceptor::from(server).accept(a),
+        tokio_rustls::TlsConnector::from(client).connect(name, b)
+    );
+    let (mut s, mut c) = (
+        s.map_err(|e| format!("server: {e}"))?,
+        c.map_err(|e| format!("client: {e}"))?,
+    );
+    // TLS 1.3 clients learn of a refused certificate only on the first read.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (w, r) = tokio::join!(s.write_all(b"x"), async {
+        let mut buf = [0u8; 1];
+        c.read_exact(&mut buf).await
+    });
+    w.map_err(|e| format!("server write: {e}"))?;
+    r.map_err(|e| format!("client read: {e}"))?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn old_and_new_leaves_trust_each_other_across_a_rotation() {
+    use crate::identity::tls::{client_config, peer_spiffe, server_config};
+    let old = new_root("td", now(), 10 * DAY).unwrap();
+    let new = new_root("td", now(), 20 * DAY).unwrap();
+    let cross = cross_sign(&new, &old, now()).unwrap();
+    let leaf = |root: &RootCa, node: &str| {
+        let (key, csr) = new_key_and_csr().unwrap();
+        let uri = format!("spiffe://td/mesh/demo/virtualNode/{node}");
+        let cert = issue_leaf(root, &csr, &[uri], &["a.demo.local".into()], now(), DAY).unwrap();
+        (cert, key)
+    };
+    let (old_cert, old_key) = leaf(&old, "a");
+    let (new_cert, new_key) = leaf(&new, "b");
+    let new_chain = format!("{new_cert}{cross}");
+    let bundle = format!("{}{}", old.cert_pem, new.cert_pem);
+
+    // A server on an old leaf that still trusts only the old root accepts a new-leaf client
+    // presenting the cross certificate, and the client (trusting the bundle) accepts it.
+    let server = server_config(&old_cert, &old_key, Some(&old.cert_pem), false, &[]).unwrap();
+    let client = client_config(&bundle, Some((&new_chain, &new_key)), &[]).unwrap();
+    handshake(server, client).await.unwrap();
+    // And the other way round.
+    let server = server_config(&new_chain, &new_key, Some(&bundle), false, &[]).unwrap();
+    let client = client_config(&old.cert_pem, Some((&old_cert, &old_key)), &[]).unwrap();
+    handshake(server, client).await.unwrap();
+
+    // mTLS refusals: no client certificate, or one from another CA.
+    let server = || server_config(&old_cert, &old_key, Some(&bundle), false, &[]).unwrap();
+    let anonymous = client_config(&bundle, None, &[]).unwrap();
+    assert!(handshake(server(), anonymous).await.is_err());
+    let stranger = new_root("td", now(), DAY).unwrap();
+    let (s_cert, s_key) = leaf(&stranger, "c");
+    let foreign = client_config(&bundle, Some((&s_cert, &s_key)), &[]).unwrap();
+    assert!(handshake(server(), foreign).await.is_err());
+
+    use rustls_pki_types::pem::PemObject;
+    let der: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(new_chain.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        peer_spiffe(&der).as_deref(),
+        Some("spiffe://td/mesh/demo/virtualNode/b")
+    );
+}
