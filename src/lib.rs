@@ -8,6 +8,7 @@
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod echo;
 pub mod identity;
 pub mod model;
 pub mod proxy;

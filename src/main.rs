@@ -141,6 +141,17 @@ enum Command {
         #[command(subcommand)]
         command: admin::KeysCommand,
     },
+    /// Run the built-in test server: answers every request (HTTP/1.1 or h2c) with JSON saying
+    /// what it received; `x-echo-status: 503` and `x-echo-delay-ms: 250` make it misbehave.
+    ///
+    /// Example: trellis echo --listen 127.0.0.1:9080 --name colorteller-red
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:9080")]
+        listen: SocketAddr,
+        /// Reported in every answer (and the x-echo-name header).
+        #[arg(long, default_value = "echo")]
+        name: String,
+    },
     /// Print the version.
     Version,
     /// Work with config files.
@@ -457,6 +468,18 @@ fn main() -> ExitCode {
             client_result(rt.block_on(admin::token(&conn, command)))
         }
         Command::Keys { conn, command } => client_result(rt.block_on(admin::keys(&conn, command))),
+        Command::Echo { listen, name } => match rt.block_on(async {
+            let echo = trellis::echo::Echo::start(listen, &name).await?;
+            println!("trellis echo ready: {}", echo.addr);
+            shutdown_signal().await;
+            Ok::<(), std::io::Error>(())
+        }) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trellis: echo on {listen}: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Version => {
             println!("trellis {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -240,6 +240,24 @@ fn the_aws_cli_signs_with_access_keys_against_a_tls_control_plane() {
     let (code, text) = curl_signed(&s, &admin, now, &body, &tampered);
     assert_eq!(code, 403, "tampered body: {text}");
 
+    // Paths SigV4 would normalize (dot or empty segments) are refused before anything else.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--path-as-is",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
+        .arg(&s.ca)
+        .arg(format!("{}/v20190125/meshes/x/../signed", s.node.api_url()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("\n400") && text.contains("'..'"), "{text}");
+
     // A deleted key stops working.
     s.cli_ok(&["keys", "delete", &reader.0]);
     forbidden(

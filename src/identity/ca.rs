@@ -8,11 +8,12 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    SubjectPublicKeyInfo,
 };
 use time::OffsetDateTime;
+use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
 /// Leaves are valid from a little before now: peers' clocks differ.
@@ -217,13 +218,27 @@ fn dns_san(name: &str) -> Result<SanType, PkiError> {
     ))
 }
 
-/// Parses and checks a CSR (its signature, a P-256 key).
-pub fn check_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, PkiError> {
-    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|_| PkiError::Csr)?;
-    if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+/// The verified public key of a CSR (a P-256 key whose signature checks); nothing else in
+/// it is read. x509-parser does the parsing: rcgen's CSR parser refuses unknown extensions
+/// and its name parser can panic on hostile input.
+pub fn check_csr(csr_pem: &str) -> Result<SubjectPublicKeyInfo, PkiError> {
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|_| PkiError::Csr)?;
+    if pem.label != "CERTIFICATE REQUEST" {
+        return Err(PkiError::Csr);
+    }
+    let (rest, csr) =
+        X509CertificationRequest::from_der(&pem.contents).map_err(|_| PkiError::Csr)?;
+    if !rest.is_empty() {
+        return Err(PkiError::Csr);
+    }
+    csr.verify_signature().map_err(|_| PkiError::Csr)?;
+    let key = SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+        .map_err(|_| PkiError::CsrKey)?;
+    if rcgen::PublicKeyData::algorithm(&key) != &PKCS_ECDSA_P256_SHA256 {
         return Err(PkiError::CsrKey);
     }
-    Ok(csr)
+    Ok(key)
 }
 
 /// A proxy leaf for the CSR's key: SANs are exactly `uris` and `dns_names` (whatever the CSR
@@ -236,7 +251,7 @@ pub fn issue_leaf(
     now: SystemTime,
     lifetime: Duration,
 ) -> Result<String, PkiError> {
-    let csr = check_csr(csr_pem)?;
+    let key = check_csr(csr_pem)?;
     let mut sans = uris
         .iter()
         .map(|u| uri_san(u))
@@ -245,9 +260,7 @@ pub fn issue_leaf(
         sans.push(dns_san(d)?);
     }
     let params = leaf_params(sans, ca, now, lifetime)?;
-    let cert = params
-        .signed_by(&csr.public_key, &issuer(ca)?)
-        .map_err(sign_err)?;
+    let cert = params.signed_by(&key, &issuer(ca)?).map_err(sign_err)?;
     Ok(cert.pem())
 }
 
@@ -340,10 +353,10 @@ pub fn verify_leaf(cert_pem: &str, bundle: &str, now: SystemTime) -> Result<Cert
 /// Checks that `csr_pem` is validly signed and carries the same key as `cert_pem`.
 pub fn check_possession(cert_pem: &str, csr_pem: &str) -> Result<(), PkiError> {
     use rcgen::PublicKeyData;
-    let csr = check_csr(csr_pem)?;
+    let key = check_csr(csr_pem)?;
     let der = parse_pem(cert_pem)?;
     let (_, cert) = X509Certificate::from_der(&der).map_err(|_| PkiError::Certificate)?;
-    if cert.public_key().subject_public_key.data.as_ref() == csr.public_key.der_bytes() {
+    if cert.public_key().subject_public_key.data.as_ref() == key.der_bytes() {
         Ok(())
     } else {
         Err(PkiError::KeyMismatch)

@@ -3,6 +3,8 @@
 //! local app's health checks that the stream reports. Listeners, routing and
 //! the rest of the request path come with the proxy issue.
 
+pub mod balance;
 pub mod discovery;
 pub mod health;
 pub mod identity;
+pub mod route;

@@ -37,6 +37,20 @@ pub async fn authenticate(State(s): Shared, req: Request<Body>, next: Next) -> R
     if req.method() == Method::GET && matches!(req.uri().path(), "/v1/health" | "/v1/ca") {
         return next.run(req).await;
     }
+    // SigV4 signs the path with dot segments resolved and empty ones dropped: one signature
+    // would fit several raw paths that route differently. Refuse those paths outright.
+    let odd = req
+        .uri()
+        .path()
+        .split('/')
+        .skip(1)
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..");
+    if odd && req.uri().path() != "/" {
+        return HttpError::from(ApiError::bad_request(
+            "request path: empty, '.' and '..' segments are not accepted on a signed API",
+        ))
+        .into_response();
+    }
     let (parts, body) = req.into_parts();
     let bytes = match body::read(body).await {
         Ok(b) => b,
