@@ -109,6 +109,14 @@ enum Command {
         /// while the data directory holds a valid one.
         #[arg(long, env = "TRELLIS_TOKEN_FILE")]
         token_file: Option<PathBuf>,
+        /// The address the app listens on (its listener ports there); health checks and
+        /// inbound requests go to it.
+        #[arg(long, default_value = "127.0.0.1")]
+        app_host: std::net::IpAddr,
+        /// Do not bind the backends' VIP:ports (when several proxies share a host and the apps
+        /// use another way in).
+        #[arg(long)]
+        no_vip_listeners: bool,
     },
     /// List the proxies connected to a control node.
     ///
@@ -308,8 +316,22 @@ fn announce_admin_key(node: &ControlNode, cfg: &ControlConfig) {
 async fn run_proxy(
     mut settings: DiscoverySettings,
     identity: Option<proxy_identity::IdentitySettings>,
+    inbound_addr: SocketAddr,
+    dataplane: trellis::proxy::dataplane::DataplaneSettings,
 ) -> ExitCode {
     init_logging("info");
+    // Bound first: with port 0 the registered port is the one the kernel picked.
+    let inbound = match tokio::net::TcpListener::bind(inbound_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("trellis: --inbound-addr {inbound_addr}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    settings.inbound_port = inbound
+        .local_addr()
+        .map_or(inbound_addr.port(), |a| a.port());
+    let app_host = dataplane.app_host;
     let (current, mut applied) = tokio::sync::watch::channel(None);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (cert_tx, cert_rx) = tokio::sync::watch::channel(None);
@@ -327,7 +349,13 @@ async fn run_proxy(
     let checks = tokio::spawn(health::run(
         applied.clone(),
         healthy,
-        std::net::IpAddr::from([127, 0, 0, 1]),
+        app_host,
+        stopped.clone(),
+    ));
+    let data = tokio::spawn(trellis::proxy::dataplane::run(
+        dataplane,
+        inbound,
+        applied.clone(),
         stopped.clone(),
     ));
     let discovery = tokio::spawn(discovery::run(settings, current, health, stopped));
@@ -361,6 +389,7 @@ async fn run_proxy(
     let _ = stop.send(true);
     let _ = discovery.await;
     let _ = checks.await;
+    let _ = data.await;
     announce.abort();
     code
 }
@@ -423,6 +452,8 @@ fn main() -> ExitCode {
             inbound_addr,
             ca_file,
             token_file,
+            app_host,
+            no_vip_listeners,
         } => {
             let ca_bundle = match ca_file.map(std::fs::read_to_string).transpose() {
                 Ok(b) => b,
@@ -460,7 +491,11 @@ fn main() -> ExitCode {
                     token_file,
                 }
             });
-            rt.block_on(run_proxy(settings, identity))
+            let dataplane = trellis::proxy::dataplane::DataplaneSettings {
+                app_host,
+                vip_listeners: !no_vip_listeners,
+            };
+            rt.block_on(run_proxy(settings, identity, inbound_addr, dataplane))
         }
         Command::Proxies { conn, json } => client_result(rt.block_on(proxies(&conn, json))),
         Command::Ca { conn, command } => client_result(rt.block_on(admin::ca(&conn, command))),

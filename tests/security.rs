@@ -500,6 +500,7 @@ fn proxies_stream_over_mtls_renew_and_follow_a_rotation() {
         &data,
         "127.0.0.31",
         &[
+            "--no-vip-listeners",
             "--ca-file",
             s.ca.to_str().unwrap(),
             "--token-file",

@@ -61,6 +61,8 @@ pub enum RejectReason {
     AccessLog { path: String, error: std::io::Error },
     #[error("{0}")]
     Decode(String),
+    #[error("{0}")]
+    Route(#[from] super::route::MatcherError),
 }
 
 /// Reads the cached config, if a usable one is there.
@@ -101,6 +103,7 @@ pub fn check(settings: &DiscoverySettings, config: &ProxyConfig) -> Result<(), R
                 error,
             })?;
     }
+    super::dataplane::Routing::build(config)?;
     Ok(())
 }
 

@@ -4,7 +4,9 @@
 //! the rest of the request path come with the proxy issue.
 
 pub mod balance;
+pub mod dataplane;
 pub mod discovery;
 pub mod health;
 pub mod identity;
 pub mod route;
+pub mod upstream;

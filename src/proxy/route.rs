@@ -238,10 +238,20 @@ impl RouteTable {
 
     /// The first route that matches the request.
     pub fn select(&self, req: &RequestHead<'_>) -> Option<&CompiledRoute> {
-        self.routes
-            .iter()
-            .find(|(m, _)| matches(m, req))
-            .map(|(_, r)| r)
+        self.select_index(req).map(|i| &self.routes[i].1)
+    }
+
+    /// The position of the first route that matches (for state kept per route).
+    pub fn select_index(&self, req: &RequestHead<'_>) -> Option<usize> {
+        self.routes.iter().position(|(m, _)| matches(m, req))
+    }
+
+    pub fn route(&self, i: usize) -> Option<&CompiledRoute> {
+        self.routes.get(i).map(|(_, r)| r)
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &CompiledRoute> {
+        self.routes.iter().map(|(_, r)| r)
     }
 }
 

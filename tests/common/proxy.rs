@@ -28,10 +28,19 @@ impl Proxy {
         data_dir: &Path,
         advertise: &str,
     ) -> Proxy {
-        Self::start_with(control, mesh, role, data_dir, advertise, &[])
+        // Tests run side by side, each with its own control plane handing out the same VIPs.
+        Self::start_with(
+            control,
+            mesh,
+            role,
+            data_dir,
+            advertise,
+            &["--no-vip-listeners"],
+        )
     }
 
-    /// Like `start`, with more flags (`--ca-file`, `--token-file` …).
+    /// Like `start`, with more flags (`--ca-file`, `--token-file` …), and the backends' VIP
+    /// listeners bound unless `extra` says `--no-vip-listeners`.
     pub fn start_with(
         control: SocketAddr,
         mesh: &str,
@@ -57,7 +66,7 @@ impl Proxy {
                 "--advertise-addr",
                 advertise,
                 "--inbound-addr",
-                "127.0.0.1:15000",
+                &format!("{advertise}:0"),
             ])
             .args(extra)
             .stdin(Stdio::null())

@@ -1,0 +1,243 @@
+//! Traffic through the mesh with the real binaries: an app calls a virtual service's VIP,
+//! its proxy routes (weights, header matches, priority) to peer proxies' inbound listeners,
+//! which hand the requests to `trellis echo` apps; per-request timeouts answer 504 and a target
+//! without instances 503.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::proxy::Proxy;
+use common::{DevNode, wait_until};
+use http_body_util::{BodyExt, Empty};
+use serde_json::{Value, json};
+
+fn put(node: &DevNode, path: &str, body: Value) {
+    node.http_ok("PUT", path, Some(&body));
+}
+
+/// `trellis echo` on `addr`, killed on drop.
+struct Echo(Child);
+
+impl Echo {
+    fn start(addr: &str, name: &str) -> Echo {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args(["echo", "--listen", addr, "--name", name])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("trellis echo ready"), "{line}");
+        Echo(child)
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn route(red: u32, blue: u32) -> Value {
+    json!({"httpRoute": {"match": {"prefix": "/"}, "action": {"weightedTargets": [
+        {"virtualNode": "red", "weight": red}, {"virtualNode": "blue", "weight": blue}]}}})
+}
+
+fn mesh(node: &DevNode) {
+    put(node, "/v20190125/meshes", json!({"meshName": "demo"}));
+    for c in ["red", "blue"] {
+        put(
+            node,
+            "/v20190125/meshes/demo/virtualNodes",
+            json!({"virtualNodeName": c, "spec": {
+                "listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
+                "serviceDiscovery": {"dns": {"hostname": format!("{c}.demo.local")}}}}),
+        );
+    }
+    put(
+        node,
+        "/v20190125/meshes/demo/virtualRouters",
+        json!({"virtualRouterName": "color", "spec": {"listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}]}}),
+    );
+    put(
+        node,
+        "/v20190125/meshes/demo/virtualRouter/color/routes",
+        json!({"routeName": "color", "spec": route(80, 20)}),
+    );
+    put(
+        node,
+        "/v20190125/meshes/demo/virtualServices",
+        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": {"virtualRouter": {"virtualRouterName": "color"}}}}),
+    );
+    put(
+        node,
+        "/v20190125/meshes/demo/virtualNodes",
+        json!({"virtualNodeName": "client", "spec": {"backends": [
+            {"virtualService": {"virtualServiceName": "color.demo.local"}}]}}),
+    );
+}
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Empty<Bytes>,
+>;
+
+/// GET `http://vip/…` with `headers`: (status, echo's name or the body).
+async fn get(client: &Client, vip: SocketAddr, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut req = http::Request::get(format!("http://{vip}/color"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = match client.request(req.body(Empty::new()).unwrap()).await {
+        Ok(r) => r,
+        Err(e) => return (0, e.to_string()),
+    };
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let name = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v["name"].as_str().map(str::to_string))
+        .unwrap_or(text);
+    (status, name)
+}
+
+fn endpoints(proxy: &Proxy, node: &str) -> usize {
+    proxy.cached().map_or(0, |c| {
+        c["config"]["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|cl| cl["virtual_node"] == node)
+            .map(|cl| cl["endpoints"].as_array().map_or(0, Vec::len))
+            .sum()
+    })
+}
+
+#[test]
+fn requests_follow_routes_weights_and_timeouts_through_two_proxies() {
+    let node = DevNode::start();
+    mesh(&node);
+    let _red_app = Echo::start("127.0.0.61:9080", "red");
+    let _blue_app = Echo::start("127.0.0.62:9080", "blue");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |i: usize, role: &str, ip: &str| {
+        Proxy::start_with(
+            node.grpc_addr(),
+            "demo",
+            ["--virtual-node", role],
+            dirs[i].path(),
+            ip,
+            &["--app-host", ip],
+        )
+    };
+    let red = start(0, "red", "127.0.0.61");
+    let mut blue = start(1, "blue", "127.0.0.62");
+    let client = start(2, "client", "127.0.0.63");
+    for p in [&red, &blue, &client] {
+        p.wait_ready(Duration::from_secs(20));
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || endpoints(&client, "red") == 1
+            && endpoints(&client, "blue") == 1),
+        "endpoints never reached the client: {:?}",
+        client.cached()
+    );
+    let vip: SocketAddr = format!(
+        "{}:9080",
+        client.cached().unwrap()["config"]["outbound"][0]["vip"]
+            .as_str()
+            .unwrap()
+    )
+    .parse()
+    .unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let http: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while get(&http, vip, &[]).await.0 != 200 {
+            assert!(Instant::now() < deadline, "the VIP never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // An 80/20 split over 10,000 requests, within ±3 %.
+        let mut counts: HashMap<String, u32> = HashMap::new();
+        for _ in 0..10_000 {
+            let (status, name) = get(&http, vip, &[]).await;
+            assert_eq!(status, 200, "{name}");
+            *counts.entry(name).or_default() += 1;
+        }
+        let red_share = counts.get("red").copied().unwrap_or(0);
+        assert!((7_700..=8_300).contains(&red_share), "{counts:?}");
+    });
+
+    // A header match at priority 0 sends canaries to blue, with a 300 ms per-request timeout.
+    put(
+        &node,
+        "/v20190125/meshes/demo/virtualRouter/color/routes",
+        json!({"routeName": "canary", "spec": {"priority": 0, "httpRoute": {
+            "match": {"prefix": "/", "headers": [{"name": "x-canary", "match": {"exact": "yes"}}]},
+            "action": {"weightedTargets": [{"virtualNode": "blue", "weight": 1}]},
+            "timeout": {"perRequest": {"unit": "ms", "value": 300}}}}}),
+    );
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut all_blue = true;
+            for _ in 0..20 {
+                all_blue &= get(&http, vip, &[("x-canary", "yes")]).await == (200, "blue".into());
+            }
+            if all_blue {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the canary route never took effect"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let t = Instant::now();
+        let (status, body) = get(
+            &http,
+            vip,
+            &[("x-canary", "yes"), ("x-echo-delay-ms", "3000")],
+        )
+        .await;
+        assert_eq!(status, 504, "{body}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    });
+
+    // Blue goes away: canaries get 503 (no endpoint) once the registry says so.
+    blue.terminate();
+    assert!(wait_until(Duration::from_secs(10), || endpoints(
+        &client, "blue"
+    ) == 0));
+    rt.block_on(async {
+        let (status, body) = get(&http, vip, &[("x-canary", "yes")]).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("no healthy endpoint"), "{body}");
+        // The 80/20 route still reaches red; its blue share has nowhere to go (Envoy's 503).
+        let mut statuses = Vec::new();
+        for _ in 0..20 {
+            statuses.push(get(&http, vip, &[]).await.0);
+        }
+        assert!(statuses.contains(&200), "{statuses:?}");
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 503),
+            "{statuses:?}"
+        );
+    });
+    drop(red);
+}
