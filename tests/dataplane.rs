@@ -11,14 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::mesh::{self, put};
 use common::proxy::Proxy;
 use common::{DevNode, wait_until};
 use http_body_util::{BodyExt, Empty};
 use serde_json::{Value, json};
-
-fn put(node: &DevNode, path: &str, body: Value) {
-    node.http_ok("PUT", path, Some(&body));
-}
 
 /// `trellis echo` on `addr`, killed on drop.
 struct Echo(Child);
@@ -48,43 +45,10 @@ impl Drop for Echo {
     }
 }
 
-fn route(red: u32, blue: u32) -> Value {
-    json!({"httpRoute": {"match": {"prefix": "/"}, "action": {"weightedTargets": [
-        {"virtualNode": "red", "weight": red}, {"virtualNode": "blue", "weight": blue}]}}})
-}
-
 fn mesh(node: &DevNode) {
-    put(node, "/v20190125/meshes", json!({"meshName": "demo"}));
-    for c in ["red", "blue"] {
-        put(
-            node,
-            "/v20190125/meshes/demo/virtualNodes",
-            json!({"virtualNodeName": c, "spec": {
-                "listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
-                "serviceDiscovery": {"dns": {"hostname": format!("{c}.demo.local")}}}}),
-        );
-    }
-    put(
-        node,
-        "/v20190125/meshes/demo/virtualRouters",
-        json!({"virtualRouterName": "color", "spec": {"listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}]}}),
-    );
-    put(
-        node,
-        "/v20190125/meshes/demo/virtualRouter/color/routes",
-        json!({"routeName": "color", "spec": route(80, 20)}),
-    );
-    put(
-        node,
-        "/v20190125/meshes/demo/virtualServices",
-        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": {"virtualRouter": {"virtualRouterName": "color"}}}}),
-    );
-    put(
-        node,
-        "/v20190125/meshes/demo/virtualNodes",
-        json!({"virtualNodeName": "client", "spec": {"backends": [
-            {"virtualService": {"virtualServiceName": "color.demo.local"}}]}}),
-    );
+    let client =
+        json!({"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}]});
+    mesh::color_mesh(node, 80, 20, client);
 }
 
 type Client = hyper_util::client::legacy::Client<

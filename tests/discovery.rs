@@ -9,52 +9,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::app::App;
+use common::mesh::{self, put, route};
 use common::proxy::Proxy;
 use common::{DevNode, wait_until};
 use serde_json::{Value, json};
 
-fn put(node: &DevNode, path: &str, body: Value) {
-    node.http_ok("PUT", path, Some(&body));
-}
-
-/// mesh demo: red and blue behind router color (route `color`), service color.demo.local, and
-/// virtual node `client` calling it.
+/// The color mesh with an even split and `client` calling color (and later) services.
 fn color_mesh(node: &DevNode) {
-    put(node, "/v20190125/meshes", json!({"meshName": "demo"}));
-    for c in ["red", "blue"] {
-        put(
-            node,
-            "/v20190125/meshes/demo/virtualNodes",
-            json!({"virtualNodeName": c, "spec": {
-            "listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
-            "serviceDiscovery": {"dns": {"hostname": format!("{c}.demo.local")}}}}),
-        );
-    }
-    put(
-        node,
-        "/v20190125/meshes/demo/virtualRouters",
-        json!({"virtualRouterName": "color", "spec": {"listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}]}}),
-    );
-    put(
-        node,
-        "/v20190125/meshes/demo/virtualRouter/color/routes",
-        json!({"routeName": "color", "spec": route(1, 1)}),
-    );
-    put(
-        node,
-        "/v20190125/meshes/demo/virtualServices",
-        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": {"virtualRouter": {"virtualRouterName": "color"}}}}),
-    );
-    put(
-        node,
-        "/v20190125/meshes/demo/virtualNodes",
-        json!({"virtualNodeName": "client", "spec": client_spec(None)}),
-    );
-}
-
-fn route(red: u32, blue: u32) -> Value {
-    json!({"httpRoute": {"match": {"prefix": "/"}, "action": {"weightedTargets": [
-        {"virtualNode": "red", "weight": red}, {"virtualNode": "blue", "weight": blue}]}}})
+    mesh::color_mesh(node, 1, 1, client_spec(None));
 }
 
 fn client_spec(log_path: Option<&str>) -> Value {
