@@ -124,7 +124,7 @@ impl Endpoint {
                     tls::client_config(&roots, None, &[b"http/1.1"])
                         .map_err(|e| err(e.to_string()))?
                 }
-                None if self.unverified => unverified_config(),
+                None if self.unverified => unverified_config().map_err(|e| err(e.to_string()))?,
                 None => {
                     return Err(err(
                         "https needs the mesh CA bundle: pass --ca-file (trellis ca show > ca.pem)"
@@ -167,7 +167,7 @@ impl Endpoint {
 
 /// A TLS client that accepts any certificate (signatures are still checked, so the handshake
 /// is real); see [`Endpoint::unverified`].
-fn unverified_config() -> Arc<rustls::ClientConfig> {
+fn unverified_config() -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::{DigitallySignedStruct, SignatureScheme};
     use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
@@ -219,13 +219,12 @@ fn unverified_config() -> Arc<rustls::ClientConfig> {
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
+        .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(config)
+    Ok(Arc::new(config))
 }
 
 async fn send<T>(

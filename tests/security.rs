@@ -313,18 +313,25 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
 
-async fn identity_client(s: &Secure) -> IdentityClient<tonic::transport::Channel> {
+/// A gRPC channel to the node, trusting its bundle, presenting `client` (chain, key) if given.
+async fn channel(s: &Secure, client: Option<(&str, &str)>) -> tonic::transport::Channel {
     let bundle = std::fs::read_to_string(&s.ca).unwrap();
-    let tls = tonic::transport::ClientTlsConfig::new()
+    let mut tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(bundle));
-    let channel = tonic::transport::Endpoint::from_shared(s.grpc_url())
+    if let Some((chain, key)) = client {
+        tls = tls.identity(tonic::transport::Identity::from_pem(chain, key));
+    }
+    tonic::transport::Endpoint::from_shared(s.grpc_url())
         .unwrap()
         .tls_config(tls)
         .unwrap()
         .connect()
         .await
-        .unwrap();
-    IdentityClient::new(channel)
+        .unwrap()
+}
+
+async fn identity_client(s: &Secure) -> IdentityClient<tonic::transport::Channel> {
+    IdentityClient::new(channel(s, None).await)
 }
 
 fn issue(s: &Secure, token: &str, node: &str, csr: &str) -> Result<String, tonic::Status> {
@@ -525,16 +532,7 @@ fn proxies_stream_over_mtls_renew_and_follow_a_rotation() {
     let refused = runtime().block_on(async {
         use trellis::wire::discovery::discovery_client::DiscoveryClient;
         use trellis::wire::discovery::{Hello, ProxyMessage, hello, proxy_message};
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&bundle))
-            .identity(tonic::transport::Identity::from_pem(&chain, &key));
-        let channel = tonic::transport::Endpoint::from_shared(s.grpc_url())
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = channel(&s, Some((&chain, &key))).await;
         let hello = ProxyMessage {
             kind: Some(proxy_message::Kind::Hello(Hello {
                 proxy_id: "impostor".into(),

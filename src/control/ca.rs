@@ -238,7 +238,7 @@ pub fn renew(
     if !exists {
         return Err(ApiError::forbidden(format!(
             "{} in mesh {mesh} no longer exists",
-            crate::model::security::role_name(&role)
+            role.resource_name()
         )));
     }
     sign(consensus, &mesh, &role, &token_id, csr_pem, lifetime)

@@ -64,13 +64,6 @@ fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn resource_name(role: &ProxyRole) -> String {
-    match role {
-        ProxyRole::VirtualNode(n) => format!("virtualNode/{n}"),
-        ProxyRole::VirtualGateway(g) => format!("virtualGateway/{g}"),
-    }
-}
-
 enum RegistryChange {
     Upsert(Instance),
     Remove(String),
@@ -274,7 +267,7 @@ impl Discovery for Xds {
                 ProxyStatus {
                     proxy_id: hello.proxy_id.clone(),
                     mesh: hello.mesh.clone(),
-                    resource: resource_name(&role),
+                    resource: role.resource_name(),
                     address: SocketAddr::new(address, hello.inbound_port as u16).to_string(),
                     healthy: hello.healthy,
                     version_sent: 0,

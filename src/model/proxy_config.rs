@@ -49,6 +49,25 @@ pub enum ProxyRole {
     VirtualGateway(String),
 }
 
+impl ProxyRole {
+    /// `virtualNode/<name>` or `virtualGateway/<name>`.
+    pub fn resource_name(&self) -> String {
+        match self {
+            Self::VirtualNode(n) => format!("virtualNode/{n}"),
+            Self::VirtualGateway(g) => format!("virtualGateway/{g}"),
+        }
+    }
+
+    /// The key of the virtual node or gateway this role serves in `mesh`.
+    pub fn key(&self, mesh: &str) -> super::resource::ResourceKey {
+        use super::resource::{ResourceKey, ResourceKind};
+        match self {
+            Self::VirtualNode(n) => ResourceKey::in_mesh(ResourceKind::VirtualNode, mesh, n),
+            Self::VirtualGateway(g) => ResourceKey::in_mesh(ResourceKind::VirtualGateway, mesh, g),
+        }
+    }
+}
+
 /// Timeouts resolved to milliseconds (0 = none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timeouts {

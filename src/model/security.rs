@@ -203,7 +203,7 @@ impl Security {
                 if !node_exists(&t.mesh, &t.role) {
                     return Err(ApiError::not_found(format!(
                         "{} in mesh {} does not exist",
-                        role_name(&t.role),
+                        t.role.resource_name(),
                         t.mesh
                     )));
                 }
@@ -242,15 +242,15 @@ impl Security {
                     return Err(ApiError::forbidden(format!(
                         "token {} is for {} in mesh {}, not {} in mesh {mesh}",
                         t.id,
-                        role_name(&t.role),
+                        t.role.resource_name(),
                         t.mesh,
-                        role_name(role)
+                        role.resource_name()
                     )));
                 }
                 if !node_exists(mesh, role) {
                     return Err(ApiError::forbidden(format!(
                         "{} in mesh {mesh} no longer exists",
-                        role_name(role)
+                        role.resource_name()
                     )));
                 }
                 if let Some(n) = &mut t.uses_left {
@@ -270,14 +270,6 @@ impl Security {
                 None => Err(ApiError::not_found(format!("no access key {id}"))),
             },
         }
-    }
-}
-
-/// `virtualNode/<name>` or `virtualGateway/<name>`.
-pub fn role_name(role: &ProxyRole) -> String {
-    match role {
-        ProxyRole::VirtualNode(n) => format!("virtualNode/{n}"),
-        ProxyRole::VirtualGateway(g) => format!("virtualGateway/{g}"),
     }
 }
 

@@ -363,9 +363,8 @@ impl MeshState {
             Command::Registry(u) => Ok(json!({ "changed": self.registry.apply(u) })),
             Command::Security(c) => {
                 let resources = &self.resources;
-                self.security.apply(c, |mesh, role| {
-                    resources.contains_key(&role_key(mesh, role))
-                })
+                self.security
+                    .apply(c, |mesh, role| resources.contains_key(&role.key(mesh)))
             }
         }
     }
@@ -377,12 +376,12 @@ impl MeshState {
 
     /// Whether the virtual node or gateway `role` exists in `mesh`.
     pub fn find_role(&self, mesh: &str, role: &ProxyRole) -> bool {
-        self.resources.contains_key(&role_key(mesh, role))
+        self.resources.contains_key(&role.key(mesh))
     }
 
     /// A virtual node's `serviceDiscovery.dns.hostname`, for its proxies' certificates.
     pub fn role_hostname(&self, mesh: &str, role: &ProxyRole) -> Option<String> {
-        match &self.resources.get(&role_key(mesh, role))?.spec {
+        match &self.resources.get(&role.key(mesh))?.spec {
             Spec::VirtualNode(vn) => vn
                 .service_discovery
                 .as_ref()?
@@ -818,13 +817,5 @@ impl Instances for MeshState {
             .healthy(mesh, &role)
             .map(|i| i.endpoint())
             .collect()
-    }
-}
-
-/// The key of a proxy role's resource.
-fn role_key(mesh: &str, role: &ProxyRole) -> ResourceKey {
-    match role {
-        ProxyRole::VirtualNode(n) => ResourceKey::in_mesh(ResourceKind::VirtualNode, mesh, n),
-        ProxyRole::VirtualGateway(g) => ResourceKey::in_mesh(ResourceKind::VirtualGateway, mesh, g),
     }
 }

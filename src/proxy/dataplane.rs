@@ -32,7 +32,15 @@ use crate::model::shapes::PortProtocol;
 struct OutboundPort {
     table: RouteTable,
     /// One per route of `table`, same order.
-    pickers: Vec<WeightedPicker>,
+    targets: Vec<RouteTargets>,
+}
+
+/// A route's weighted targets, resolved to their clusters when the config is built so a
+/// request only picks.
+struct RouteTargets {
+    picker: WeightedPicker,
+    /// Per target; `None` when the config has no cluster for it.
+    clusters: Vec<Option<Arc<Cluster>>>,
 }
 
 struct Cluster {
@@ -44,7 +52,6 @@ struct Cluster {
 #[derive(Default)]
 pub struct Routing {
     outbound: HashMap<SocketAddr, OutboundPort>,
-    clusters: HashMap<(String, u16), Cluster>,
     /// The node's listeners: app port → protocol.
     inbound: HashMap<u16, PortProtocol>,
 }
@@ -53,6 +60,16 @@ impl Routing {
     /// Compiles a config; a route that cannot be matched (a bad regex) refuses it.
     pub fn build(config: &ProxyConfig) -> Result<Routing, MatcherError> {
         let mut r = Routing::default();
+        let mut clusters: HashMap<(String, u16), Arc<Cluster>> = HashMap::new();
+        for c in &config.clusters {
+            clusters.insert(
+                (c.virtual_node.clone(), c.port),
+                Arc::new(Cluster {
+                    endpoints: c.endpoints.iter().map(|e| e.address).collect(),
+                    next: RoundRobin::default(),
+                }),
+            );
+        }
         for svc in &config.outbound {
             let Some(vip) = svc.vip else { continue };
             for l in &svc.listeners {
@@ -60,24 +77,22 @@ impl Routing {
                     continue;
                 }
                 let table = RouteTable::new(&l.routes)?;
-                let pickers = table
+                let targets = table
                     .routes()
-                    .map(|route| WeightedPicker::new(route.targets.iter().map(|t| t.weight)))
+                    .map(|route| RouteTargets {
+                        picker: WeightedPicker::new(route.targets.iter().map(|t| t.weight)),
+                        clusters: route
+                            .targets
+                            .iter()
+                            .map(|t| clusters.get(&(t.virtual_node.clone(), t.port)).cloned())
+                            .collect(),
+                    })
                     .collect();
                 r.outbound.insert(
                     SocketAddr::new(IpAddr::V4(vip), l.port),
-                    OutboundPort { table, pickers },
+                    OutboundPort { table, targets },
                 );
             }
-        }
-        for c in &config.clusters {
-            r.clusters.insert(
-                (c.virtual_node.clone(), c.port),
-                Cluster {
-                    endpoints: c.endpoints.iter().map(|e| e.address).collect(),
-                    next: RoundRobin::default(),
-                },
-            );
         }
         for l in &config.inbound {
             r.inbound.insert(l.port, l.protocol);
@@ -239,16 +254,20 @@ async fn outbound_request(
     let Some(i) = port.table.select_index(&head) else {
         return UpstreamError::NoRoute.response();
     };
-    let (Some(route), Some(picker)) = (port.table.route(i), port.pickers.get(i)) else {
+    let (Some(route), Some(targets)) = (port.table.route(i), port.targets.get(i)) else {
         return UpstreamError::NoRoute.response();
     };
-    let Some(target) = picker.pick().and_then(|t| route.targets.get(t)) else {
+    let Some(t) = targets.picker.pick() else {
         return UpstreamError::NoEndpoint(format!("route {}", route.name)).response();
     };
-    let cluster = routing
-        .clusters
-        .get(&(target.virtual_node.clone(), target.port));
-    let Some(endpoint) = cluster.and_then(|c| c.next.pick(&c.endpoints)).copied() else {
+    let (Some(target), Some(cluster)) = (route.targets.get(t), targets.clusters.get(t)) else {
+        return UpstreamError::NoEndpoint(format!("route {}", route.name)).response();
+    };
+    let endpoint = cluster
+        .as_ref()
+        .and_then(|c| c.next.pick(&c.endpoints))
+        .copied();
+    let Some(endpoint) = endpoint else {
         return UpstreamError::NoEndpoint(format!("{}:{}", target.virtual_node, target.port))
             .response();
     };

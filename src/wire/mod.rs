@@ -28,16 +28,6 @@ pub struct DecodeError {
     pub message: String,
 }
 
-/// Encodes a compiled config for the stream.
-pub fn encode_config(version: u64, config: &ProxyConfig, lease_seconds: u32) -> discovery::Config {
-    discovery::Config {
-        version,
-        // A ProxyConfig is plain data: serializing it cannot fail.
-        config_json: serde_json::to_vec(config).unwrap_or_default(),
-        lease_seconds,
-    }
-}
-
 pub fn decode_config(c: &discovery::Config) -> Result<ProxyConfig, DecodeError> {
     serde_json::from_slice(&c.config_json).map_err(|e| DecodeError {
         version: c.version,

@@ -16,7 +16,7 @@ use crate::identity::secret;
 use crate::model::ApiError;
 use crate::model::Command;
 use crate::model::proxy_config::ProxyRole;
-use crate::model::security::{AccessKey, JoinToken, SecurityCommand, role_name};
+use crate::model::security::{AccessKey, JoinToken, SecurityCommand};
 
 /// Longest a join token may live: 30 days.
 const MAX_TOKEN_TTL_SECONDS: u64 = 30 * 24 * 3600;
@@ -116,7 +116,7 @@ fn token_view(t: &JoinToken) -> Value {
     json!({
         "id": t.id,
         "meshName": t.mesh,
-        "resource": role_name(&t.role),
+        "resource": t.role.resource_name(),
         "createdAt": t.created_at,
         "expiresAt": t.expires_at,
         "usesLeft": t.uses_left,

@@ -68,19 +68,22 @@ pub async fn authenticate(State(s): Shared, req: Request<Body>, next: Next) -> R
     let Some((secret, read_only)) = key else {
         return forbidden(sigv4::SigV4Error::UnknownKey(auth.access_key_id.clone()).to_string());
     };
-    // Over HTTP/2 the host travels as `:authority`, which hyper keeps in the URI.
-    let mut headers = parts.headers.clone();
-    if !headers.contains_key(http::header::HOST)
-        && let Some(authority) = parts.uri.authority()
-        && let Ok(v) = http::HeaderValue::from_str(authority.as_str())
+    // Over HTTP/2 the host travels as `:authority`, which hyper keeps in the URI; only then
+    // is a copy of the headers needed.
+    let mut parts = parts;
+    if !parts.headers.contains_key(http::header::HOST)
+        && let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
     {
-        headers.insert(http::header::HOST, v);
+        parts.headers.insert(http::header::HOST, v);
     }
     let request = sigv4::Request {
         method: parts.method.as_str(),
         path: parts.uri.path(),
         query: parts.uri.query(),
-        headers: &headers,
+        headers: &parts.headers,
         body: &bytes,
     };
     let expect = sigv4::Expect {
