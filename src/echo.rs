@@ -1,12 +1,15 @@
 //! `trellis echo`: the built-in test server. It answers every HTTP/1.1 or h2c request with a
 //! JSON description of what it received (its own name, method, path, query, protocol version,
 //! headers, body size), and can be told to misbehave per request: `x-echo-status: 503` answers
-//! with that status, `x-echo-delay-ms: 250` waits first. For the demo, for tests, and for
-//! users debugging a mesh.
+//! with that status, `x-echo-delay-ms: 250` waits first; `--status` sets the status of every
+//! answer that asks for none. Each answer carries `served`, how many requests this server has
+//! answered (this one included), so a test can count the attempts that reached it. For the
+//! demo, for tests, and for users debugging a mesh.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,11 +30,17 @@ pub struct Echo {
 }
 
 impl Echo {
-    /// Binds `addr` (port 0 picks one) and serves until dropped.
-    pub async fn start(addr: SocketAddr, name: &str) -> std::io::Result<Echo> {
+    /// Binds `addr` (port 0 picks one) and serves until dropped; answers `status` unless a
+    /// request asks for another.
+    pub async fn start(addr: SocketAddr, name: &str, status: u16) -> std::io::Result<Echo> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let name: Arc<str> = Arc::from(name);
+        let status = http::StatusCode::from_u16(status).map_err(std::io::Error::other)?;
+        let name = Arc::new(Server {
+            name: name.to_string(),
+            status,
+            served: AtomicU64::new(0),
+        });
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -56,8 +65,14 @@ impl Drop for Echo {
     }
 }
 
+struct Server {
+    name: String,
+    status: http::StatusCode,
+    served: AtomicU64,
+}
+
 async fn answer(
-    name: Arc<str>,
+    server: Arc<Server>,
     req: http::Request<Incoming>,
 ) -> Result<http::Response<Full<Bytes>>, Infallible> {
     let header = |k: &str| {
@@ -69,7 +84,9 @@ async fn answer(
     let status = header("x-echo-status")
         .and_then(|s| u16::try_from(s).ok())
         .and_then(|s| http::StatusCode::from_u16(s).ok())
-        .unwrap_or(http::StatusCode::OK);
+        .unwrap_or(server.status);
+    let served = server.served.fetch_add(1, Ordering::Relaxed) + 1;
+    let name = &server.name;
     let delay = header("x-echo-delay-ms").map(Duration::from_millis);
     let headers: serde_json::Map<String, serde_json::Value> = req
         .headers()
@@ -92,7 +109,8 @@ async fn answer(
         tokio::time::sleep(d.min(MAX_DELAY)).await;
     }
     let body = json!({
-        "name": &*name,
+        "name": name,
+        "served": served,
         "method": method,
         "path": path,
         "query": query,
@@ -106,7 +124,7 @@ async fn answer(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
-    if let Ok(v) = http::HeaderValue::from_str(&name) {
+    if let Ok(v) = http::HeaderValue::from_str(name) {
         resp.headers_mut().insert("x-echo-name", v);
     }
     Ok(resp)
@@ -149,7 +167,7 @@ mod tests {
 
     #[tokio::test]
     async fn it_says_what_it_received_and_misbehaves_on_request() {
-        let echo = Echo::start("127.0.0.1:0".parse().unwrap(), "red")
+        let echo = Echo::start("127.0.0.1:0".parse().unwrap(), "red", 200)
             .await
             .unwrap();
         let (status, body) = get(echo.addr, "/color?x=1", &[("x-trace", "abc")], false).await;

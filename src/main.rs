@@ -117,6 +117,16 @@ enum Command {
         /// use another way in).
         #[arg(long)]
         no_vip_listeners: bool,
+        /// The explicit outbound listener: apps send here with `HTTP_PROXY`, or with a Host
+        /// naming a backend virtual service. `off` disables it.
+        #[arg(long, default_value = "127.0.0.1:15001")]
+        outbound_addr: String,
+        /// Retries may add at most this fraction of requests (the retry budget).
+        #[arg(long, default_value_t = 0.2)]
+        retry_budget_ratio: f64,
+        /// Retries always allowed per second, beside the ratio.
+        #[arg(long, default_value_t = 10)]
+        retry_budget_min_per_second: u32,
     },
     /// List the proxies connected to a control node.
     ///
@@ -159,6 +169,9 @@ enum Command {
         /// Reported in every answer (and the x-echo-name header).
         #[arg(long, default_value = "echo")]
         name: String,
+        /// The status of answers that ask for none (a failing app for tests and demos).
+        #[arg(long, default_value_t = 200)]
+        status: u16,
     },
     /// Print the version.
     Version,
@@ -316,7 +329,7 @@ fn announce_admin_key(node: &ControlNode, cfg: &ControlConfig) {
 async fn run_proxy(
     mut settings: DiscoverySettings,
     identity: Option<proxy_identity::IdentitySettings>,
-    inbound_addr: SocketAddr,
+    (inbound_addr, outbound_addr): (SocketAddr, Option<SocketAddr>),
     dataplane: trellis::proxy::dataplane::DataplaneSettings,
 ) -> ExitCode {
     init_logging("info");
@@ -328,6 +341,24 @@ async fn run_proxy(
             return ExitCode::from(1);
         }
     };
+    let outbound = match outbound_addr {
+        Some(a) => match tokio::net::TcpListener::bind(a).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("trellis: --outbound-addr {a}: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    let local =
+        |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    // Scripts and tests read the bound addresses here (port 0 picks one).
+    println!(
+        "trellis proxy listening: inbound={} outbound={}",
+        local(&inbound),
+        outbound.as_ref().map_or_else(|| "off".to_string(), local)
+    );
     settings.inbound_port = inbound
         .local_addr()
         .map_or(inbound_addr.port(), |a| a.port());
@@ -335,6 +366,7 @@ async fn run_proxy(
     let (current, mut applied) = tokio::sync::watch::channel(None);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (cert_tx, cert_rx) = tokio::sync::watch::channel(None);
+    let cert_rx_for_data = cert_rx.clone();
     let mut certs = None;
     if let Some(id) = identity {
         settings.cert = Some(cert_rx);
@@ -352,9 +384,12 @@ async fn run_proxy(
         app_host,
         stopped.clone(),
     ));
+    let peer_identity =
+        std::sync::Arc::new(trellis::proxy::tls::PeerIdentity::new(cert_rx_for_data));
     let data = tokio::spawn(trellis::proxy::dataplane::run(
         dataplane,
-        inbound,
+        trellis::proxy::dataplane::Listeners { inbound, outbound },
+        peer_identity,
         applied.clone(),
         stopped.clone(),
     ));
@@ -454,7 +489,26 @@ fn main() -> ExitCode {
             token_file,
             app_host,
             no_vip_listeners,
+            outbound_addr,
+            retry_budget_ratio,
+            retry_budget_min_per_second,
         } => {
+            let outbound_addr = match outbound_addr.as_str() {
+                "off" => None,
+                a => match a.parse::<SocketAddr>() {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        eprintln!("trellis: --outbound-addr {a:?}: {e} (an ip:port, or off)");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            if !(0.0..=10.0).contains(&retry_budget_ratio) {
+                eprintln!(
+                    "trellis: --retry-budget-ratio {retry_budget_ratio}: must be between 0 and 10"
+                );
+                return ExitCode::from(2);
+            }
             let ca_bundle = match ca_file.map(std::fs::read_to_string).transpose() {
                 Ok(b) => b,
                 Err(e) => {
@@ -494,8 +548,18 @@ fn main() -> ExitCode {
             let dataplane = trellis::proxy::dataplane::DataplaneSettings {
                 app_host,
                 vip_listeners: !no_vip_listeners,
+                budget: trellis::proxy::retry::BudgetSettings {
+                    ratio: retry_budget_ratio,
+                    min_per_second: retry_budget_min_per_second,
+                    ..Default::default()
+                },
             };
-            rt.block_on(run_proxy(settings, identity, inbound_addr, dataplane))
+            rt.block_on(run_proxy(
+                settings,
+                identity,
+                (inbound_addr, outbound_addr),
+                dataplane,
+            ))
         }
         Command::Proxies { conn, json } => client_result(rt.block_on(proxies(&conn, json))),
         Command::Ca { conn, command } => client_result(rt.block_on(admin::ca(&conn, command))),
@@ -503,8 +567,12 @@ fn main() -> ExitCode {
             client_result(rt.block_on(admin::token(&conn, command)))
         }
         Command::Keys { conn, command } => client_result(rt.block_on(admin::keys(&conn, command))),
-        Command::Echo { listen, name } => match rt.block_on(async {
-            let echo = trellis::echo::Echo::start(listen, &name).await?;
+        Command::Echo {
+            listen,
+            name,
+            status,
+        } => match rt.block_on(async {
+            let echo = trellis::echo::Echo::start(listen, &name, status).await?;
             println!("trellis echo ready: {}", echo.addr);
             shutdown_signal().await;
             Ok::<(), std::io::Error>(())

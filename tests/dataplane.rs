@@ -7,43 +7,15 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::echo::Echo;
 use common::mesh::{self, put};
 use common::proxy::Proxy;
 use common::{DevNode, wait_until};
 use http_body_util::{BodyExt, Empty};
 use serde_json::{Value, json};
-
-/// `trellis echo` on `addr`, killed on drop.
-struct Echo(Child);
-
-impl Echo {
-    fn start(addr: &str, name: &str) -> Echo {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
-            .args(["echo", "--listen", addr, "--name", name])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        use std::io::BufRead;
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with("trellis echo ready"), "{line}");
-        Echo(child)
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn mesh(node: &DevNode) {
     let client =

@@ -11,7 +11,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::ca::PkiError;
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -29,7 +29,8 @@ fn key(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| PkiError::CaKey)
 }
 
-fn roots(pem: &str) -> Result<Arc<RootCertStore>, PkiError> {
+/// A root store of every certificate in `pem`.
+pub fn root_store(pem: &str) -> Result<Arc<RootCertStore>, PkiError> {
     let mut store = RootCertStore::empty();
     for c in certs(pem)? {
         store.add(c).map_err(|_| PkiError::Certificate)?;
@@ -55,7 +56,7 @@ pub fn server_config(
         .map_err(tls_err)?;
     let builder = match client_roots {
         Some(r) => {
-            let mut v = WebPkiClientVerifier::builder_with_provider(roots(r)?, provider());
+            let mut v = WebPkiClientVerifier::builder_with_provider(root_store(r)?, provider());
             if client_auth_optional {
                 v = v.allow_unauthenticated();
             }
@@ -79,7 +80,7 @@ pub fn client_config(
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(tls_err)?
-        .with_root_certificates(roots(roots_pem)?);
+        .with_root_certificates(root_store(roots_pem)?);
     let mut config = match client {
         Some((chain, k)) => builder
             .with_client_auth_cert(certs(chain)?, key(k)?)

@@ -75,6 +75,9 @@ pub fn compile(
         .map(|(vn, port)| c.cluster(&vn, port, instances))
         .collect();
     config.trust_bundle = state.security().bundle_pem();
+    if let ProxyRole::VirtualNode(name) = role {
+        config.allowed_callers = c.callers_of(name);
+    }
     Ok(config)
 }
 
@@ -137,6 +140,7 @@ impl Compiler<'_> {
             access_log,
             gateway: None,
             trust_bundle: String::new(),
+            allowed_callers: Vec::new(),
         }
     }
 
@@ -220,6 +224,7 @@ impl Compiler<'_> {
             access_log,
             gateway: Some(GatewayConfig { listeners }),
             trust_bundle: String::new(),
+            allowed_callers: Vec::new(),
         }
     }
 
@@ -415,6 +420,63 @@ impl Compiler<'_> {
         })
     }
 
+    /// The virtual nodes and gateways whose backends (or gateway routes) include a virtual
+    /// service that routes to `node`.
+    fn callers_of(&self, node: &str) -> Vec<ProxyRole> {
+        let leads_here: BTreeSet<&str> = self
+            .state
+            .records()
+            .filter(|r| r.key.kind == ResourceKind::VirtualService && r.key.mesh == self.mesh)
+            .filter(|r| {
+                self.service(&r.key.name, None)
+                    .listeners
+                    .iter()
+                    .flat_map(|l| &l.routes)
+                    .flat_map(|r| &r.targets)
+                    .any(|t| t.virtual_node == node)
+            })
+            .map(|r| r.key.name.as_str())
+            .collect();
+        let mut callers = BTreeSet::new();
+        for r in self.state.records().filter(|r| r.key.mesh == self.mesh) {
+            match &r.spec {
+                Spec::VirtualNode(spec) => {
+                    let calls = spec
+                        .backends
+                        .iter()
+                        .flatten()
+                        .filter_map(|b| b.virtual_service.as_ref())
+                        .any(|b| leads_here.contains(b.virtual_service_name.as_str()));
+                    if calls {
+                        callers.insert(ProxyRole::VirtualNode(r.key.name.clone()));
+                    }
+                }
+                Spec::GatewayRoute(g) => {
+                    let target = [
+                        g.http_route.as_ref().map(|h| &h.action.target),
+                        g.http2_route.as_ref().map(|h| &h.action.target),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .map(|t| t.virtual_service.virtual_service_name.as_str())
+                    .chain(g.grpc_route.as_ref().map(|h| {
+                        h.action
+                            .target
+                            .virtual_service
+                            .virtual_service_name
+                            .as_str()
+                    }))
+                    .any(|s| leads_here.contains(s));
+                    if target {
+                        callers.insert(ProxyRole::VirtualGateway(r.key.parent.clone()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        callers.into_iter().collect()
+    }
+
     /// A target without a port uses the node's only listener, else the router's port.
     fn target_port(&self, node: &str, router_port: u16) -> u16 {
         match self.node_spec(node).and_then(|s| s.listeners.as_deref()) {
@@ -434,6 +496,7 @@ impl Compiler<'_> {
             virtual_node: node.to_string(),
             port,
             protocol: listener.map(|l| l.port_mapping.protocol),
+            tls_mode: listener.and_then(|l| l.tls.as_ref()).map(|t| t.mode),
             hostname: spec
                 .and_then(|s| s.service_discovery.as_ref())
                 .and_then(|d| d.dns.as_ref())

@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::shapes::{
     ClientPolicy, EgressFilterType, GrpcGatewayRouteMatch, GrpcRouteMatch, HealthCheckPolicy,
-    HttpGatewayRouteMatch, HttpGatewayRouteRewrite, HttpRouteMatch, ListenerTls, LoggingFormat,
-    OutlierDetection, PortProtocol, VirtualGatewayConnectionPool, VirtualGatewayHealthCheckPolicy,
-    VirtualGatewayListenerTls, VirtualNodeConnectionPool,
+    HttpGatewayRouteMatch, HttpGatewayRouteRewrite, HttpRouteMatch, ListenerTls, ListenerTlsMode,
+    LoggingFormat, OutlierDetection, PortProtocol, VirtualGatewayConnectionPool,
+    VirtualGatewayHealthCheckPolicy, VirtualGatewayListenerTls, VirtualNodeConnectionPool,
 };
 
 /// Per-request timeout when none is set (App Mesh's 15 s); 0 disables it.
@@ -41,6 +41,11 @@ pub struct ProxyConfig {
     /// with `trellis ca rotate`.
     #[serde(default)]
     pub trust_bundle: String,
+    /// Who may call this virtual node (App Mesh's access model): the virtual nodes and
+    /// gateways that list, among their backends or gateway-route targets, a virtual service
+    /// whose routes lead here. Checked on the caller's certificate.
+    #[serde(default)]
+    pub allowed_callers: Vec<ProxyRole>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -170,6 +175,9 @@ pub struct Cluster {
     pub port: u16,
     /// The target listener's protocol (`None` when the node or listener does not exist).
     pub protocol: Option<PortProtocol>,
+    /// The target listener's TLS mode (`None`: no `tls` block, the mesh's default mTLS).
+    #[serde(default)]
+    pub tls_mode: Option<ListenerTlsMode>,
     /// The node's `serviceDiscovery.dns.hostname`, which its certificate carries.
     pub hostname: Option<String>,
     /// Passive health checking, by the caller, from the target listener.

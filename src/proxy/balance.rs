@@ -1,10 +1,9 @@
 //! Choosing where a request goes: one of a route's weighted targets (App Mesh's relative
 //! weights; zero is allowed and never chosen; all zero means no target), then an endpoint of
-//! that target, round robin. Random numbers here only spread load (xorshift, seeded per
+//! that target (see `outlier`). Random numbers here only spread load (xorshift, seeded per
 //! thread), never protect anything.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Picks an index with probability proportional to its weight.
 #[derive(Debug, Clone)]
@@ -39,22 +38,6 @@ impl WeightedPicker {
 
     pub fn pick(&self) -> Option<usize> {
         self.pick_with(random_u64())
-    }
-}
-
-/// Round robin over a list that may change between calls (the index wraps).
-#[derive(Debug, Default)]
-pub struct RoundRobin {
-    next: AtomicUsize,
-}
-
-impl RoundRobin {
-    pub fn pick<'a, T>(&self, items: &'a [T]) -> Option<&'a T> {
-        if items.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        items.get(i % items.len())
     }
 }
 
@@ -108,14 +91,5 @@ mod tests {
         assert_eq!(p.pick_with(3), Some(3));
         assert_eq!(WeightedPicker::new([0, 0]).pick(), None);
         assert_eq!(WeightedPicker::new([]).pick(), None);
-    }
-
-    #[test]
-    fn round_robin_cycles() {
-        let rr = RoundRobin::default();
-        let items = ["a", "b", "c"];
-        let got: Vec<&str> = (0..6).map(|_| *rr.pick(&items).unwrap()).collect();
-        assert_eq!(got, ["a", "b", "c", "a", "b", "c"]);
-        assert_eq!(rr.pick::<u8>(&[]), None);
     }
 }

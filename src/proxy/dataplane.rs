@@ -1,13 +1,12 @@
-//! The request path of a virtual node's proxy, for HTTP/1.1 and HTTP/2 (h2c) so far:
-//! outbound, the app calls a backend's VIP:port; the proxy matches the listener's routes,
-//! picks a weighted target and one of its endpoints (round robin) and sends the request to
-//! that peer's inbound listener over pooled HTTP/2, within the route's per-request timeout.
-//! Inbound, a peer's request names the app port it is for (`x-trellis-target-port`) and goes
-//! to the app on that port. Each config is compiled into a `Routing` that requests take a
-//! reference to, so a swap never disturbs requests in flight; VIP listeners come and go with
-//! the backends.
+//! The data plane of a virtual node's proxy: its listeners and the compiled `Routing` that
+//! requests read. Outbound, apps reach a backend on its VIP:port, or through the explicit
+//! listener (`HTTP_PROXY`, routed by Host); `outbound` does the rest. Inbound, peers' requests
+//! arrive on one listener (mTLS, see `inbound`) and go to the app. Each config is compiled
+//! into a new `Routing` that requests take a reference to, so a swap never disturbs requests in
+//! flight; per-host outlier state, retry budgets and pool counters carry over. VIP listeners
+//! come and go with the backends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -15,63 +14,127 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-use super::balance::{RoundRobin, WeightedPicker};
+use super::balance::WeightedPicker;
 use super::discovery::AppliedConfig;
-use super::route::{MatcherError, RequestHead, RouteTable};
-use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError, Upstreams};
-use crate::model::proxy_config::ProxyConfig;
-use crate::model::shapes::PortProtocol;
+use super::inbound::{self, InboundPort};
+use super::outbound;
+use super::outlier::{EndpointSet, OutlierSettings};
+use super::retry::{BudgetSettings, RetryBudget};
+use super::route::{MatcherError, RouteTable};
+use super::tls::{PeerIdentity, PeerTls};
+use super::upstream::{Body, Upstreams};
+use crate::model::proxy_config::{OutboundService, ProxyConfig, ProxyRole};
+use crate::model::shapes::{EgressFilterType, ListenerTlsMode, PortProtocol};
 
-/// One outbound VIP:port.
-struct OutboundPort {
-    table: RouteTable,
+/// One port of a backend virtual service.
+pub struct OutboundPort {
+    pub service: String,
+    pub port: u16,
+    pub table: RouteTable,
     /// One per route of `table`, same order.
-    targets: Vec<RouteTargets>,
+    pub targets: Vec<RouteTargets>,
+    pub budget: Arc<RetryBudget>,
 }
 
 /// A route's weighted targets, resolved to their clusters when the config is built so a
 /// request only picks.
-struct RouteTargets {
-    picker: WeightedPicker,
+pub struct RouteTargets {
+    pub picker: WeightedPicker,
     /// Per target; `None` when the config has no cluster for it.
-    clusters: Vec<Option<Arc<Cluster>>>,
+    pub clusters: Vec<Option<Arc<Cluster>>>,
 }
 
-struct Cluster {
-    endpoints: Vec<SocketAddr>,
-    next: RoundRobin,
+/// Where a weighted target leads, as this caller reaches it.
+pub struct Cluster {
+    /// `virtualNode:port`, for messages.
+    pub name: String,
+    pub endpoints: EndpointSet,
+    pub tls: PeerTlsChoice,
+}
+
+/// How to reach a target's proxies.
+pub enum PeerTlsChoice {
+    /// The target listener's TLS is DISABLED (and no client policy enforces TLS).
+    Plain,
+    /// mTLS when this proxy has a certificate; plaintext otherwise, unless `required`.
+    Mtls {
+        peer: Arc<PeerTls>,
+        /// A client policy enforces TLS, or the target listener is STRICT.
+        required: bool,
+    },
 }
 
 /// Everything a request needs, compiled from one config.
 #[derive(Default)]
 pub struct Routing {
-    outbound: HashMap<SocketAddr, OutboundPort>,
-    /// The node's listeners: app port → protocol.
-    inbound: HashMap<u16, PortProtocol>,
+    pub mesh: String,
+    pub role: Option<ProxyRole>,
+    /// By VIP:port.
+    pub outbound: HashMap<SocketAddr, Arc<OutboundPort>>,
+    /// By virtual service name and port, for the explicit listener.
+    pub by_name: HashMap<(String, u16), Arc<OutboundPort>>,
+    pub egress: Option<EgressFilterType>,
+    /// The node's listeners by app port.
+    pub inbound: HashMap<u16, InboundPort>,
+    pub allowed_callers: HashSet<ProxyRole>,
+    clusters: HashMap<(String, u16), Arc<Cluster>>,
 }
 
 impl Routing {
-    /// Compiles a config; a route that cannot be matched (a bad regex) refuses it.
-    pub fn build(config: &ProxyConfig) -> Result<Routing, MatcherError> {
-        let mut r = Routing::default();
-        let mut clusters: HashMap<(String, u16), Arc<Cluster>> = HashMap::new();
+    /// Compiles a config; a route that cannot be matched (a bad regex) refuses it. State that
+    /// outlives configs (outlier records, budgets, pools) comes from `previous`.
+    pub fn build(
+        config: &ProxyConfig,
+        previous: &Routing,
+        budget: BudgetSettings,
+    ) -> Result<Routing, MatcherError> {
+        let mut r = Routing {
+            mesh: config.mesh.clone(),
+            role: Some(config.role.clone()),
+            egress: Some(config.egress_filter),
+            allowed_callers: config.allowed_callers.iter().cloned().collect(),
+            ..Routing::default()
+        };
+        let policies: HashMap<(String, u16), &OutboundService> = config
+            .outbound
+            .iter()
+            .flat_map(|s| {
+                s.listeners
+                    .iter()
+                    .flat_map(|l| &l.routes)
+                    .map(move |rt| (s, rt))
+            })
+            .flat_map(|(s, rt)| {
+                rt.targets
+                    .iter()
+                    .map(move |t| ((t.virtual_node.clone(), t.port), s))
+            })
+            .collect();
         for c in &config.clusters {
-            clusters.insert(
-                (c.virtual_node.clone(), c.port),
+            let key = (c.virtual_node.clone(), c.port);
+            let outlier = c.outlier_detection.as_ref().map(OutlierSettings::from);
+            let old = previous.clusters.get(&key).map(|c| &c.endpoints);
+            let policy = policies.get(&key).and_then(|s| s.client_policy.as_ref());
+            r.clusters.insert(
+                key,
                 Arc::new(Cluster {
-                    endpoints: c.endpoints.iter().map(|e| e.address).collect(),
-                    next: RoundRobin::default(),
+                    name: format!("{}:{}", c.virtual_node, c.port),
+                    endpoints: EndpointSet::new(
+                        c.endpoints.iter().map(|e| e.address),
+                        outlier,
+                        old,
+                    ),
+                    tls: tls_choice(config, c, policy),
                 }),
             );
         }
         for svc in &config.outbound {
-            let Some(vip) = svc.vip else { continue };
             for l in &svc.listeners {
                 if l.protocol == PortProtocol::Tcp {
                     continue;
@@ -84,18 +147,33 @@ impl Routing {
                         clusters: route
                             .targets
                             .iter()
-                            .map(|t| clusters.get(&(t.virtual_node.clone(), t.port)).cloned())
+                            .map(|t| r.clusters.get(&(t.virtual_node.clone(), t.port)).cloned())
                             .collect(),
                     })
                     .collect();
-                r.outbound.insert(
-                    SocketAddr::new(IpAddr::V4(vip), l.port),
-                    OutboundPort { table, targets },
-                );
+                let key = (svc.virtual_service.clone(), l.port);
+                let budget = previous
+                    .by_name
+                    .get(&key)
+                    .map(|p| p.budget.clone())
+                    .unwrap_or_else(|| Arc::new(RetryBudget::new(budget)));
+                let port = Arc::new(OutboundPort {
+                    service: svc.virtual_service.clone(),
+                    port: l.port,
+                    table,
+                    targets,
+                    budget,
+                });
+                if let Some(vip) = svc.vip {
+                    r.outbound
+                        .insert(SocketAddr::new(IpAddr::V4(vip), l.port), port.clone());
+                }
+                r.by_name.insert(key, port);
             }
         }
         for l in &config.inbound {
-            r.inbound.insert(l.port, l.protocol);
+            r.inbound
+                .insert(l.port, InboundPort::new(l, previous.inbound.get(&l.port)));
         }
         Ok(r)
     }
@@ -103,6 +181,53 @@ impl Routing {
     /// The VIP:ports the proxy listens on for this config.
     fn vip_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         self.outbound.keys().copied()
+    }
+
+    /// A backend by the name and port a request carries (`Host`), or by its VIP.
+    pub fn by_authority(&self, host: &str, port: u16) -> Option<&Arc<OutboundPort>> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return self.outbound.get(&SocketAddr::new(ip, port));
+        }
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.by_name.get(&(host, port))
+    }
+}
+
+/// App Mesh's rules: a client policy that applies to the port enforces TLS (with its SAN and
+/// trust rules); a DISABLED target listener is plaintext; otherwise mesh mTLS.
+fn tls_choice(
+    config: &ProxyConfig,
+    cluster: &crate::model::proxy_config::Cluster,
+    policy: Option<&crate::model::shapes::ClientPolicy>,
+) -> PeerTlsChoice {
+    let tls = policy.and_then(|p| p.tls.as_ref()).filter(|t| {
+        t.enforce != Some(false)
+            && t.ports
+                .as_ref()
+                .is_none_or(|ps| ps.is_empty() || ps.iter().any(|p| *p == i64::from(cluster.port)))
+    });
+    if tls.is_none() && cluster.tls_mode == Some(ListenerTlsMode::Disabled) {
+        return PeerTlsChoice::Plain;
+    }
+    let validation = tls.map(|t| &t.validation);
+    let peer = PeerTls {
+        sans: validation
+            .and_then(|v| v.subject_alternative_names.as_ref())
+            .map(|s| s.r#match.exact.clone())
+            .unwrap_or_default(),
+        mesh: config.mesh.clone(),
+        virtual_node: cluster.virtual_node.clone(),
+        trust_file: validation
+            .and_then(|v| v.trust.file.as_ref())
+            .map(|f| f.certificate_chain.clone()),
+        certificate_file: tls
+            .and_then(|t| t.certificate.as_ref())
+            .and_then(|c| c.file.as_ref())
+            .map(|f| (f.certificate_chain.clone(), f.private_key.clone())),
+    };
+    PeerTlsChoice::Mtls {
+        peer: Arc::new(peer),
+        required: tls.is_some() || cluster.tls_mode == Some(ListenerTlsMode::Strict),
     }
 }
 
@@ -113,45 +238,62 @@ pub struct DataplaneSettings {
     pub app_host: IpAddr,
     /// Whether to bind the backends' VIP:ports (off when several proxies share a host).
     pub vip_listeners: bool,
+    pub budget: BudgetSettings,
 }
 
-struct Shared {
-    routing: watch::Receiver<Arc<Routing>>,
-    upstreams: Upstreams,
-    settings: DataplaneSettings,
+pub struct Shared {
+    pub routing: watch::Receiver<Arc<Routing>>,
+    pub upstreams: Upstreams,
+    pub settings: DataplaneSettings,
 }
 
-/// Serves `inbound` and the VIP listeners of each config in force until `stop`.
+/// The sockets the data plane serves, bound by the caller (so port 0 can be reported).
+pub struct Listeners {
+    pub inbound: TcpListener,
+    /// The explicit outbound listener (`HTTP_PROXY`).
+    pub outbound: Option<TcpListener>,
+}
+
+/// Serves the listeners and the VIP listeners of each config in force until `stop`.
 pub async fn run(
     settings: DataplaneSettings,
-    inbound: TcpListener,
+    listeners: Listeners,
+    identity: Arc<PeerIdentity>,
     mut config: watch::Receiver<Option<Arc<AppliedConfig>>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let (routing_tx, routing) = watch::channel(Arc::new(Routing::default()));
     let shared = Arc::new(Shared {
         routing,
-        upstreams: Upstreams::default(),
+        upstreams: Upstreams::new(identity),
         settings,
     });
-    let inbound_task = {
-        let shared = shared.clone();
-        tokio::spawn(serve(inbound, move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(inbound_request(&shared, req).await) }
-        }))
-    };
+    let mut tasks =
+        vec![tokio::spawn(inbound::serve(shared.clone(), listeners.inbound)).abort_handle()];
+    if let Some(l) = listeners.outbound {
+        let s = shared.clone();
+        let task = tokio::spawn(serve(l, move |req| {
+            let s = s.clone();
+            async move { Ok::<_, Infallible>(outbound::explicit(&s, req).await) }
+        }));
+        tasks.push(task.abort_handle());
+    }
     let mut vips: HashMap<SocketAddr, AbortHandle> = HashMap::new();
     loop {
         let applied = config.borrow_and_update().clone();
         if let Some(applied) = applied {
-            match Routing::build(&applied.config) {
+            let previous = shared.routing.borrow().clone();
+            match Routing::build(&applied.config, &previous, shared.settings.budget) {
                 Ok(r) => {
                     let wanted: Vec<SocketAddr> = if shared.settings.vip_listeners {
                         r.vip_addrs().collect()
                     } else {
                         Vec::new()
                     };
+                    shared.upstreams.identity().set_trust(
+                        &applied.config.trust_bundle,
+                        inbound::client_roots(&applied.config),
+                    );
                     routing_tx.send_replace(Arc::new(r));
                     reconcile(&shared, &mut vips, &wanted).await;
                 }
@@ -167,7 +309,9 @@ pub async fn run(
     for (_, h) in vips {
         h.abort();
     }
-    inbound_task.abort();
+    for t in tasks {
+        t.abort();
+    }
 }
 
 /// Binds new VIP listeners and stops the ones no longer wanted (their open connections
@@ -195,7 +339,7 @@ async fn reconcile(
                 let local = *addr;
                 let task = tokio::spawn(serve(listener, move |req| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(outbound_request(&shared, local, req).await) }
+                    async move { Ok::<_, Infallible>(outbound::vip(&shared, local, req).await) }
                 }));
                 vips.insert(*addr, task.abort_handle());
                 tracing::info!(%addr, "outbound listener open");
@@ -205,8 +349,21 @@ async fn reconcile(
     }
 }
 
+/// How long a client may take to send a request head (slowloris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The HTTP server settings every listener shares.
+pub fn http_builder() -> Builder<TokioExecutor> {
+    let mut b = Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    b.http2().timer(TokioTimer::new());
+    b
+}
+
 /// Accepts connections and serves each (HTTP/1.1 or h2c) in its own task.
-async fn serve<F, Fut>(listener: TcpListener, handler: F)
+pub async fn serve<F, Fut>(listener: TcpListener, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
@@ -224,7 +381,7 @@ where
         let handler = handler.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(handler);
-            if let Err(e) = Builder::new(TokioExecutor::new())
+            if let Err(e) = http_builder()
                 .serve_connection_with_upgrades(TokioIo::new(tcp), service)
                 .await
             {
@@ -232,86 +389,4 @@ where
             }
         });
     }
-}
-
-async fn outbound_request(
-    shared: &Shared,
-    local: SocketAddr,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
-    let routing = shared.routing.borrow().clone();
-    let Some(port) = routing.outbound.get(&local) else {
-        return UpstreamError::NoRoute.response();
-    };
-    let head = RequestHead {
-        method: req.method(),
-        path: req.uri().path(),
-        query: req.uri().query(),
-        headers: req.headers(),
-        scheme: "http",
-        port: local.port(),
-    };
-    let Some(i) = port.table.select_index(&head) else {
-        return UpstreamError::NoRoute.response();
-    };
-    let (Some(route), Some(targets)) = (port.table.route(i), port.targets.get(i)) else {
-        return UpstreamError::NoRoute.response();
-    };
-    let Some(t) = targets.picker.pick() else {
-        return UpstreamError::NoEndpoint(format!("route {}", route.name)).response();
-    };
-    let (Some(target), Some(cluster)) = (route.targets.get(t), targets.clusters.get(t)) else {
-        return UpstreamError::NoEndpoint(format!("route {}", route.name)).response();
-    };
-    let endpoint = cluster
-        .as_ref()
-        .and_then(|c| c.next.pick(&c.endpoints))
-        .copied();
-    let Some(endpoint) = endpoint else {
-        return UpstreamError::NoEndpoint(format!("{}:{}", target.virtual_node, target.port))
-            .response();
-    };
-    req.headers_mut()
-        .insert(TARGET_PORT, http::HeaderValue::from(target.port));
-    let send = shared.upstreams.send(Hop::Peer(endpoint), req);
-    let limit = route.timeouts.per_request_ms;
-    let result = if limit == 0 {
-        send.await
-    } else {
-        match tokio::time::timeout(Duration::from_millis(limit), send).await {
-            Ok(r) => r,
-            Err(_) => return timeout_response(limit),
-        }
-    };
-    result.unwrap_or_else(|e| e.response())
-}
-
-fn timeout_response(ms: u64) -> Response<Body> {
-    let mut r = Response::new(super::upstream::full(format!(
-        "trellis: upstream request timeout ({ms} ms)\n"
-    )));
-    *r.status_mut() = http::StatusCode::GATEWAY_TIMEOUT;
-    r
-}
-
-async fn inbound_request(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
-    let port = req
-        .headers_mut()
-        .remove(TARGET_PORT)
-        .and_then(|v| v.to_str().ok().and_then(|s| s.parse::<u16>().ok()));
-    let Some(port) = port else {
-        return UpstreamError::BadRequest(format!("missing or invalid {TARGET_PORT}")).response();
-    };
-    let protocol = shared.routing.borrow().inbound.get(&port).copied();
-    let Some(protocol) = protocol else {
-        return UpstreamError::NoEndpoint(format!("this node has no listener on port {port}"))
-            .response();
-    };
-    let h2 = matches!(protocol, PortProtocol::Http2 | PortProtocol::Grpc);
-    let addr = SocketAddr::new(shared.settings.app_host, port);
-    shared
-        .upstreams
-        .send(Hop::App { addr, h2 }, req)
-        .await
-        .unwrap_or_else(|e| e.response())
 }

@@ -103,7 +103,11 @@ pub fn check(settings: &DiscoverySettings, config: &ProxyConfig) -> Result<(), R
                 error,
             })?;
     }
-    super::dataplane::Routing::build(config)?;
+    super::dataplane::Routing::build(
+        config,
+        &super::dataplane::Routing::default(),
+        super::retry::BudgetSettings::default(),
+    )?;
     Ok(())
 }
 

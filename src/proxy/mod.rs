@@ -1,12 +1,18 @@
-//! The data-plane proxy for one virtual node or virtual gateway. So far: `discovery`, its only
-//! link to the control plane (the config stream, with an on-disk cache), and `health`, the
-//! local app's health checks that the stream reports. Listeners, routing and
-//! the rest of the request path come with the proxy issue.
+//! The data-plane proxy for one virtual node or virtual gateway: `discovery` (its only link to
+//! the control plane), `identity` (its certificate), `health` (the local app's checks), and the
+//! request path: `dataplane` (listeners and the compiled routing), `outbound` (route, target,
+//! retries), `inbound` (mTLS, access, pools), `route`, `balance`, `outlier`, `retry`, `tls`
+//! and `upstream` (connection pools).
 
 pub mod balance;
 pub mod dataplane;
 pub mod discovery;
 pub mod health;
 pub mod identity;
+pub mod inbound;
+pub mod outbound;
+pub mod outlier;
+pub mod retry;
 pub mod route;
+pub mod tls;
 pub mod upstream;

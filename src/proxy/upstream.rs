@@ -1,18 +1,26 @@
 //! Sending a request on: to a peer proxy's inbound listener (pooled HTTP/2, so many requests
 //! share a few connections) or to the local app (HTTP/1.1 or h2c, as its listener's protocol
-//! says). Hop-by-hop headers never cross a hop; the answer streams back as it arrives.
+//! says). Peer connections are mTLS when the target's profile asks (see `tls`). Hop-by-hop headers never cross a hop; the answer streams back as it arrives.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
-use http::{Request, Response, StatusCode};
+use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::tls::{ALPN_H2, PeerIdentity, PeerTls};
 
 /// The body every hop carries.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -20,15 +28,30 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// The header that tells a peer's inbound listener which of its app's ports a request is for.
 pub const TARGET_PORT: &str = "x-trellis-target-port";
 
-/// Where a failure came from, with the status the caller gets (Envoy's choices).
+/// Where a failure came from, with the status the caller gets (Envoy's choices) and whether
+/// the request may be sent again.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("no route matches")]
     NoRoute,
     #[error("no healthy endpoint for {0}")]
     NoEndpoint(String),
-    #[error("upstream {addr}: {message}")]
+    /// No connection could be made (App Mesh's connection-error); nothing was sent.
+    #[error("upstream connect error {addr}: {message}")]
     Connect { addr: SocketAddr, message: String },
+    /// The peer refused the stream before processing it (stream-error); nothing was processed.
+    #[error("upstream {addr} refused the stream: {message}")]
+    Refused { addr: SocketAddr, message: String },
+    /// The connection or stream broke after the request went out.
+    #[error("upstream {addr} reset before the response: {message}")]
+    Reset { addr: SocketAddr, message: String },
+    #[error("upstream request timeout ({0} ms)")]
+    Timeout(u64),
+    /// A connection pool limit of the listener is reached.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     #[error("bad request: {0}")]
     BadRequest(String),
 }
@@ -37,7 +60,13 @@ impl UpstreamError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::NoEndpoint(_) | Self::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoEndpoint(_)
+            | Self::Connect { .. }
+            | Self::Refused { .. }
+            | Self::Reset { .. }
+            | Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
         }
     }
@@ -60,23 +89,161 @@ pub fn full(text: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
-/// Connection pools: HTTP/2 to peers and h2c apps, HTTP/1.1 to HTTP/1 apps.
-#[derive(Clone)]
+/// Connection pools: pooled HTTP/2 to peers (one pool per TLS profile, since the profile
+/// decides whom a connection may be to), h2c or HTTP/1.1 to the local app.
 pub struct Upstreams {
-    h2: Client<HttpConnector, Incoming>,
-    h1: Client<HttpConnector, Incoming>,
+    identity: Arc<PeerIdentity>,
+    plain_peers: Client<PeerConnector, Body>,
+    tls_peers: Mutex<HashMap<Arc<PeerTls>, Client<PeerConnector, Body>>>,
+    app_h2: Client<HttpConnector, Body>,
+    app_h1: Client<HttpConnector, Body>,
 }
 
-impl Default for Upstreams {
-    fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+fn http_connector() -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+    connector
+}
+
+impl Upstreams {
+    pub fn new(identity: Arc<PeerIdentity>) -> Self {
         Self {
-            h2: Client::builder(TokioExecutor::new())
+            plain_peers: peer_client(PeerConnector {
+                http: http_connector(),
+                tls: None,
+            }),
+            tls_peers: Mutex::new(HashMap::new()),
+            identity,
+            app_h2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
-                .build(connector.clone()),
-            h1: Client::builder(TokioExecutor::new()).build(connector),
+                .build(http_connector()),
+            app_h1: Client::builder(TokioExecutor::new()).build(http_connector()),
+        }
+    }
+
+    pub fn identity(&self) -> &Arc<PeerIdentity> {
+        &self.identity
+    }
+
+    fn peer_client(&self, tls: Option<&Arc<PeerTls>>) -> Client<PeerConnector, Body> {
+        let Some(tls) = tls else {
+            return self.plain_peers.clone();
+        };
+        let mut clients = self.tls_peers.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .entry(tls.clone())
+            .or_insert_with(|| {
+                peer_client(PeerConnector {
+                    http: http_connector(),
+                    tls: Some((self.identity.clone(), tls.clone())),
+                })
+            })
+            .clone()
+    }
+}
+
+fn peer_client(connector: PeerConnector) -> Client<PeerConnector, Body> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(connector)
+}
+
+/// TCP, then TLS when the profile asks for it.
+#[derive(Clone)]
+pub struct PeerConnector {
+    http: HttpConnector,
+    tls: Option<(Arc<PeerIdentity>, Arc<PeerTls>)>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower::Service<Uri> for PeerConnector {
+    type Response = TokioIo<PeerStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mut http = self.http.clone();
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let tcp = http.call(uri).await?.into_inner();
+            let Some((identity, peer)) = tls else {
+                return Ok(TokioIo::new(PeerStream::Plain(tcp)));
+            };
+            let config = identity.client_config(&peer, ALPN_H2)?;
+            let ip = tcp.peer_addr()?.ip();
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(ServerName::IpAddress(ip.into()), tcp)
+                .await?;
+            Ok(TokioIo::new(PeerStream::Tls(Box::new(stream))))
+        })
+    }
+}
+
+/// A connection to a peer proxy.
+pub enum PeerStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Connection for PeerStream {
+    fn connected(&self) -> Connected {
+        match self {
+            Self::Plain(s) => s.connected(),
+            Self::Tls(s) => {
+                let (tcp, tls) = s.get_ref();
+                let c = tcp.connected();
+                if tls.alpn_protocol() == Some(ALPN_H2) {
+                    c.negotiated_h2()
+                } else {
+                    c
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -112,11 +279,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The next hop of a request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Hop {
-    /// A peer proxy's inbound listener: HTTP/2, the Host header kept for the app behind it
-    /// (our own inbound reads it; `:authority` names the peer).
-    Peer(SocketAddr),
+    /// A peer proxy's inbound listener: HTTP/2 (over mTLS with a profile), the Host header
+    /// kept for the app behind it (our own inbound reads it; `:authority` names the peer).
+    Peer {
+        addr: SocketAddr,
+        tls: Option<Arc<PeerTls>>,
+    },
     /// The local app, over HTTP/2 (h2c) or HTTP/1.1.
     App { addr: SocketAddr, h2: bool },
 }
@@ -126,11 +296,11 @@ impl Upstreams {
     pub async fn send(
         &self,
         hop: Hop,
-        req: Request<Incoming>,
+        req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let (addr, h2, keep_host) = match hop {
-            Hop::Peer(addr) => (addr, true, true),
-            Hop::App { addr, h2 } => (addr, h2, !h2),
+        let (addr, h2, keep_host) = match &hop {
+            Hop::Peer { addr, .. } => (*addr, true, true),
+            Hop::App { addr, h2 } => (*addr, *h2, !*h2),
         };
         let (mut parts, body) = req.into_parts();
         let path = parts
@@ -152,17 +322,27 @@ impl Upstreams {
             // HTTP/2 carries the authority in :authority; a Host header must agree or go.
             parts.headers.remove(header::HOST);
         }
-        let client = if h2 { &self.h2 } else { &self.h1 };
-        let resp = client
-            .request(Request::from_parts(parts, body))
-            .await
-            .map_err(|e| UpstreamError::Connect {
-                addr,
-                message: error_chain(&e),
-            })?;
+        let req = Request::from_parts(parts, body);
+        let resp = match &hop {
+            Hop::Peer { tls, .. } => self.peer_client(tls.as_ref()).request(req).await,
+            Hop::App { .. } if h2 => self.app_h2.request(req).await,
+            Hop::App { .. } => self.app_h1.request(req).await,
+        }
+        .map_err(|e| classify(addr, &e))?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+fn classify(addr: SocketAddr, e: &hyper_util::client::legacy::Error) -> UpstreamError {
+    let message = error_chain(e);
+    if e.is_connect() {
+        UpstreamError::Connect { addr, message }
+    } else if message.contains("refused stream") {
+        UpstreamError::Refused { addr, message }
+    } else {
+        UpstreamError::Reset { addr, message }
     }
 }
 

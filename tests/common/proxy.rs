@@ -67,6 +67,8 @@ impl Proxy {
                 advertise,
                 "--inbound-addr",
                 &format!("{advertise}:0"),
+                "--outbound-addr",
+                &format!("{advertise}:0"),
             ])
             .args(extra)
             .stdin(Stdio::null())
@@ -105,6 +107,21 @@ impl Proxy {
         });
         assert!(ok, "proxy not ready:\n{}", self.log());
         version.unwrap()
+    }
+
+    /// The (inbound, explicit outbound) addresses the proxy bound.
+    pub fn listening(&self) -> (SocketAddr, SocketAddr) {
+        let mut found = None;
+        let ok = wait_until(Duration::from_secs(20), || {
+            found = self.stdout.lock().unwrap().iter().find_map(|l| {
+                let rest = l.strip_prefix("trellis proxy listening: inbound=")?;
+                let (inbound, outbound) = rest.split_once(" outbound=")?;
+                Some((inbound.parse().ok()?, outbound.trim().parse().ok()?))
+            });
+            found.is_some()
+        });
+        assert!(ok, "proxy never listened:\n{}", self.log());
+        found.unwrap()
     }
 
     /// The config the proxy cached (its last good one).

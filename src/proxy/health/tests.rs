@@ -192,6 +192,7 @@ fn config_checking(port: u16, mut policy: HealthCheckPolicy) -> AppliedConfig {
             access_log: None,
             gateway: None,
             trust_bundle: String::new(),
+            allowed_callers: Vec::new(),
         },
     }
 }

@@ -1,0 +1,306 @@
+//! The inbound listener: peers' requests for this node's app. A connection that opens with a
+//! TLS handshake is served over mTLS (the caller must present a certificate chaining to the
+//! mesh bundle, or to a listener's `validation.trust`); otherwise it is plaintext. Each request
+//! names its app port (`x-trellis-target-port`), and that listener's rules apply in this order:
+//! its TLS mode (STRICT, and the mesh default when this proxy has a certificate, refuse
+//! plaintext), its SAN rules, App Mesh's access model (the caller's virtual node must list a
+//! virtual service that routes here among its backends), its connection pool (503 when full),
+//! then the app.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::dataplane::{Shared, http_builder};
+use super::tls::Caller;
+use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError};
+use crate::model::proxy_config::{InboundListener, ProxyConfig, Timeouts};
+use crate::model::shapes::{ListenerTlsMode, PortProtocol, VirtualNodeConnectionPool};
+
+/// How long a connection may take to start its TLS handshake or first request.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// One of the node's listeners, as the inbound side applies it.
+pub struct InboundPort {
+    pub protocol: PortProtocol,
+    pub timeouts: Timeouts,
+    pub tls_mode: Option<ListenerTlsMode>,
+    /// The caller's certificate must carry one of these SANs (empty: any).
+    pub client_sans: Vec<String>,
+    pub pool: Option<Arc<Pool>>,
+}
+
+impl InboundPort {
+    pub fn new(l: &InboundListener, previous: Option<&InboundPort>) -> Self {
+        let limits = l.connection_pool.as_ref().map(PoolLimits::from);
+        // The counters carry over while the limits stay.
+        let pool = limits.map(|limits| match previous.and_then(|p| p.pool.as_ref()) {
+            Some(p) if p.limits == limits => p.clone(),
+            _ => Arc::new(Pool::new(limits)),
+        });
+        Self {
+            protocol: l.protocol,
+            timeouts: l.timeouts,
+            tls_mode: l.tls.as_ref().map(|t| t.mode),
+            client_sans: l
+                .tls
+                .as_ref()
+                .and_then(|t| t.validation.as_ref())
+                .and_then(|v| v.subject_alternative_names.as_ref())
+                .map(|s| s.r#match.exact.clone())
+                .unwrap_or_default(),
+            pool,
+        }
+    }
+}
+
+/// The listeners' extra trust roots (`validation.trust.file`).
+pub fn client_roots(config: &ProxyConfig) -> Vec<String> {
+    config
+        .inbound
+        .iter()
+        .filter_map(|l| l.tls.as_ref()?.validation.as_ref()?.trust.file.as_ref())
+        .map(|f| f.certificate_chain.clone())
+        .collect()
+}
+
+/// App Mesh's connection pool of a listener, as limits on requests to the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Requests in progress at once (HTTP/1: connections to the app).
+    pub active: usize,
+    /// Requests that may wait for one (HTTP/1 only; HTTP/2 and gRPC queue none).
+    pub pending: usize,
+}
+
+impl From<&VirtualNodeConnectionPool> for PoolLimits {
+    fn from(p: &VirtualNodeConnectionPool) -> Self {
+        let n = |v: i64| usize::try_from(v).unwrap_or(usize::MAX).max(1);
+        if let Some(h) = &p.http {
+            PoolLimits {
+                active: n(h.max_connections),
+                pending: h.max_pending_requests.map_or(usize::MAX, n),
+            }
+        } else if let Some(h) = &p.http2 {
+            PoolLimits {
+                active: n(h.max_requests),
+                pending: 0,
+            }
+        } else if let Some(g) = &p.grpc {
+            PoolLimits {
+                active: n(g.max_requests),
+                pending: 0,
+            }
+        } else if let Some(t) = &p.tcp {
+            PoolLimits {
+                active: n(t.max_connections),
+                pending: 0,
+            }
+        } else {
+            PoolLimits {
+                active: usize::MAX >> 4,
+                pending: 0,
+            }
+        }
+    }
+}
+
+pub struct Pool {
+    limits: PoolLimits,
+    active: Arc<Semaphore>,
+    waiting: AtomicUsize,
+}
+
+impl Pool {
+    fn new(limits: PoolLimits) -> Self {
+        Self {
+            limits,
+            active: Arc::new(Semaphore::new(limits.active.min(Semaphore::MAX_PERMITS))),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// A slot for one request, waiting in the pending queue if there is room in it.
+    pub async fn admit(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
+        if let Ok(p) = self.active.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        let waiting = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let result = if waiting < self.limits.pending {
+            self.active
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| UpstreamError::Overloaded("the connection pool is closed".into()))
+        } else {
+            Err(UpstreamError::Overloaded(format!(
+                "the listener's connection pool is full ({} active, {} pending)",
+                self.limits.active, self.limits.pending
+            )))
+        };
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        result
+    }
+}
+
+/// Accepts peers' connections until aborted.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(connection(shared.clone(), tcp, from));
+    }
+}
+
+async fn connection(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr) {
+    let mut first = [0u8; 1];
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
+        _ => return,
+    };
+    if !tls {
+        serve_http(shared, TokioIo::new(tcp), Arc::new(Caller::default())).await;
+        return;
+    }
+    let config = match shared.upstreams.identity().server_config() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%from, error = %e, "TLS from a peer, but no server certificate");
+            return;
+        }
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(%from, error = %e, "mTLS handshake refused");
+            return;
+        }
+        Err(_) => return,
+    };
+    let caller = Caller::from_certs(stream.get_ref().1.peer_certificates().unwrap_or_default());
+    serve_http(shared, TokioIo::new(stream), Arc::new(caller)).await;
+}
+
+async fn serve_http<I>(shared: Arc<Shared>, io: I, caller: Arc<Caller>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        let caller = caller.clone();
+        async move { Ok::<_, Infallible>(request(&shared, &caller, req).await) }
+    });
+    if let Err(e) = http_builder()
+        .serve_connection_with_upgrades(io, service)
+        .await
+    {
+        tracing::debug!(error = %e, "inbound connection");
+    }
+}
+
+async fn request(
+    shared: &Shared,
+    caller: &Caller,
+    mut req: Request<Incoming>,
+) -> http::Response<Body> {
+    let port = req
+        .headers_mut()
+        .remove(TARGET_PORT)
+        .and_then(|v| v.to_str().ok().and_then(|s| s.parse::<u16>().ok()));
+    let Some(port) = port else {
+        return UpstreamError::BadRequest(format!("missing or invalid {TARGET_PORT}")).response();
+    };
+    let routing = shared.routing.borrow().clone();
+    let Some(listener) = routing.inbound.get(&port) else {
+        return UpstreamError::NoEndpoint(format!("this node has no listener on port {port}"))
+            .response();
+    };
+    if let Err(e) = admit(shared, &routing, listener, port, caller) {
+        tracing::info!(caller = %caller.describe(), port, error = %e, "inbound request refused");
+        return e.response();
+    }
+    let _slot = match &listener.pool {
+        Some(pool) => match pool.admit().await {
+            Ok(p) => Some(p),
+            Err(e) => return e.response(),
+        },
+        None => None,
+    };
+    let h2 = matches!(listener.protocol, PortProtocol::Http2 | PortProtocol::Grpc);
+    let addr = SocketAddr::new(shared.settings.app_host, port);
+    shared
+        .upstreams
+        .send(
+            Hop::App { addr, h2 },
+            req.map(http_body_util::BodyExt::boxed),
+        )
+        .await
+        .unwrap_or_else(|e| e.response())
+}
+
+/// The listener's TLS mode, SAN rules and the access model.
+fn admit(
+    shared: &Shared,
+    routing: &super::dataplane::Routing,
+    listener: &InboundPort,
+    port: u16,
+    caller: &Caller,
+) -> Result<(), UpstreamError> {
+    let strict = match listener.tls_mode {
+        Some(ListenerTlsMode::Strict) => Some("STRICT"),
+        None if shared.upstreams.identity().has_certificate() => Some("the mesh default, mTLS"),
+        _ => None,
+    };
+    if !caller.tls {
+        return match strict {
+            Some(mode) => Err(UpstreamError::Forbidden(format!(
+                "port {port} accepts only mTLS (listener tls mode: {mode}); plaintext refused"
+            ))),
+            // PERMISSIVE, DISABLED, or a proxy without a certificate: no identity to check.
+            None => Ok(()),
+        };
+    }
+    if !listener.client_sans.is_empty()
+        && !caller.sans.iter().any(|s| listener.client_sans.contains(s))
+    {
+        return Err(UpstreamError::Forbidden(format!(
+            "the caller's certificate names {:?}; listener {port} tls.validation.subjectAlternativeNames accepts {:?}",
+            caller.sans, listener.client_sans
+        )));
+    }
+    let me = routing
+        .role
+        .as_ref()
+        .map_or_else(String::new, |r| r.resource_name());
+    match &caller.role {
+        Some((mesh, role)) if *mesh == routing.mesh && routing.allowed_callers.contains(role) => {
+            Ok(())
+        }
+        Some((mesh, role)) => Err(UpstreamError::Forbidden(format!(
+            "{} of mesh {mesh} may not call {me}: it does not list a virtual service that routes to {me} among its backends",
+            role.resource_name()
+        ))),
+        None => Err(UpstreamError::Forbidden(format!(
+            "{} is not a virtual node or gateway of mesh {}",
+            caller.describe(),
+            routing.mesh
+        ))),
+    }
+}
