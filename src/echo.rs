@@ -3,8 +3,13 @@
 //! headers, body size), and can be told to misbehave per request: `x-echo-status: 503` answers
 //! with that status, `x-echo-delay-ms: 250` waits first; `--status` sets the status of every
 //! answer that asks for none. Each answer carries `served`, how many requests this server has
-//! answered (this one included), so a test can count the attempts that reached it. For the
+//! answered (this one included; `GET /__echo/served` asks without counting), so a test can
+//! count the attempts that reached it. For the
 //! demo, for tests, and for users debugging a mesh.
+//!
+//! It also speaks gRPC (the Health service: `Check` answers SERVING, or UNAVAILABLE for the
+//! service name `unavailable`; `Watch` streams five answers, 50 ms apart, then ends) and
+//! WebSocket (an upgrade on any path; text and binary messages come back as sent).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,12 +18,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::wire::health::health_check_response::ServingStatus;
+use crate::wire::health::health_server::{Health, HealthServer};
+use crate::wire::health::{HealthCheckRequest, HealthCheckResponse};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use serde_json::json;
 use tokio::net::TcpListener;
+
+/// A request here reports `served` without counting itself.
+pub const SERVED_PATH: &str = "/__echo/served";
 
 /// Longest delay a request may ask for.
 const MAX_DELAY: Duration = Duration::from_secs(60);
@@ -48,7 +62,21 @@ impl Echo {
                 };
                 let name = name.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| answer(name.clone(), req));
+                    let service = hyper::service::service_fn(move |req| {
+                        let name = name.clone();
+                        async move {
+                            if is_grpc(&req) {
+                                let mut grpc = HealthServer::new(EchoHealth(name));
+                                use tower::Service;
+                                let resp = grpc.call(req).await.unwrap_or_else(|e| match e {});
+                                Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+                            } else if is_websocket(&req) {
+                                Ok(websocket(req))
+                            } else {
+                                answer(name, req).await
+                            }
+                        }
+                    });
                     let _ = Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(tcp), service)
                         .await;
@@ -71,10 +99,160 @@ struct Server {
     served: AtomicU64,
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type EchoBody = UnsyncBoxBody<Bytes, BoxError>;
+
+fn full(b: impl Into<Bytes>) -> EchoBody {
+    Full::new(b.into()).map_err(|n| match n {}).boxed_unsync()
+}
+
+fn is_grpc<B>(req: &http::Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn is_websocket<B>(req: &http::Request<B>) -> bool {
+    req.headers()
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+struct EchoHealth(Arc<Server>);
+
+#[tonic::async_trait]
+impl Health for EchoHealth {
+    async fn check(
+        &self,
+        req: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        self.0.served.fetch_add(1, Ordering::Relaxed);
+        if req.get_ref().service == "unavailable" {
+            return Err(tonic::Status::unavailable(format!(
+                "{} was asked to be unavailable",
+                self.0.name
+            )));
+        }
+        Ok(tonic::Response::new(HealthCheckResponse {
+            status: ServingStatus::Serving as i32,
+        }))
+    }
+
+    type WatchStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send>,
+    >;
+
+    async fn watch(
+        &self,
+        _: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        self.0.served.fetch_add(1, Ordering::Relaxed);
+        let stream = futures_util::stream::unfold(0u32, |n| async move {
+            if n == WATCH_ANSWERS {
+                return None;
+            }
+            if n > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let answer = HealthCheckResponse {
+                status: ServingStatus::Serving as i32,
+            };
+            Some((Ok(answer), n + 1))
+        });
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+/// How many answers a `Watch` streams.
+pub const WATCH_ANSWERS: u32 = 5;
+
+/// RFC 6455's accept key for a client's `Sec-WebSocket-Key`.
+pub fn websocket_accept(key: &[u8]) -> String {
+    use base64::Engine;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key);
+    ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref())
+}
+
+fn websocket(mut req: http::Request<Incoming>) -> http::Response<EchoBody> {
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        let mut r = http::Response::new(full("missing Sec-WebSocket-Key\n"));
+        *r.status_mut() = http::StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(io) = upgrade.await {
+            let _ = echo_frames(TokioIo::new(io)).await;
+        }
+    });
+    let mut r = http::Response::new(full(""));
+    *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&websocket_accept(key.as_bytes())) {
+        h.insert("sec-websocket-accept", v);
+    }
+    r
+}
+
+/// Reads client frames (masked) and sends their payloads back unmasked, until a close frame.
+async fn echo_frames<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) -> std::io::Result<()> {
+    loop {
+        let mut head = [0u8; 2];
+        io.read_exact(&mut head).await?;
+        let opcode = head[0] & 0x0f;
+        let len = match head[1] & 0x7f {
+            126 => u64::from(io.read_u16().await?),
+            127 => io.read_u64().await?,
+            n => u64::from(n),
+        };
+        if len > 1 << 20 {
+            return Ok(());
+        }
+        let mut mask = [0u8; 4];
+        if head[1] & 0x80 != 0 {
+            io.read_exact(&mut mask).await?;
+        }
+        let mut payload = vec![0u8; len as usize];
+        io.read_exact(&mut payload).await?;
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+        let mut out = vec![0x80 | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(n as u8),
+            n if n <= 0xffff => {
+                out.push(126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&payload);
+        io.write_all(&out).await?;
+        if opcode == 0x8 {
+            return Ok(());
+        }
+    }
+}
+
 async fn answer(
     server: Arc<Server>,
     req: http::Request<Incoming>,
-) -> Result<http::Response<Full<Bytes>>, Infallible> {
+) -> Result<http::Response<EchoBody>, Infallible> {
     let header = |k: &str| {
         req.headers()
             .get(k)
@@ -85,7 +263,12 @@ async fn answer(
         .and_then(|s| u16::try_from(s).ok())
         .and_then(|s| http::StatusCode::from_u16(s).ok())
         .unwrap_or(server.status);
-    let served = server.served.fetch_add(1, Ordering::Relaxed) + 1;
+    // Asking for the count is not counted.
+    let served = if req.uri().path() == SERVED_PATH {
+        server.served.load(Ordering::Relaxed)
+    } else {
+        server.served.fetch_add(1, Ordering::Relaxed) + 1
+    };
     let name = &server.name;
     let delay = header("x-echo-delay-ms").map(Duration::from_millis);
     let headers: serde_json::Map<String, serde_json::Value> = req
@@ -118,7 +301,7 @@ async fn answer(
         "headers": headers,
         "bodyBytes": body_bytes,
     });
-    let mut resp = http::Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut resp = http::Response::new(full(body.to_string()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,

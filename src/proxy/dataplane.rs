@@ -36,6 +36,7 @@ use crate::model::shapes::{EgressFilterType, ListenerTlsMode, PortProtocol};
 pub struct OutboundPort {
     pub service: String,
     pub port: u16,
+    pub protocol: PortProtocol,
     pub table: RouteTable,
     /// One per route of `table`, same order.
     pub targets: Vec<RouteTargets>,
@@ -136,9 +137,6 @@ impl Routing {
         }
         for svc in &config.outbound {
             for l in &svc.listeners {
-                if l.protocol == PortProtocol::Tcp {
-                    continue;
-                }
                 let table = RouteTable::new(&l.routes)?;
                 let targets = table
                     .routes()
@@ -160,6 +158,7 @@ impl Routing {
                 let port = Arc::new(OutboundPort {
                     service: svc.virtual_service.clone(),
                     port: l.port,
+                    protocol: l.protocol,
                     table,
                     targets,
                     budget,
@@ -178,9 +177,11 @@ impl Routing {
         Ok(r)
     }
 
-    /// The VIP:ports the proxy listens on for this config.
-    fn vip_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.outbound.keys().copied()
+    /// The VIP:ports the proxy listens on for this config, and whether each is TCP.
+    fn vip_addrs(&self) -> impl Iterator<Item = (SocketAddr, bool)> + '_ {
+        self.outbound
+            .iter()
+            .map(|(a, p)| (*a, p.protocol == PortProtocol::Tcp))
     }
 
     /// A backend by the name and port a request carries (`Host`), or by its VIP.
@@ -285,7 +286,7 @@ pub async fn run(
             let previous = shared.routing.borrow().clone();
             match Routing::build(&applied.config, &previous, shared.settings.budget) {
                 Ok(r) => {
-                    let wanted: Vec<SocketAddr> = if shared.settings.vip_listeners {
+                    let wanted: Vec<(SocketAddr, bool)> = if shared.settings.vip_listeners {
                         r.vip_addrs().collect()
                     } else {
                         Vec::new()
@@ -319,17 +320,17 @@ pub async fn run(
 async fn reconcile(
     shared: &Arc<Shared>,
     vips: &mut HashMap<SocketAddr, AbortHandle>,
-    wanted: &[SocketAddr],
+    wanted: &[(SocketAddr, bool)],
 ) {
     vips.retain(|addr, h| {
-        let keep = wanted.contains(addr);
+        let keep = wanted.iter().any(|(a, _)| a == addr);
         if !keep {
             h.abort();
             tracing::info!(%addr, "outbound listener closed");
         }
         keep
     });
-    for addr in wanted {
+    for (addr, tcp) in wanted {
         if vips.contains_key(addr) {
             continue;
         }
@@ -337,10 +338,14 @@ async fn reconcile(
             Ok(listener) => {
                 let shared = shared.clone();
                 let local = *addr;
-                let task = tokio::spawn(serve(listener, move |req| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(outbound::vip(&shared, local, req).await) }
-                }));
+                let task = if *tcp {
+                    tokio::spawn(outbound::serve_tcp(shared, listener, local))
+                } else {
+                    tokio::spawn(serve(listener, move |req| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(outbound::vip(&shared, local, req).await) }
+                    }))
+                };
                 vips.insert(*addr, task.abort_handle());
                 tracing::info!(%addr, "outbound listener open");
             }

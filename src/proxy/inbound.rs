@@ -21,9 +21,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::dataplane::{Shared, http_builder};
 use super::tls::Caller;
+use super::tunnel;
 use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError};
 use crate::model::proxy_config::{InboundListener, ProxyConfig, Timeouts};
 use crate::model::shapes::{ListenerTlsMode, PortProtocol, VirtualNodeConnectionPool};
+use http_body_util::BodyExt;
 
 /// How long a connection may take to start its TLS handshake or first request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -236,23 +238,93 @@ async fn request(
         tracing::info!(caller = %caller.describe(), port, error = %e, "inbound request refused");
         return e.response();
     }
-    let _slot = match &listener.pool {
+    let slot = match &listener.pool {
         Some(pool) => match pool.admit().await {
             Ok(p) => Some(p),
             Err(e) => return e.response(),
         },
         None => None,
     };
-    let h2 = matches!(listener.protocol, PortProtocol::Http2 | PortProtocol::Grpc);
     let addr = SocketAddr::new(shared.settings.app_host, port);
+    if tunnel::is_upgrade(&req) {
+        return upgrade_to_app(listener, addr, req, slot)
+            .await
+            .unwrap_or_else(|e| e.response());
+    }
+    if listener.protocol == PortProtocol::Tcp {
+        return UpstreamError::BadRequest(format!(
+            "port {port} is a TCP listener: only tunnels reach it"
+        ))
+        .response();
+    }
+    let h2 = matches!(listener.protocol, PortProtocol::Http2 | PortProtocol::Grpc);
     shared
         .upstreams
-        .send(
-            Hop::App { addr, h2 },
-            req.map(http_body_util::BodyExt::boxed),
-        )
+        .send(Hop::App { addr, h2 }, req.map(BodyExt::boxed))
         .await
         .unwrap_or_else(|e| e.response())
+}
+
+/// A TCP tunnel (to a `tcp` listener) or an upgrade such as WebSocket (on an `http` one), on
+/// a connection of its own to the app. A tunnel holds its pool slot while it lasts.
+async fn upgrade_to_app(
+    listener: &InboundPort,
+    addr: SocketAddr,
+    mut req: Request<Incoming>,
+    slot: Option<OwnedSemaphorePermit>,
+) -> Result<http::Response<Body>, UpstreamError> {
+    let tcp = tunnel::protocol(&req) == Some(tunnel::TCP_UPGRADE);
+    let want = if tcp {
+        PortProtocol::Tcp
+    } else {
+        PortProtocol::Http
+    };
+    if listener.protocol != want {
+        return Err(UpstreamError::BadRequest(format!(
+            "port {} is a {} listener; {} upgrades need {}",
+            addr.port(),
+            listener.protocol.as_str(),
+            tunnel::protocol(&req).unwrap_or_default(),
+            want.as_str()
+        )));
+    }
+    let idle =
+        (listener.timeouts.idle_ms > 0).then(|| Duration::from_millis(listener.timeouts.idle_ms));
+    let downstream = hyper::upgrade::on(&mut req);
+    let app = TcpStream::connect(addr)
+        .await
+        .map_err(|e| UpstreamError::Connect {
+            addr,
+            message: e.to_string(),
+        })?;
+    let _ = app.set_nodelay(true);
+    if !tcp {
+        return tunnel::upgrade(
+            TokioIo::new(app),
+            addr,
+            req.map(BodyExt::boxed),
+            downstream,
+            idle,
+        )
+        .await;
+    }
+    tokio::spawn(async move {
+        let _slot = slot;
+        if let Ok(io) = downstream.await {
+            tunnel::splice(TokioIo::new(io), app, idle).await;
+        }
+    });
+    let mut r = http::Response::new(super::upstream::full(""));
+    *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut().insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static(tunnel::TCP_UPGRADE),
+    );
+    r.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    Ok(r)
 }
 
 /// The listener's TLS mode, SAN rules and the access model.

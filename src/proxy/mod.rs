@@ -1,8 +1,8 @@
 //! The data-plane proxy for one virtual node or virtual gateway: `discovery` (its only link to
 //! the control plane), `identity` (its certificate), `health` (the local app's checks), and the
 //! request path: `dataplane` (listeners and the compiled routing), `outbound` (route, target,
-//! retries), `inbound` (mTLS, access, pools), `route`, `balance`, `outlier`, `retry`, `tls`
-//! and `upstream` (connection pools).
+//! retries), `inbound` (mTLS, access, pools), `tunnel` (upgrades, TCP, CONNECT), `route`,
+//! `balance`, `outlier`, `retry`, `tls` and `upstream` (connection pools).
 
 pub mod balance;
 pub mod dataplane;
@@ -12,7 +12,9 @@ pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod outlier;
+pub mod replay;
 pub mod retry;
 pub mod route;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;

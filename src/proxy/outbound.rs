@@ -9,26 +9,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body as _, Incoming};
+use http::{Method, Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 
 use super::balance::random_u64;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+
 use super::dataplane::{Cluster, OutboundPort, PeerTlsChoice, Shared};
 use super::outlier::EndpointSet;
+use super::replay::Replayable;
 use super::retry::RetryBudget;
 use super::retry::{Outcome, retryable};
 use super::route::RequestHead;
+use super::tls::PeerTls;
+use super::tunnel;
 use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError, full};
 use crate::model::proxy_config::{CompiledRoute, RetryPolicy};
-use crate::model::shapes::EgressFilterType;
-
-/// Bodies up to this size are kept so a retry can send them again (Envoy's default buffer);
-/// larger or unsized ones stream through and are not retried.
-pub const MAX_REPLAY_BYTES: u64 = 1 << 20;
-/// The header that tells the app which attempt this is (1 for the first).
-pub const ATTEMPT: &str = "x-trellis-attempt";
+use crate::model::shapes::{EgressFilterType, PortProtocol};
 
 /// A request to a backend's VIP:port.
 pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Incoming>) -> Response<Body> {
@@ -41,12 +40,9 @@ pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Incoming>) -> 
 
 /// A request on the explicit listener: absolute-form (`HTTP_PROXY`) or with a Host naming a
 /// backend virtual service.
-pub async fn explicit(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
+pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
     if req.method() == Method::CONNECT {
-        return UpstreamError::BadRequest(
-            "CONNECT tunnels are not supported on this listener yet".into(),
-        )
-        .response();
+        return connect(shared, req).await;
     }
     let Some((host, port)) = authority(&req) else {
         return UpstreamError::BadRequest(
@@ -87,17 +83,7 @@ pub async fn explicit(shared: &Shared, mut req: Request<Incoming>) -> Response<B
                 .await
                 .unwrap_or_else(|e| e.response())
         }
-        _ => {
-            let me = routing
-                .role
-                .as_ref()
-                .map_or_else(String::new, |r| r.resource_name());
-            UpstreamError::Forbidden(format!(
-                "egress filter DROP_ALL: {host}:{port} is not a backend of {me} (mesh {})",
-                routing.mesh
-            ))
-            .response()
-        }
+        _ => egress_denied(&routing, &host, port),
     }
 }
 
@@ -129,8 +115,15 @@ fn authority<B>(req: &Request<B>) -> Option<(String, u16)> {
 pub async fn forward(
     shared: &Shared,
     port: &OutboundPort,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
+    if port.protocol == PortProtocol::Tcp {
+        return UpstreamError::BadRequest(format!(
+            "{}:{} is a TCP port: send a CONNECT, or connect to its VIP",
+            port.service, port.port
+        ))
+        .response();
+    }
     let head = RequestHead {
         method: req.method(),
         path: req.uri().path(),
@@ -153,6 +146,12 @@ pub async fn forward(
     else {
         return no_target();
     };
+    if tunnel::is_upgrade(&req) {
+        let downstream = hyper::upgrade::on(&mut req);
+        return upgrade(shared, cluster, target.port, route, req, downstream)
+            .await
+            .unwrap_or_else(|e| e.response());
+    }
     port.budget.request();
     let limit = route.timeouts.per_request_ms;
     let attempts = attempts(shared, port, route, cluster, target.port, req);
@@ -166,63 +165,6 @@ pub async fn forward(
     result.unwrap_or_else(|e| e.response())
 }
 
-/// What every attempt sends: the head, and the body kept for replay when it is small enough.
-struct Replayable {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    body: Option<Bytes>,
-    /// The body of the first attempt when it streams (not kept).
-    streaming: Option<Incoming>,
-}
-
-impl Replayable {
-    async fn new(req: Request<Incoming>, keep: bool) -> Result<Self, UpstreamError> {
-        let (parts, body) = req.into_parts();
-        let size = body.size_hint().upper();
-        let (body, streaming) = if body.is_end_stream() {
-            (Some(Bytes::new()), None)
-        } else if keep && size.is_some_and(|s| s <= MAX_REPLAY_BYTES) {
-            let bytes = Limited::new(body, MAX_REPLAY_BYTES as usize)
-                .collect()
-                .await
-                .map_err(|e| UpstreamError::BadRequest(format!("reading the request body: {e}")))?
-                .to_bytes();
-            (Some(bytes), None)
-        } else {
-            (None, Some(body))
-        };
-        Ok(Self {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
-            body,
-            streaming,
-        })
-    }
-
-    /// The request for attempt `n` (1-based); `None` once a streamed body is spent.
-    fn attempt(&mut self, n: u32, target_port: u16) -> Option<Request<Body>> {
-        let body = match (&self.body, self.streaming.take()) {
-            (Some(b), _) => full(b.clone()),
-            (None, Some(s)) => s.boxed(),
-            (None, None) => return None,
-        };
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req.headers_mut()
-            .insert(TARGET_PORT, http::HeaderValue::from(target_port));
-        req.headers_mut()
-            .insert(ATTEMPT, http::HeaderValue::from(n));
-        Some(req)
-    }
-}
-
 async fn attempts(
     shared: &Shared,
     port: &OutboundPort,
@@ -232,22 +174,8 @@ async fn attempts(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, UpstreamError> {
     let mut replay = Replayable::new(req, route.retry.max_retries > 0).await?;
-    let tls = match &cluster.tls {
-        PeerTlsChoice::Plain => None,
-        PeerTlsChoice::Mtls { peer, required } => {
-            if shared.upstreams.identity().has_certificate() {
-                Some(peer.clone())
-            } else if *required {
-                return Err(UpstreamError::Forbidden(format!(
-                    "{} requires mTLS and this proxy has no certificate (start it with --ca-file and --token-file)",
-                    cluster.name
-                )));
-            } else {
-                None
-            }
-        }
-    };
-    let replayable = replay.body.is_some();
+    let tls = peer_tls(shared, cluster)?;
+    let can_replay = replay.can_replay();
     let send = |addr: SocketAddr, n: u32| {
         let req = replay.attempt(n, target_port)?;
         Some(shared.upstreams.send(
@@ -262,7 +190,7 @@ async fn attempts(
         &route.retry,
         &port.budget,
         &cluster.endpoints,
-        replayable,
+        can_replay,
         send,
     )
     .await
@@ -270,12 +198,12 @@ async fn attempts(
 
 /// Attempts until one is final: a host per attempt (another one on a retry), each within the
 /// per-retry timeout, each outcome recorded for outlier detection, retried while the policy,
-/// the replay buffer and the budget allow.
+/// the replay buffer (`can_replay`: the whole body is kept) and the budget allow.
 pub async fn retry_loop<F, Fut>(
     policy: &RetryPolicy,
     budget: &RetryBudget,
     endpoints: &EndpointSet,
-    replayable: bool,
+    can_replay: impl Fn() -> bool,
     mut send: F,
 ) -> Result<Response<Body>, UpstreamError>
 where
@@ -306,8 +234,8 @@ where
         let outcome = outcome(&result);
         endpoints.record(addr, outcome.is_server_error());
         let again = n <= policy.max_retries
-            && replayable
             && retryable(policy, outcome)
+            && can_replay()
             && budget.try_retry();
         if !again {
             return result;
@@ -317,6 +245,170 @@ where
         previous = Some(addr);
         n += 1;
     }
+}
+
+/// How to reach `cluster` now: mTLS when this proxy has a certificate, unless the target is
+/// plaintext; without one, plaintext unless TLS is required.
+fn peer_tls(shared: &Shared, cluster: &Cluster) -> Result<Option<Arc<PeerTls>>, UpstreamError> {
+    match &cluster.tls {
+        PeerTlsChoice::Plain => Ok(None),
+        PeerTlsChoice::Mtls { peer, required } => {
+            if shared.upstreams.identity().has_certificate() {
+                Ok(Some(peer.clone()))
+            } else if *required {
+                Err(UpstreamError::Forbidden(format!(
+                    "{} requires mTLS and this proxy has no certificate (start it with --ca-file and --token-file)",
+                    cluster.name
+                )))
+            } else {
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn idle(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+/// An upgrade (WebSocket): one attempt, on a connection of its own to one host.
+async fn upgrade(
+    shared: &Shared,
+    cluster: &Cluster,
+    target_port: u16,
+    route: &CompiledRoute,
+    req: Request<Incoming>,
+    downstream: hyper::upgrade::OnUpgrade,
+) -> Result<Response<Body>, UpstreamError> {
+    let tls = peer_tls(shared, cluster)?;
+    let addr = cluster
+        .endpoints
+        .pick(None)
+        .ok_or_else(|| UpstreamError::NoEndpoint(cluster.name.clone()))?;
+    let io = shared.upstreams.connect_peer(addr, tls.as_ref()).await;
+    cluster.endpoints.record(addr, io.is_err());
+    let mut req = req.map(|b| b.boxed());
+    req.headers_mut()
+        .insert(TARGET_PORT, http::HeaderValue::from(target_port));
+    tunnel::upgrade(io?, addr, req, downstream, idle(route.timeouts.idle_ms)).await
+}
+
+/// A TCP connection to a backend port (its VIP, or a CONNECT): the first route (TCP routes
+/// match every connection), a weighted target, a host; then a tunnel to its proxy.
+pub async fn tcp_to_mesh<S>(shared: &Shared, port: &OutboundPort, downstream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let r = async {
+        let route = port.table.route(0).ok_or(UpstreamError::NoRoute)?;
+        let targets = port.targets.first().ok_or(UpstreamError::NoRoute)?;
+        let no_target = || UpstreamError::NoEndpoint(format!("route {}", route.name));
+        let t = targets.picker.pick().ok_or_else(no_target)?;
+        let (Some(target), Some(Some(cluster))) = (route.targets.get(t), targets.clusters.get(t))
+        else {
+            return Err(no_target());
+        };
+        let tls = peer_tls(shared, cluster)?;
+        let addr = cluster
+            .endpoints
+            .pick(None)
+            .ok_or_else(|| UpstreamError::NoEndpoint(cluster.name.clone()))?;
+        let io = shared.upstreams.connect_peer(addr, tls.as_ref()).await;
+        cluster.endpoints.record(addr, io.is_err());
+        let upstream = tunnel::open_tcp(io?, addr, target.port).await?;
+        Ok((upstream, idle(route.timeouts.idle_ms)))
+    };
+    match r.await {
+        Ok((upstream, idle)) => tunnel::splice(downstream, TokioIo::new(upstream), idle).await,
+        Err(e) => {
+            tracing::info!(service = %port.service, port = port.port, error = %e, "TCP connection refused")
+        }
+    }
+}
+
+/// Accepts connections on a TCP backend's VIP:port.
+pub async fn serve_tcp(shared: Arc<Shared>, listener: tokio::net::TcpListener, local: SocketAddr) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let port = shared.routing.borrow().outbound.get(&local).cloned();
+            if let Some(port) = port {
+                tcp_to_mesh(&shared, &port, tcp).await;
+            }
+        });
+    }
+}
+
+/// CONNECT on the explicit listener: a TCP backend is tunnelled through the mesh; on an HTTP
+/// backend the tunnel carries HTTP that is routed like any other request; anything else is
+/// the egress filter's to decide.
+async fn connect(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
+    let Some((host, port)) = authority(&req) else {
+        return UpstreamError::BadRequest("CONNECT needs host:port".into()).response();
+    };
+    let routing = shared.routing.borrow().clone();
+    let backend = routing.by_authority(&host, port).cloned();
+    let downstream = hyper::upgrade::on(&mut req);
+    let tunnel: Box<dyn FnOnce(Upgraded) -> BoxFuture + Send> = match backend {
+        Some(p) if p.protocol == PortProtocol::Tcp => {
+            let shared = shared.clone();
+            Box::new(move |io| {
+                Box::pin(async move { tcp_to_mesh(&shared, &p, TokioIo::new(io)).await })
+            })
+        }
+        Some(p) => {
+            let shared = shared.clone();
+            Box::new(move |io| {
+                Box::pin(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let (shared, p) = (shared.clone(), p.clone());
+                        async move { Ok::<_, std::convert::Infallible>(forward(&shared, &p, req).await) }
+                    });
+                    let _ = super::dataplane::http_builder()
+                        .serve_connection_with_upgrades(io, service)
+                        .await;
+                })
+            })
+        }
+        None if routing.egress == Some(EgressFilterType::AllowAll) => {
+            let upstream = match tokio::net::TcpStream::connect((host.as_str(), port)).await {
+                Ok(t) => t,
+                Err(e) => {
+                    return UpstreamError::NoEndpoint(format!("{host}:{port}: {e}")).response();
+                }
+            };
+            Box::new(move |io| {
+                Box::pin(async move { tunnel::splice(TokioIo::new(io), upstream, None).await })
+            })
+        }
+        None => return egress_denied(&routing, &host, port),
+    };
+    tokio::spawn(async move {
+        match downstream.await {
+            Ok(io) => tunnel(io).await,
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade"),
+        }
+    });
+    Response::new(full(""))
+}
+
+type BoxFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+fn egress_denied(routing: &super::dataplane::Routing, host: &str, port: u16) -> Response<Body> {
+    let me = routing
+        .role
+        .as_ref()
+        .map_or_else(String::new, |r| r.resource_name());
+    UpstreamError::Forbidden(format!(
+        "egress filter DROP_ALL: {host}:{port} is not a backend of {me} (mesh {})",
+        routing.mesh
+    ))
+    .response()
 }
 
 fn outcome(result: &Result<Response<Body>, UpstreamError>) -> Outcome {
@@ -377,18 +469,24 @@ mod tests {
     ) -> (u16, Vec<SocketAddr>) {
         let tried = Mutex::new(Vec::new());
         let answers = Mutex::new(answers.into_iter());
-        let result = retry_loop(policy, budget, endpoints, true, |addr, _| {
-            tried.lock().unwrap().push(addr);
-            let (s, delay) = answers
-                .lock()
-                .unwrap()
-                .next()
-                .unwrap_or((200, Duration::ZERO));
-            Some(async move {
-                tokio::time::sleep(delay).await;
-                status(s)
-            })
-        })
+        let result = retry_loop(
+            policy,
+            budget,
+            endpoints,
+            || true,
+            |addr, _| {
+                tried.lock().unwrap().push(addr);
+                let (s, delay) = answers
+                    .lock()
+                    .unwrap()
+                    .next()
+                    .unwrap_or((200, Duration::ZERO));
+                Some(async move {
+                    tokio::time::sleep(delay).await;
+                    status(s)
+                })
+            },
+        )
         .await;
         let code = result.map_or_else(|e| e.status().as_u16(), |r| r.status().as_u16());
         (code, tried.into_inner().unwrap())
@@ -474,10 +572,16 @@ mod tests {
         let budget = RetryBudget::new(BudgetSettings::default());
         let set = hosts(2);
         let calls = Mutex::new(0);
-        let r = retry_loop(&default_retry(), &budget, &set, false, |_, _| {
-            *calls.lock().unwrap() += 1;
-            Some(async { status(503) })
-        })
+        let r = retry_loop(
+            &default_retry(),
+            &budget,
+            &set,
+            || false,
+            |_, _| {
+                *calls.lock().unwrap() += 1;
+                Some(async { status(503) })
+            },
+        )
         .await;
         assert_eq!(r.unwrap().status(), 503);
         assert_eq!(*calls.lock().unwrap(), 1);

@@ -20,7 +20,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::tls::{ALPN_H2, PeerIdentity, PeerTls};
+use super::tls::{ALPN_H1, ALPN_H2, PeerIdentity, PeerTls};
 
 /// The body every hop carries.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -112,6 +112,7 @@ impl Upstreams {
             plain_peers: peer_client(PeerConnector {
                 http: http_connector(),
                 tls: None,
+                alpn: ALPN_H2,
             }),
             tls_peers: Mutex::new(HashMap::new()),
             identity,
@@ -137,6 +138,7 @@ impl Upstreams {
                 peer_client(PeerConnector {
                     http: http_connector(),
                     tls: Some((self.identity.clone(), tls.clone())),
+                    alpn: ALPN_H2,
                 })
             })
             .clone()
@@ -154,6 +156,32 @@ fn peer_client(connector: PeerConnector) -> Client<PeerConnector, Body> {
 pub struct PeerConnector {
     http: HttpConnector,
     tls: Option<(Arc<PeerIdentity>, Arc<PeerTls>)>,
+    alpn: &'static [u8],
+}
+
+impl Upstreams {
+    /// A connection of its own to a peer's inbound listener, for HTTP/1.1 (upgrades and
+    /// tunnels).
+    pub async fn connect_peer(
+        &self,
+        addr: SocketAddr,
+        tls: Option<&Arc<PeerTls>>,
+    ) -> Result<TokioIo<PeerStream>, UpstreamError> {
+        let mut c = PeerConnector {
+            http: http_connector(),
+            tls: tls.map(|t| (self.identity.clone(), t.clone())),
+            alpn: ALPN_H1,
+        };
+        let uri: Uri = format!("http://{addr}/")
+            .parse()
+            .map_err(|_| UpstreamError::BadRequest(format!("peer address {addr}")))?;
+        tower::Service::call(&mut c, uri)
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                addr,
+                message: error_chain(e.as_ref()),
+            })
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -170,12 +198,13 @@ impl tower::Service<Uri> for PeerConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let mut http = self.http.clone();
         let tls = self.tls.clone();
+        let alpn = self.alpn;
         Box::pin(async move {
             let tcp = http.call(uri).await?.into_inner();
             let Some((identity, peer)) = tls else {
                 return Ok(TokioIo::new(PeerStream::Plain(tcp)));
             };
-            let config = identity.client_config(&peer, ALPN_H2)?;
+            let config = identity.client_config(&peer, alpn)?;
             let ip = tcp.peer_addr()?.ip();
             let stream = tokio_rustls::TlsConnector::from(config)
                 .connect(ServerName::IpAddress(ip.into()), tcp)
@@ -260,7 +289,11 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes hop-by-hop headers; `te: trailers` stays (gRPC needs it end to end).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -276,6 +309,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(h);
     }
     headers.remove(header::TRANSFER_ENCODING);
+    if trailers {
+        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+    }
 }
 
 /// The next hop of a request.
@@ -346,7 +382,7 @@ fn classify(addr: SocketAddr, e: &hyper_util::client::legacy::Error) -> Upstream
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

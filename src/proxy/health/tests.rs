@@ -148,6 +148,15 @@ impl HealthService for GrpcApp {
             status: status as i32,
         }))
     }
+
+    type WatchStream = tokio_stream::Empty<Result<HealthCheckResponse, tonic::Status>>;
+
+    async fn watch(
+        &self,
+        _: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no watching here"))
+    }
 }
 
 #[tokio::test]

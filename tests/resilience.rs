@@ -1,0 +1,213 @@
+//! Retries, the retry budget, outlier ejection and connection pools, end to end through two
+//! proxies to `trellis echo` apps, counting the attempts that reach each app.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::echo::{Echo, Got, curl};
+use common::mesh::put;
+use common::proxy::Proxy;
+use common::{DevNode, wait_until};
+use serde_json::{Value, json};
+
+fn node(name: &str, listener_extra: Value) -> Value {
+    let mut listener = json!({"portMapping": {"port": 9080, "protocol": "http"}});
+    for (k, v) in listener_extra.as_object().into_iter().flatten() {
+        listener[k] = v.clone();
+    }
+    json!({"virtualNodeName": name, "spec": {"listeners": [listener],
+        "serviceDiscovery": {"dns": {"hostname": format!("{name}.demo.local")}}}})
+}
+
+fn route(name: &str, priority: i64, prefix: &str, target: &str, retry: Option<Value>) -> Value {
+    let mut http = json!({"match": {"prefix": prefix},
+        "action": {"weightedTargets": [{"virtualNode": target, "weight": 1}]}});
+    if let Some(r) = retry {
+        http["retryPolicy"] = r;
+    }
+    json!({"routeName": name, "spec": {"priority": priority, "httpRoute": http}})
+}
+
+fn setup(node_: &DevNode) {
+    let p = "/v20190125/meshes/demo";
+    put(node_, "/v20190125/meshes", json!({"meshName": "demo"}));
+    put(
+        node_,
+        &format!("{p}/virtualNodes"),
+        node(
+            "red",
+            json!({"connectionPool": {"http": {"maxConnections": 1, "maxPendingRequests": 1}}}),
+        ),
+    );
+    put(
+        node_,
+        &format!("{p}/virtualNodes"),
+        node(
+            "blue",
+            json!({"outlierDetection": {"maxServerErrors": 3, "maxEjectionPercent": 50,
+                "interval": {"unit": "s", "value": 1},
+                "baseEjectionDuration": {"unit": "s", "value": 300}}}),
+        ),
+    );
+    put(
+        node_,
+        &format!("{p}/virtualRouters"),
+        json!({"virtualRouterName": "color", "spec": {"listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}]}}),
+    );
+    let routes = format!("{p}/virtualRouter/color/routes");
+    let server_error = |max: i64| {
+        json!({"maxRetries": max, "httpRetryEvents": ["server-error"],
+            "perRetryTimeout": {"unit": "s", "value": 5}})
+    };
+    put(
+        node_,
+        &routes,
+        route("retry", 1, "/retry", "red", Some(server_error(3))),
+    );
+    put(
+        node_,
+        &routes,
+        route("pool", 2, "/pool", "red", Some(server_error(0))),
+    );
+    put(node_, &routes, route("blue", 3, "/blue", "blue", None));
+    put(node_, &routes, route("default", 9, "/", "red", None));
+    put(
+        node_,
+        &format!("{p}/virtualServices"),
+        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": {"virtualRouter": {"virtualRouterName": "color"}}}}),
+    );
+    put(
+        node_,
+        &format!("{p}/virtualNodes"),
+        json!({"virtualNodeName": "client", "spec": {"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}]}}),
+    );
+}
+
+fn endpoints(proxy: &Proxy, node: &str) -> usize {
+    proxy.cached().map_or(0, |c| {
+        c["config"]["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|cl| cl["virtual_node"] == node)
+            .map(|cl| cl["endpoints"].as_array().map_or(0, Vec::len))
+            .sum()
+    })
+}
+
+fn get(out: SocketAddr, path: &str, headers: &[&str]) -> Got {
+    let mut args = vec!["-x".to_string(), format!("http://{out}")];
+    for h in headers {
+        args.extend(["-H".to_string(), h.to_string()]);
+    }
+    args.push(format!("http://color.demo.local:9080{path}"));
+    curl(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn retries_budgets_ejection_and_pools_behave_as_configured() {
+    let dev = DevNode::start();
+    setup(&dev);
+    let red = Echo::start("127.0.0.91:9080", "red");
+    let blue1 = Echo::start("127.0.0.92:9080", "blue1");
+    let blue2 = Echo::start_with("127.0.0.93:9080", "blue2", &["--status", "503"]);
+    let dir = tempfile::tempdir().unwrap();
+    let start = |vn: &str, ip: &str, extra: &[&str]| {
+        let mut args = vec!["--no-vip-listeners", "--app-host", ip];
+        args.extend(extra);
+        Proxy::start_with(
+            dev.grpc_addr(),
+            "demo",
+            ["--virtual-node", vn],
+            &dir.path().join(ip),
+            ip,
+            &args,
+        )
+    };
+    // A small floor, so the budget shows within a few hundred requests.
+    let client = start(
+        "client",
+        "127.0.0.94",
+        &["--retry-budget-min-per-second", "1"],
+    );
+    let _proxies = [
+        start("red", "127.0.0.91", &[]),
+        start("blue", "127.0.0.92", &[]),
+        start("blue", "127.0.0.93", &[]),
+    ];
+    client.wait_ready(Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(15), || endpoints(&client, "red") == 1
+            && endpoints(&client, "blue") == 2),
+        "{:?}",
+        client.cached()
+    );
+    let (_, out) = client.listening();
+    assert!(wait_until(Duration::from_secs(10), || get(out, "/", &[])
+        .status
+        == 200));
+
+    // server-error, maxRetries 3: a 500 is tried four times, the app sees attempt 4 last.
+    let before = red.served();
+    let got = get(out, "/retry", &["x-echo-status: 500"]);
+    assert_eq!(got.status, 500, "{got:?}");
+    assert_eq!(got.json()["headers"]["x-trellis-attempt"], "4");
+    assert_eq!(red.served() - before, 4);
+    // A 409 is not a server error: one attempt.
+    let before = red.served();
+    assert_eq!(get(out, "/retry", &["x-echo-status: 409"]).status, 409);
+    assert_eq!(red.served() - before, 1);
+    // No policy: App Mesh's default retries a 503 twice and a 500 never.
+    let before = red.served();
+    assert_eq!(get(out, "/", &["x-echo-status: 503"]).status, 503);
+    assert_eq!(red.served() - before, 3);
+    let before = red.served();
+    assert_eq!(get(out, "/", &["x-echo-status: 500"]).status, 500);
+    assert_eq!(red.served() - before, 1);
+
+    // Outlier detection: blue2 always answers 503; after three in a row it is ejected (for
+    // 300 s) and gets nothing, while retries on the other host keep every answer a 200.
+    for _ in 0..12 {
+        assert_eq!(get(out, "/blue", &[]).status, 200);
+    }
+    let b2 = blue2.served();
+    assert!(b2 >= 3, "blue2 got {b2} requests before its ejection");
+    let b1 = blue1.served();
+    for _ in 0..30 {
+        let got = get(out, "/blue", &[]);
+        assert_eq!(got.name().as_deref(), Some("blue1"), "{got:?}");
+    }
+    assert_eq!(blue2.served(), b2, "an ejected host got traffic");
+    assert_eq!(blue1.served() - b1, 30);
+
+    // The connection pool: one request at a time to red, one waiting; a third is turned away.
+    let handles: Vec<_> = (0..3)
+        .map(|_| std::thread::spawn(move || get(out, "/pool", &["x-echo-delay-ms: 1500"])))
+        .collect();
+    let results: Vec<Got> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut statuses: Vec<u16> = results.iter().map(|g| g.status).collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 503], "{results:?}");
+    let refused = results.iter().find(|g| g.status == 503).unwrap();
+    assert!(
+        refused.body.contains("connection pool is full"),
+        "{refused:?}"
+    );
+
+    // The budget: 200 requests that all fail with 503 (two retries each under the default
+    // policy) may add only 20 % plus the floor of 1 per second.
+    let t = Instant::now();
+    let before = red.served();
+    for _ in 0..200 {
+        assert_eq!(get(out, "/", &["x-echo-status: 503"]).status, 503);
+    }
+    let attempts = red.served() - before;
+    let secs = t.elapsed().as_secs_f64();
+    let bound = 200.0 + 0.2 * 220.0 + secs + 10.0 + 2.0;
+    assert!(
+        (attempts as f64) <= bound && attempts >= 220,
+        "{attempts} attempts in {secs:.1} s (budget bound {bound:.0}, 600 without one)"
+    );
+}
