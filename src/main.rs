@@ -121,6 +121,9 @@ enum Command {
         /// naming a backend virtual service. `off` disables it.
         #[arg(long, default_value = "127.0.0.1:15001")]
         outbound_addr: String,
+        /// Where a virtual gateway's listeners are bound (their ports come from its spec).
+        #[arg(long, default_value = "0.0.0.0")]
+        gateway_host: std::net::IpAddr,
         /// Retries may add at most this fraction of requests (the retry budget).
         #[arg(long, default_value_t = 0.2)]
         retry_budget_ratio: f64,
@@ -492,6 +495,7 @@ fn main() -> ExitCode {
             outbound_addr,
             retry_budget_ratio,
             retry_budget_min_per_second,
+            gateway_host,
         } => {
             let outbound_addr = match outbound_addr.as_str() {
                 "off" => None,
@@ -553,6 +557,7 @@ fn main() -> ExitCode {
                     min_per_second: retry_budget_min_per_second,
                     ..Default::default()
                 },
+                gateway_host,
             };
             rt.block_on(run_proxy(
                 settings,

@@ -22,6 +22,7 @@ use tokio::task::AbortHandle;
 
 use super::balance::WeightedPicker;
 use super::discovery::AppliedConfig;
+use super::gateway::{self, GatewayPort};
 use super::inbound::{self, InboundPort};
 use super::outbound;
 use super::outlier::{EndpointSet, OutlierSettings};
@@ -84,6 +85,8 @@ pub struct Routing {
     /// The node's listeners by app port.
     pub inbound: HashMap<u16, InboundPort>,
     pub allowed_callers: HashSet<ProxyRole>,
+    /// A virtual gateway's listeners by port.
+    pub gateway: HashMap<u16, GatewayPort>,
     clusters: HashMap<(String, u16), Arc<Cluster>>,
 }
 
@@ -170,6 +173,9 @@ impl Routing {
                 r.by_name.insert(key, port);
             }
         }
+        for l in config.gateway.iter().flat_map(|g| &g.listeners) {
+            r.gateway.insert(l.port, GatewayPort::new(l)?);
+        }
         for l in &config.inbound {
             r.inbound
                 .insert(l.port, InboundPort::new(l, previous.inbound.get(&l.port)));
@@ -177,11 +183,26 @@ impl Routing {
         Ok(r)
     }
 
-    /// The VIP:ports the proxy listens on for this config, and whether each is TCP.
-    fn vip_addrs(&self) -> impl Iterator<Item = (SocketAddr, bool)> + '_ {
-        self.outbound
-            .iter()
-            .map(|(a, p)| (*a, p.protocol == PortProtocol::Tcp))
+    /// The listeners this config wants: backends' VIP:ports (when `vips`) and a gateway's
+    /// ports on `gateway_host`.
+    fn listeners(&self, vips: bool, gateway_host: IpAddr) -> Vec<(SocketAddr, Kind)> {
+        let mut out: Vec<(SocketAddr, Kind)> = Vec::new();
+        if vips {
+            out.extend(self.outbound.iter().map(|(a, p)| {
+                let kind = if p.protocol == PortProtocol::Tcp {
+                    Kind::Tcp
+                } else {
+                    Kind::Http
+                };
+                (*a, kind)
+            }));
+        }
+        out.extend(
+            self.gateway
+                .keys()
+                .map(|p| (SocketAddr::new(gateway_host, *p), Kind::Gateway(*p))),
+        );
+        out
     }
 
     /// A backend by the name and port a request carries (`Host`), or by its VIP.
@@ -232,6 +253,17 @@ fn tls_choice(
     }
 }
 
+/// What a listener the config asks for serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A backend's HTTP (or HTTP/2, gRPC) VIP:port.
+    Http,
+    /// A backend's TCP VIP:port.
+    Tcp,
+    /// A virtual gateway listener.
+    Gateway(u16),
+}
+
 /// How the data plane is placed on this host.
 #[derive(Debug, Clone)]
 pub struct DataplaneSettings {
@@ -240,6 +272,8 @@ pub struct DataplaneSettings {
     /// Whether to bind the backends' VIP:ports (off when several proxies share a host).
     pub vip_listeners: bool,
     pub budget: BudgetSettings,
+    /// Where a virtual gateway's listeners are bound (their ports come from its spec).
+    pub gateway_host: IpAddr,
 }
 
 pub struct Shared {
@@ -286,11 +320,8 @@ pub async fn run(
             let previous = shared.routing.borrow().clone();
             match Routing::build(&applied.config, &previous, shared.settings.budget) {
                 Ok(r) => {
-                    let wanted: Vec<(SocketAddr, bool)> = if shared.settings.vip_listeners {
-                        r.vip_addrs().collect()
-                    } else {
-                        Vec::new()
-                    };
+                    let wanted =
+                        r.listeners(shared.settings.vip_listeners, shared.settings.gateway_host);
                     shared.upstreams.identity().set_trust(
                         &applied.config.trust_bundle,
                         inbound::client_roots(&applied.config),
@@ -315,22 +346,22 @@ pub async fn run(
     }
 }
 
-/// Binds new VIP listeners and stops the ones no longer wanted (their open connections
-/// finish).
+/// Binds new VIP and gateway listeners and stops the ones no longer wanted (their open
+/// connections finish).
 async fn reconcile(
     shared: &Arc<Shared>,
     vips: &mut HashMap<SocketAddr, AbortHandle>,
-    wanted: &[(SocketAddr, bool)],
+    wanted: &[(SocketAddr, Kind)],
 ) {
     vips.retain(|addr, h| {
         let keep = wanted.iter().any(|(a, _)| a == addr);
         if !keep {
             h.abort();
-            tracing::info!(%addr, "outbound listener closed");
+            tracing::info!(%addr, "listener closed");
         }
         keep
     });
-    for (addr, tcp) in wanted {
+    for (addr, kind) in wanted {
         if vips.contains_key(addr) {
             continue;
         }
@@ -338,18 +369,21 @@ async fn reconcile(
             Ok(listener) => {
                 let shared = shared.clone();
                 let local = *addr;
-                let task = if *tcp {
-                    tokio::spawn(outbound::serve_tcp(shared, listener, local))
-                } else {
-                    tokio::spawn(serve(listener, move |req| {
+                let task = match *kind {
+                    Kind::Tcp => tokio::spawn(outbound::serve_tcp(shared, listener, local)),
+                    Kind::Http => tokio::spawn(serve(listener, move |req| {
                         let shared = shared.clone();
                         async move { Ok::<_, Infallible>(outbound::vip(&shared, local, req).await) }
-                    }))
+                    })),
+                    Kind::Gateway(port) => tokio::spawn(serve(listener, move |req| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(gateway::request(&shared, port, req).await) }
+                    })),
                 };
                 vips.insert(*addr, task.abort_handle());
-                tracing::info!(%addr, "outbound listener open");
+                tracing::info!(%addr, ?kind, "listener open");
             }
-            Err(e) => tracing::warn!(%addr, error = %e, "cannot open an outbound listener"),
+            Err(e) => tracing::warn!(%addr, error = %e, "cannot open a listener"),
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod balance;
 pub mod dataplane;
 pub mod discovery;
+pub mod gateway;
 pub mod health;
 pub mod identity;
 pub mod inbound;

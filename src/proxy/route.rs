@@ -246,6 +246,11 @@ impl RouteTable {
         self.routes.iter().position(|(m, _)| matches(m, req))
     }
 
+    /// Whether route `i` matches the request.
+    pub fn matches_at(&self, i: usize, req: &RequestHead<'_>) -> bool {
+        self.routes.get(i).is_some_and(|(m, _)| matches(m, req))
+    }
+
     pub fn route(&self, i: usize) -> Option<&CompiledRoute> {
         self.routes.get(i).map(|(_, r)| r)
     }

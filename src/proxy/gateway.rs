@@ -1,0 +1,303 @@
+//! A virtual gateway's own side: its listeners take outside traffic, gateway routes pick a
+//! virtual service (hostname exact or suffix, prefix, path, headers, method, query, port; gRPC
+//! service and metadata; priority, then the longest prefix), App Mesh's rewrites apply (by
+//! default Host becomes the target service's name and the matched prefix becomes `/`), and
+//! the request then follows that service's own routes like any outbound request.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+
+use super::dataplane::Shared;
+use super::outbound;
+use super::route::{MatcherError, RequestHead, RouteTable};
+use super::upstream::{Body, UpstreamError};
+use crate::model::proxy_config::{
+    CompiledGatewayRoute, CompiledRoute, GatewayListener, GatewayRouteMatch, RetryPolicy,
+    RouteMatch, Timeouts,
+};
+use crate::model::shapes::{
+    DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch, HttpGatewayRouteRewrite,
+};
+
+/// One gateway listener's routes, ready to match.
+pub struct GatewayPort {
+    pub port: u16,
+    /// The matchers (hostname aside), one per route, in order.
+    table: RouteTable,
+    routes: Vec<(Option<HostTest>, CompiledGatewayRoute)>,
+}
+
+enum HostTest {
+    Exact(String),
+    Suffix(String),
+}
+
+impl HostTest {
+    fn new(m: &GatewayRouteHostnameMatch) -> Option<Self> {
+        match (&m.exact, &m.suffix) {
+            (Some(e), _) => Some(Self::Exact(e.to_ascii_lowercase())),
+            (None, Some(s)) => Some(Self::Suffix(s.to_ascii_lowercase())),
+            _ => None,
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(e) => host == e,
+            Self::Suffix(s) => host.ends_with(s.as_str()) && host.len() > s.len(),
+        }
+    }
+}
+
+/// A gateway match as a route match: the same fields under the same names, less the hostname.
+fn as_route_match(m: &GatewayRouteMatch) -> RouteMatch {
+    fn convert<T: serde::de::DeserializeOwned>(v: impl serde::Serialize) -> Option<T> {
+        let mut v = serde_json::to_value(v).ok()?;
+        v.as_object_mut()?.remove("hostname");
+        serde_json::from_value(v).ok()
+    }
+    match m {
+        GatewayRouteMatch::Http(h) => convert(h).map_or(RouteMatch::Any, RouteMatch::Http),
+        GatewayRouteMatch::Grpc(g) => convert(g).map_or(RouteMatch::Any, RouteMatch::Grpc),
+    }
+}
+
+impl GatewayPort {
+    pub fn new(l: &GatewayListener) -> Result<Self, MatcherError> {
+        let as_routes: Vec<CompiledRoute> = l
+            .routes
+            .iter()
+            .map(|r| CompiledRoute {
+                name: r.name.clone(),
+                priority: r.priority,
+                matcher: as_route_match(&r.matcher),
+                targets: Vec::new(),
+                retry: RetryPolicy {
+                    max_retries: 0,
+                    per_retry_timeout_ms: 0,
+                    http_statuses: Vec::new(),
+                    on_reset: false,
+                    on_refused_stream: false,
+                    on_connection_error: false,
+                    grpc_events: Vec::new(),
+                    is_default: false,
+                },
+                timeouts: Timeouts::default(),
+            })
+            .collect();
+        let routes = l
+            .routes
+            .iter()
+            .map(|r| {
+                let host = match &r.matcher {
+                    GatewayRouteMatch::Http(h) => h.hostname.as_ref(),
+                    GatewayRouteMatch::Grpc(g) => g.hostname.as_ref(),
+                };
+                (host.and_then(HostTest::new), r.clone())
+            })
+            .collect();
+        Ok(Self {
+            port: l.port,
+            table: RouteTable::new(&as_routes)?,
+            routes,
+        })
+    }
+
+    fn select(&self, head: &RequestHead<'_>, host: &str) -> Option<&CompiledGatewayRoute> {
+        self.routes
+            .iter()
+            .enumerate()
+            .find(|(i, (h, _))| {
+                h.as_ref().is_none_or(|h| h.matches(host)) && self.table.matches_at(*i, head)
+            })
+            .map(|(_, (_, r))| r)
+    }
+}
+
+/// The request's host, lower case, without a port.
+fn host_of<B>(req: &Request<B>) -> String {
+    let raw = req
+        .uri()
+        .host()
+        .map(str::to_string)
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h).to_string())
+        })
+        .unwrap_or_default();
+    raw.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// A request on gateway listener `port`.
+pub async fn request(
+    shared: &Arc<Shared>,
+    port: u16,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let routing = shared.routing.borrow().clone();
+    let Some(gw) = routing.gateway.get(&port) else {
+        return UpstreamError::NoRoute.response();
+    };
+    let host = host_of(&req);
+    let head = RequestHead {
+        method: req.method(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        headers: req.headers(),
+        scheme: "http",
+        port,
+    };
+    let Some(route) = gw.select(&head, &host) else {
+        return UpstreamError::NoRoute.response();
+    };
+    let target = match route.port {
+        Some(p) => routing.by_name.get(&(route.virtual_service.clone(), p)),
+        None => routing
+            .by_name
+            .iter()
+            .find(|((s, _), _)| *s == route.virtual_service)
+            .map(|(_, p)| p),
+    };
+    let Some(target) = target.cloned() else {
+        return UpstreamError::NoEndpoint(format!(
+            "gateway route {}: virtual service {} has no listener to send to",
+            route.name, route.virtual_service
+        ))
+        .response();
+    };
+    if let Err(e) = rewrite(&mut req, route) {
+        return e.response();
+    }
+    outbound::forward(shared, &target, req).await
+}
+
+/// App Mesh's rewrites: Host to the target service's name and the matched prefix to `/` unless
+/// disabled; a prefix `value` or an exact `path` instead when given.
+fn rewrite<B>(req: &mut Request<B>, route: &CompiledGatewayRoute) -> Result<(), UpstreamError> {
+    let none = HttpGatewayRouteRewrite {
+        hostname: None,
+        path: None,
+        prefix: None,
+    };
+    let rw = route.rewrite.as_ref().unwrap_or(&none);
+    let host_on = rw.hostname.as_ref().and_then(|h| h.default_target_hostname)
+        != Some(DefaultGatewayRouteRewrite::Disabled);
+    if host_on {
+        let v = HeaderValue::from_str(&route.virtual_service)
+            .map_err(|_| UpstreamError::BadRequest("target service name".into()))?;
+        req.headers_mut().insert(http::header::HOST, v);
+    }
+    let GatewayRouteMatch::Http(m) = &route.matcher else {
+        return Ok(());
+    };
+    let path = req.uri().path().to_string();
+    let new_path = if let Some(exact) = rw.path.as_ref().and_then(|p| p.exact.as_ref()) {
+        Some(exact.clone())
+    } else if let Some(prefix) = &m.prefix {
+        let rest = path.strip_prefix(prefix.as_str()).unwrap_or(&path);
+        match rw.prefix.as_ref() {
+            Some(p) if p.value.is_some() => {
+                let value = p.value.as_deref().unwrap_or("/");
+                Some(join(value, rest))
+            }
+            Some(p) if p.default_prefix == Some(DefaultGatewayRouteRewrite::Disabled) => None,
+            _ => Some(join("/", rest)),
+        }
+    } else {
+        None
+    };
+    if let Some(p) = new_path {
+        let pq = match req.uri().query() {
+            Some(q) => format!("{p}?{q}"),
+            None => p,
+        };
+        let uri: Uri = pq
+            .parse()
+            .map_err(|_| UpstreamError::BadRequest(format!("rewritten path {pq:?}")))?;
+        *req.uri_mut() = uri;
+    }
+    Ok(())
+}
+
+/// `value` then `rest`, with one slash between them where both have one.
+fn join(value: &str, rest: &str) -> String {
+    if value.ends_with('/') {
+        format!("{value}{}", rest.trim_start_matches('/'))
+    } else {
+        format!("{value}{rest}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::shapes::{HttpGatewayRouteMatch, HttpGatewayRoutePrefixRewrite};
+
+    fn route(prefix: &str, rewrite: Option<HttpGatewayRouteRewrite>) -> CompiledGatewayRoute {
+        let m: HttpGatewayRouteMatch =
+            serde_json::from_value(serde_json::json!({"prefix": prefix})).unwrap();
+        CompiledGatewayRoute {
+            name: "r".into(),
+            priority: None,
+            matcher: GatewayRouteMatch::Http(m),
+            virtual_service: "books.demo.local".into(),
+            port: None,
+            rewrite,
+        }
+    }
+
+    fn rewritten(path: &str, r: &CompiledGatewayRoute) -> (String, String) {
+        let mut req = Request::get(path)
+            .header("host", "gw.example.com")
+            .body(())
+            .unwrap();
+        rewrite(&mut req, r).unwrap();
+        (
+            req.uri().to_string(),
+            req.headers()["host"].to_str().unwrap().to_string(),
+        )
+    }
+
+    #[test]
+    fn the_default_rewrites_host_and_the_matched_prefix() {
+        let r = route("/chapter", None);
+        assert_eq!(rewritten("/chapter/1?x=2", &r).0, "/1?x=2");
+        assert_eq!(rewritten("/chapter", &r).0, "/");
+        assert_eq!(rewritten("/chapter/", &r).1, "books.demo.local");
+    }
+
+    #[test]
+    fn rewrites_can_be_disabled_or_given() {
+        let off = HttpGatewayRouteRewrite {
+            hostname: serde_json::from_value(
+                serde_json::json!({"defaultTargetHostname": "DISABLED"}),
+            )
+            .ok(),
+            path: None,
+            prefix: Some(HttpGatewayRoutePrefixRewrite {
+                default_prefix: Some(DefaultGatewayRouteRewrite::Disabled),
+                value: None,
+            }),
+        };
+        assert_eq!(
+            rewritten("/chapter/1", &route("/chapter", Some(off))),
+            ("/chapter/1".into(), "gw.example.com".into())
+        );
+        let value = HttpGatewayRouteRewrite {
+            hostname: None,
+            path: None,
+            prefix: Some(HttpGatewayRoutePrefixRewrite {
+                default_prefix: None,
+                value: Some("/v2/".into()),
+            }),
+        };
+        assert_eq!(
+            rewritten("/chapter/1", &route("/chapter", Some(value))).0,
+            "/v2/1"
+        );
+    }
+}

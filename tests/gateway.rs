@@ -1,0 +1,170 @@
+//! A virtual gateway end to end: `curl` from outside to the gateway proxy's listener, gateway
+//! routes (prefix, exact path, hostname suffix, header, priority) to virtual services, App
+//! Mesh's default rewrites (Host to the service name, matched prefix to `/`) and the rewrite
+//! options, then through the services' own routes and a peer proxy to `trellis echo` apps.
+
+mod common;
+
+use std::time::Duration;
+
+use common::echo::{Echo, Got, curl};
+use common::mesh::put;
+use common::proxy::Proxy;
+use common::{DevNode, wait_until};
+use serde_json::{Value, json};
+
+fn setup(node: &DevNode, gw_port: u16) {
+    let p = "/v20190125/meshes/demo";
+    put(node, "/v20190125/meshes", json!({"meshName": "demo"}));
+    for c in ["red", "blue"] {
+        put(
+            node,
+            &format!("{p}/virtualNodes"),
+            json!({"virtualNodeName": c, "spec": {
+                "listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
+                "serviceDiscovery": {"dns": {"hostname": format!("{c}.demo.local")}}}}),
+        );
+        put(
+            node,
+            &format!("{p}/virtualServices"),
+            json!({"virtualServiceName": format!("{c}.demo.local"), "spec": {"provider": {"virtualNode": {"virtualNodeName": c}}}}),
+        );
+    }
+    put(
+        node,
+        &format!("{p}/virtualGateways"),
+        json!({"virtualGatewayName": "gw", "spec": {"listeners": [{"portMapping": {"port": gw_port, "protocol": "http"}}]}}),
+    );
+    let routes = format!("{p}/virtualGateway/gw/gatewayRoutes");
+    let target = |svc: &str| json!({"target": {"virtualService": {"virtualServiceName": svc}}});
+    let with = |svc: &str, rewrite: Value| {
+        let mut t = target(svc);
+        t["rewrite"] = rewrite;
+        t
+    };
+    for (name, priority, m, action) in [
+        (
+            "red",
+            None,
+            json!({"prefix": "/red"}),
+            target("red.demo.local"),
+        ),
+        (
+            "blue-as-is",
+            None,
+            json!({"prefix": "/blue"}),
+            with(
+                "blue.demo.local",
+                json!({"hostname": {"defaultTargetHostname": "DISABLED"},
+                       "prefix": {"defaultPrefix": "DISABLED"}}),
+            ),
+        ),
+        (
+            "exact",
+            None,
+            json!({"path": {"exact": "/exact"}}),
+            with("red.demo.local", json!({"path": {"exact": "/rewritten"}})),
+        ),
+        (
+            "shop",
+            Some(0),
+            json!({"prefix": "/", "hostname": {"suffix": ".shop.example"}}),
+            target("blue.demo.local"),
+        ),
+        (
+            "canary",
+            Some(1),
+            json!({"prefix": "/red", "headers": [{"name": "x-canary", "match": {"exact": "yes"}}]}),
+            with("blue.demo.local", json!({"prefix": {"value": "/canary/"}})),
+        ),
+    ] {
+        let mut spec = json!({"httpRoute": {"match": m, "action": action}});
+        if let Some(p) = priority {
+            spec["priority"] = json!(p);
+        }
+        put(
+            node,
+            &routes,
+            json!({"gatewayRouteName": name, "spec": spec}),
+        );
+    }
+}
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn gateway_routes_match_rewrite_and_reach_services() {
+    const GW: &str = "127.0.0.121";
+    let gw_port = free_port(GW);
+    let node = DevNode::start();
+    setup(&node, gw_port);
+    let _red = Echo::start("127.0.0.122:9080", "red");
+    let _blue = Echo::start("127.0.0.123:9080", "blue");
+    let dir = tempfile::tempdir().unwrap();
+    let start = |role: [&str; 2], ip: &str, extra: &[&str]| {
+        let mut args = vec!["--no-vip-listeners", "--app-host", ip];
+        args.extend(extra);
+        Proxy::start_with(
+            node.grpc_addr(),
+            "demo",
+            role,
+            &dir.path().join(ip),
+            ip,
+            &args,
+        )
+    };
+    let _apps = [
+        start(["--virtual-node", "red"], "127.0.0.122", &[]),
+        start(["--virtual-node", "blue"], "127.0.0.123", &[]),
+    ];
+    let gw = start(["--virtual-gateway", "gw"], GW, &["--gateway-host", GW]);
+    gw.wait_ready(Duration::from_secs(20));
+    let get = |path: &str, headers: &[&str]| -> Got {
+        let mut args: Vec<String> = Vec::new();
+        for h in headers {
+            args.extend(["-H".into(), h.to_string()]);
+        }
+        args.push(format!("http://{GW}:{gw_port}{path}"));
+        curl(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || get("/red/x", &[]).status == 200),
+        "{:?}\n{}",
+        get("/red/x", &[]),
+        gw.log()
+    );
+
+    // The defaults: the matched prefix becomes `/`, Host the service's name.
+    let got = get("/red/books?page=2", &["host: gw.example"]);
+    let v = got.json();
+    assert_eq!(got.name().as_deref(), Some("red"), "{got:?}");
+    assert_eq!(v["path"], "/books");
+    assert_eq!(v["query"], "page=2");
+    assert_eq!(v["headers"]["host"], "red.demo.local");
+    // Both rewrites disabled.
+    let got = get("/blue/books", &["host: gw.example"]);
+    assert_eq!(got.name().as_deref(), Some("blue"), "{got:?}");
+    assert_eq!(got.json()["path"], "/blue/books");
+    assert_eq!(got.json()["headers"]["host"], "gw.example");
+    // An exact path with a path rewrite.
+    let got = get("/exact", &[]);
+    assert_eq!(
+        (got.name().as_deref(), got.json()["path"].as_str()),
+        (Some("red"), Some("/rewritten"))
+    );
+    // A hostname suffix at priority 0 wins over the longer prefix.
+    let got = get("/red/x", &["host: books.shop.example"]);
+    assert_eq!(got.name().as_deref(), Some("blue"), "{got:?}");
+    // A header match at priority 1, with a prefix value rewrite.
+    let got = get("/red/x", &["x-canary: yes"]);
+    assert_eq!(got.name().as_deref(), Some("blue"), "{got:?}");
+    assert_eq!(got.json()["path"], "/canary/x");
+    // Nothing matches: 404.
+    assert_eq!(get("/nowhere", &[]).status, 404);
+}
