@@ -121,6 +121,10 @@ enum Command {
         /// naming a backend virtual service. `off` disables it.
         #[arg(long, default_value = "127.0.0.1:15001")]
         outbound_addr: String,
+        /// On SIGTERM, how long requests in flight may take to finish (the listeners close at
+        /// once; the instance leaves the registry).
+        #[arg(long, default_value = "10s", value_parser = admin::parse_duration)]
+        drain_time: u64,
         /// Where a virtual gateway's listeners are bound (their ports come from its spec).
         #[arg(long, default_value = "0.0.0.0")]
         gateway_host: std::net::IpAddr,
@@ -496,6 +500,7 @@ fn main() -> ExitCode {
             retry_budget_ratio,
             retry_budget_min_per_second,
             gateway_host,
+            drain_time,
         } => {
             let outbound_addr = match outbound_addr.as_str() {
                 "off" => None,
@@ -558,6 +563,7 @@ fn main() -> ExitCode {
                     ..Default::default()
                 },
                 gateway_host,
+                drain: std::time::Duration::from_secs(drain_time),
             };
             rt.block_on(run_proxy(
                 settings,

@@ -16,6 +16,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -274,12 +275,57 @@ pub struct DataplaneSettings {
     pub budget: BudgetSettings,
     /// Where a virtual gateway's listeners are bound (their ports come from its spec).
     pub gateway_host: IpAddr,
+    /// How long a stopping proxy lets requests in flight finish.
+    pub drain: Duration,
 }
 
 pub struct Shared {
     pub routing: watch::Receiver<Arc<Routing>>,
     pub upstreams: Upstreams,
     pub settings: DataplaneSettings,
+    pub drain: Drain,
+}
+
+/// Every served connection, so a shutdown can ask each to finish (HTTP/1.1: after the request
+/// in progress; HTTP/2: GOAWAY, in-flight streams complete) and wait for them.
+#[derive(Clone)]
+pub struct Drain(Arc<std::sync::Mutex<Option<GracefulShutdown>>>);
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(
+            GracefulShutdown::new(),
+        ))))
+    }
+}
+
+impl Drain {
+    /// Serves `conn` to its end, or to a graceful end once draining starts.
+    pub async fn serve<C>(&self, conn: C)
+    where
+        C: GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let watcher = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(GracefulShutdown::watcher);
+        if let Some(w) = watcher
+            && let Err(e) = w.watch(conn).await
+        {
+            tracing::debug!(error = %e, "connection");
+        }
+    }
+
+    /// Asks every connection to finish and waits up to `within`; false when some were cut.
+    pub async fn drain(&self, within: Duration) -> bool {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match g {
+            Some(g) => tokio::time::timeout(within, g.shutdown()).await.is_ok(),
+            None => true,
+        }
+    }
 }
 
 /// The sockets the data plane serves, bound by the caller (so port 0 can be reported).
@@ -302,12 +348,13 @@ pub async fn run(
         routing,
         upstreams: Upstreams::new(identity),
         settings,
+        drain: Drain::default(),
     });
     let mut tasks =
         vec![tokio::spawn(inbound::serve(shared.clone(), listeners.inbound)).abort_handle()];
     if let Some(l) = listeners.outbound {
         let s = shared.clone();
-        let task = tokio::spawn(serve(l, move |req| {
+        let task = tokio::spawn(serve(shared.drain.clone(), l, move |req| {
             let s = s.clone();
             async move { Ok::<_, Infallible>(outbound::explicit(&s, req).await) }
         }));
@@ -338,11 +385,21 @@ pub async fn run(
             _ = stop.changed() => break,
         }
     }
+    // Stop accepting, then let what is in flight finish.
     for (_, h) in vips {
         h.abort();
     }
     for t in tasks {
         t.abort();
+    }
+    let within = shared.settings.drain;
+    if shared.drain.drain(within).await {
+        tracing::info!("drained: every connection finished");
+    } else {
+        tracing::warn!(
+            ?within,
+            "drain time over; closing the connections still open"
+        );
     }
 }
 
@@ -371,14 +428,18 @@ async fn reconcile(
                 let local = *addr;
                 let task = match *kind {
                     Kind::Tcp => tokio::spawn(outbound::serve_tcp(shared, listener, local)),
-                    Kind::Http => tokio::spawn(serve(listener, move |req| {
+                    Kind::Http => tokio::spawn(serve(shared.drain.clone(), listener, move |req| {
                         let shared = shared.clone();
                         async move { Ok::<_, Infallible>(outbound::vip(&shared, local, req).await) }
                     })),
-                    Kind::Gateway(port) => tokio::spawn(serve(listener, move |req| {
-                        let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(gateway::request(&shared, port, req).await) }
-                    })),
+                    Kind::Gateway(port) => {
+                        tokio::spawn(serve(shared.drain.clone(), listener, move |req| {
+                            let shared = shared.clone();
+                            async move {
+                                Ok::<_, Infallible>(gateway::request(&shared, port, req).await)
+                            }
+                        }))
+                    }
                 };
                 vips.insert(*addr, task.abort_handle());
                 tracing::info!(%addr, ?kind, "listener open");
@@ -402,7 +463,7 @@ pub fn http_builder() -> Builder<TokioExecutor> {
 }
 
 /// Accepts connections and serves each (HTTP/1.1 or h2c) in its own task.
-pub async fn serve<F, Fut>(listener: TcpListener, handler: F)
+pub async fn serve<F, Fut>(drain: Drain, listener: TcpListener, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
@@ -418,14 +479,13 @@ where
         };
         let _ = tcp.set_nodelay(true);
         let handler = handler.clone();
+        let drain = drain.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(handler);
-            if let Err(e) = http_builder()
+            let conn = http_builder()
                 .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-                .await
-            {
-                tracing::debug!(error = %e, "connection");
-            }
+                .into_owned();
+            drain.serve(conn).await;
         });
     }
 }

@@ -204,17 +204,17 @@ async fn serve_http<I>(shared: Arc<Shared>, io: I, caller: Arc<Caller>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let shared_drain = shared.drain.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let caller = caller.clone();
         async move { Ok::<_, Infallible>(request(&shared, &caller, req).await) }
     });
-    if let Err(e) = http_builder()
+    let drain = shared_drain;
+    let conn = http_builder()
         .serve_connection_with_upgrades(io, service)
-        .await
-    {
-        tracing::debug!(error = %e, "inbound connection");
-    }
+        .into_owned();
+    drain.serve(conn).await;
 }
 
 async fn request(
