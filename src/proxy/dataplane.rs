@@ -24,6 +24,7 @@ use tokio::task::AbortHandle;
 use super::balance::WeightedPicker;
 use super::discovery::AppliedConfig;
 use super::gateway::{self, GatewayPort};
+use super::guard;
 use super::inbound::{self, InboundPort};
 use super::outbound;
 use super::outlier::{EndpointSet, OutlierSettings};
@@ -457,7 +458,8 @@ pub fn http_builder() -> Builder<TokioExecutor> {
     let mut b = Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(guard::MAX_HEAD_BYTES);
     b.http2().timer(TokioTimer::new());
     b
 }
@@ -481,6 +483,12 @@ where
         let handler = handler.clone();
         let drain = drain.clone();
         tokio::spawn(async move {
+            if let guard::Verdict::Refuse(status, why) =
+                guard::first_head(&tcp, HEADER_READ_TIMEOUT).await
+            {
+                guard::refuse(tcp, status, &why).await;
+                return;
+            }
             let service = hyper::service::service_fn(handler);
             let conn = http_builder()
                 .serve_connection_with_upgrades(TokioIo::new(tcp), service)

@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::dataplane::{Shared, http_builder};
+use super::guard;
 use super::tls::Caller;
 use super::tunnel;
 use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError};
@@ -177,6 +178,12 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr) {
         _ => return,
     };
     if !tls {
+        if let guard::Verdict::Refuse(status, why) =
+            guard::first_head(&tcp, super::dataplane::HEADER_READ_TIMEOUT).await
+        {
+            guard::refuse(tcp, status, &why).await;
+            return;
+        }
         serve_http(shared, TokioIo::new(tcp), Arc::new(Caller::default())).await;
         return;
     }

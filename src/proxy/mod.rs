@@ -8,6 +8,7 @@ pub mod balance;
 pub mod dataplane;
 pub mod discovery;
 pub mod gateway;
+pub mod guard;
 pub mod health;
 pub mod identity;
 pub mod inbound;
