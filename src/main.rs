@@ -125,6 +125,9 @@ enum Command {
         /// once; the instance leaves the registry).
         #[arg(long, default_value = "10s", value_parser = admin::parse_duration)]
         drain_time: u64,
+        /// Worker threads for the data plane (Envoy's --concurrency); default: one per core.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        concurrency: Option<u16>,
         /// Where a virtual gateway's listeners are bound (their ports come from its spec).
         #[arg(long, default_value = "0.0.0.0")]
         gateway_host: std::net::IpAddr,
@@ -476,7 +479,18 @@ fn client_result(r: anyhow::Result<()>) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Runtime::new() {
+    let threads = match &cli.command {
+        Command::Proxy { concurrency, .. } => *concurrency,
+        _ => None,
+    };
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if let Some(n) = threads.filter(|n| *n > 1) {
+        builder.worker_threads(usize::from(n));
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("trellis: starting the runtime: {e}");
@@ -501,6 +515,7 @@ fn main() -> ExitCode {
             retry_budget_min_per_second,
             gateway_host,
             drain_time,
+            concurrency: _,
         } => {
             let outbound_addr = match outbound_addr.as_str() {
                 "off" => None,

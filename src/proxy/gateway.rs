@@ -117,7 +117,7 @@ impl GatewayPort {
 }
 
 /// The request's host, lower case, without a port.
-fn host_of<B>(req: &Request<B>) -> String {
+pub(crate) fn host_of<B>(req: &Request<B>) -> String {
     let raw = req
         .uri()
         .host()

@@ -7,6 +7,7 @@
 pub mod balance;
 pub mod dataplane;
 pub mod discovery;
+pub mod fuzz;
 pub mod gateway;
 pub mod guard;
 pub mod health;

@@ -96,7 +96,7 @@ fn host_header(host: &str, port: u16) -> String {
 }
 
 /// Host and port from the absolute URI, else from Host (`:authority` in HTTP/2).
-fn authority<B>(req: &Request<B>) -> Option<(String, u16)> {
+pub(crate) fn authority<B>(req: &Request<B>) -> Option<(String, u16)> {
     let from_uri = req.uri().authority().cloned();
     let a = match from_uri {
         Some(a) => a,
