@@ -57,20 +57,20 @@ fn route_from(b: &mut Bytes<'_>, i: usize) -> Option<CompiledRoute> {
                 3 => json!({"regex": value}),
                 _ => json!({"range": {"start": i64::from(b.byte()), "end": i64::from(b.byte())}}),
             };
-            json!({"name": name, "invert": b.byte() % 2 == 0, "match": test})
+            json!({"name": name, "invert": b.byte().is_multiple_of(2), "match": test})
         })
         .collect();
     if !headers.is_empty() {
         m.insert("headers".into(), json!(headers));
     }
-    if b.byte() % 2 == 0 {
+    if b.byte().is_multiple_of(2) {
         let q = b.text();
         m.insert(
             "queryParameters".into(),
             json!([{"name": q, "match": {"exact": b.text()}}]),
         );
     }
-    if b.byte() % 3 == 0 {
+    if b.byte().is_multiple_of(3) {
         m.insert(
             "method".into(),
             json!(METHODS[usize::from(b.byte()) % METHODS.len()]),
@@ -206,7 +206,7 @@ mod tests {
                         x ^= x >> 7;
                         x ^= x << 17;
                         // Mostly printable, so heads and regexes get somewhere.
-                        if x % 5 == 0 {
+                        if x.is_multiple_of(5) {
                             (x >> 8) as u8
                         } else {
                             ALPHABET[(x >> 16) as usize % ALPHABET.len()]
