@@ -48,18 +48,6 @@ async fn get(client: &Client, vip: SocketAddr, headers: &[(&str, &str)]) -> (u16
     (status, name)
 }
 
-fn endpoints(proxy: &Proxy, node: &str) -> usize {
-    proxy.cached().map_or(0, |c| {
-        c["config"]["clusters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|cl| cl["virtual_node"] == node)
-            .map(|cl| cl["endpoints"].as_array().map_or(0, Vec::len))
-            .sum()
-    })
-}
-
 #[test]
 fn requests_follow_routes_weights_and_timeouts_through_two_proxies() {
     let node = DevNode::start();
@@ -84,8 +72,9 @@ fn requests_follow_routes_weights_and_timeouts_through_two_proxies() {
         p.wait_ready(Duration::from_secs(20));
     }
     assert!(
-        wait_until(Duration::from_secs(10), || endpoints(&client, "red") == 1
-            && endpoints(&client, "blue") == 1),
+        wait_until(Duration::from_secs(10), || client.endpoints(Some("red"))
+            == 1
+            && client.endpoints(Some("blue")) == 1),
         "endpoints never reached the client: {:?}",
         client.cached()
     );
@@ -157,9 +146,9 @@ fn requests_follow_routes_weights_and_timeouts_through_two_proxies() {
 
     // Blue goes away: canaries get 503 (no endpoint) once the registry says so.
     blue.terminate();
-    assert!(wait_until(Duration::from_secs(10), || endpoints(
-        &client, "blue"
-    ) == 0));
+    assert!(wait_until(Duration::from_secs(10), || client
+        .endpoints(Some("blue"))
+        == 0));
     rt.block_on(async {
         let (status, body) = get(&http, vip, &[("x-canary", "yes")]).await;
         assert_eq!(status, 503, "{body}");

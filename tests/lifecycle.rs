@@ -5,8 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::echo::Echo;
 use common::mesh::{self, put};
-use common::proxy::Proxy;
+use common::proxy::{self, Proxy};
 use common::{DevNode, wait_until};
 use http_body_util::{BodyExt, Empty};
 use serde_json::json;
@@ -87,22 +85,6 @@ fn load(rt: &tokio::runtime::Runtime, out: SocketAddr, workers: usize) -> Load {
     l
 }
 
-fn token(node: &DevNode, vn: &str, dir: &Path) -> std::path::PathBuf {
-    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
-        .args(["token", "create", "--endpoint", node.api_url()])
-        .args(["--mesh", "demo", "--virtual-node", vn])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = dir.join(format!("{vn}.token"));
-    std::fs::write(&path, String::from_utf8_lossy(&out.stdout).trim()).unwrap();
-    path
-}
-
 struct Mesh {
     node: DevNode,
     red: Proxy,
@@ -126,22 +108,13 @@ fn start(config: &str, base: u8) -> Mesh {
     ];
     let dir = tempfile::tempdir().unwrap();
     let proxy = |vn: &str, ip: &str| {
-        let token = token(&node, vn, dir.path());
-        Proxy::start_with(
+        proxy::with_certificate(
             node.grpc_addr(),
-            "demo",
-            ["--virtual-node", vn],
-            &dir.path().join(vn),
+            node.api_url(),
+            vn,
             ip,
-            &[
-                "--no-vip-listeners",
-                "--app-host",
-                ip,
-                "--token-file",
-                token.to_str().unwrap(),
-                "--drain-time",
-                "20s",
-            ],
+            dir.path(),
+            &["--drain-time", "20s"],
         )
     };
     let red = proxy("red", &ip(0));

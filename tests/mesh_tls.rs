@@ -6,43 +6,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::echo::{Echo, curl};
 use common::mesh::{self, put};
-use common::proxy::Proxy;
+use common::proxy;
 use common::{DevNode, wait_until};
 use serde_json::{Value, json};
-
-fn token(node: &DevNode, vn: &str, dir: &Path) -> PathBuf {
-    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
-        .args(["token", "create", "--endpoint", node.api_url()])
-        .args(["--mesh", "demo", "--virtual-node", vn])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = dir.join(format!("{vn}.token"));
-    std::fs::write(&path, String::from_utf8_lossy(&out.stdout).trim()).unwrap();
-    path
-}
-
-fn endpoints(proxy: &Proxy, node: &str) -> usize {
-    proxy.cached().map_or(0, |c| {
-        c["config"]["clusters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|cl| cl["virtual_node"] == node)
-            .map(|cl| cl["endpoints"].as_array().map_or(0, Vec::len))
-            .sum()
-    })
-}
 
 fn node_spec(name: &str, tls: Option<Value>, backends: Value) -> Value {
     let mut listener = json!({"portMapping": {"port": 9080, "protocol": "http"}});
@@ -88,21 +60,7 @@ fn proxies_speak_mtls_and_refuse_callers_the_mesh_does_not_allow() {
     let _blue_app = Echo::start("127.0.0.72:9080", "blue");
     let dir = tempfile::tempdir().unwrap();
     let start = |name: &str, ip: &str| {
-        let token = token(&node, name, dir.path());
-        Proxy::start_with(
-            node.grpc_addr(),
-            "demo",
-            ["--virtual-node", name],
-            &dir.path().join(name),
-            ip,
-            &[
-                "--no-vip-listeners",
-                "--app-host",
-                ip,
-                "--token-file",
-                token.to_str().unwrap(),
-            ],
-        )
+        proxy::with_certificate(node.grpc_addr(), node.api_url(), name, ip, dir.path(), &[])
     };
     let red = start("red", "127.0.0.71");
     let _blue = start("blue", "127.0.0.72");
@@ -112,7 +70,8 @@ fn proxies_speak_mtls_and_refuse_callers_the_mesh_does_not_allow() {
         p.wait_ready(Duration::from_secs(20));
     }
     assert!(
-        wait_until(Duration::from_secs(10), || endpoints(&client, "red") == 1),
+        wait_until(Duration::from_secs(10), || client.endpoints(Some("red"))
+            == 1),
         "red never reached the client: {:?}",
         client.cached()
     );

@@ -7,33 +7,15 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::echo::{Echo, curl};
 use common::mesh::put;
-use common::proxy::Proxy;
+use common::proxy;
 use common::{DevNode, wait_until};
 use serde_json::json;
 use trellis::wire::health::HealthCheckRequest;
 use trellis::wire::health::health_client::HealthClient;
-
-fn token(node: &DevNode, vn: &str, dir: &Path) -> std::path::PathBuf {
-    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
-        .args(["token", "create", "--endpoint", node.api_url()])
-        .args(["--mesh", "demo", "--virtual-node", vn])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = dir.join(format!("{vn}.token"));
-    std::fs::write(&path, String::from_utf8_lossy(&out.stdout).trim()).unwrap();
-    path
-}
 
 fn setup(node: &DevNode) {
     let p = "/v20190125/meshes/demo";
@@ -102,17 +84,6 @@ fn setup(node: &DevNode) {
     );
 }
 
-fn endpoints(proxy: &Proxy) -> usize {
-    proxy.cached().map_or(0, |c| {
-        c["config"]["clusters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|cl| cl["endpoints"].as_array().map_or(0, Vec::len))
-            .sum()
-    })
-}
-
 /// A WebSocket handshake through the explicit listener, then one text message each way.
 fn websocket_echo(out: SocketAddr, text: &str) -> Result<String, String> {
     let mut s = TcpStream::connect(out).map_err(|e| e.to_string())?;
@@ -165,21 +136,7 @@ fn grpc_websocket_and_tcp_cross_the_mesh() {
     let _tcp_app = Echo::start("127.0.0.103:7000", "tcp-app");
     let dir = tempfile::tempdir().unwrap();
     let start = |vn: &str, ip: &str| {
-        let token = token(&node, vn, dir.path());
-        Proxy::start_with(
-            node.grpc_addr(),
-            "demo",
-            ["--virtual-node", vn],
-            &dir.path().join(vn),
-            ip,
-            &[
-                "--no-vip-listeners",
-                "--app-host",
-                ip,
-                "--token-file",
-                token.to_str().unwrap(),
-            ],
-        )
+        proxy::with_certificate(node.grpc_addr(), node.api_url(), vn, ip, dir.path(), &[])
     };
     let _apps = [
         start("grpc-app", "127.0.0.101"),
@@ -189,7 +146,7 @@ fn grpc_websocket_and_tcp_cross_the_mesh() {
     let client = start("client", "127.0.0.104");
     client.wait_ready(Duration::from_secs(20));
     assert!(
-        wait_until(Duration::from_secs(15), || endpoints(&client) == 3),
+        wait_until(Duration::from_secs(15), || client.endpoints(None) == 3),
         "{:?}",
         client.cached()
     );

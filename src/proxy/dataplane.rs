@@ -464,6 +464,22 @@ pub fn http_builder() -> Builder<TokioExecutor> {
     b
 }
 
+/// The next connection (no Nagle); accept errors (out of descriptors) pause briefly.
+pub async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, from)) => {
+                let _ = tcp.set_nodelay(true);
+                return (tcp, from);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Accepts connections and serves each (HTTP/1.1 or h2c) in its own task.
 pub async fn serve<F, Fut>(drain: Drain, listener: TcpListener, handler: F)
 where
@@ -471,15 +487,7 @@ where
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let (tcp, _) = accept(&listener).await;
         let handler = handler.clone();
         let drain = drain.clone();
         tokio::spawn(async move {

@@ -158,15 +158,7 @@ impl Pool {
 /// Accepts peers' connections until aborted.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     loop {
-        let (tcp, from) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let (tcp, from) = super::dataplane::accept(&listener).await;
         tokio::spawn(connection(shared.clone(), tcp, from));
     }
 }

@@ -329,11 +329,7 @@ where
 /// Accepts connections on a TCP backend's VIP:port.
 pub async fn serve_tcp(shared: Arc<Shared>, listener: tokio::net::TcpListener, local: SocketAddr) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+        let (tcp, _) = super::dataplane::accept(&listener).await;
         let shared = shared.clone();
         tokio::spawn(async move {
             let port = shared.routing.borrow().outbound.get(&local).cloned();

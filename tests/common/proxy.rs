@@ -124,6 +124,19 @@ impl Proxy {
         found.unwrap()
     }
 
+    /// How many endpoints the cached config has for virtual node `node` (all nodes: `None`).
+    pub fn endpoints(&self, node: Option<&str>) -> usize {
+        self.cached().map_or(0, |c| {
+            c["config"]["clusters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|cl| node.is_none_or(|n| cl["virtual_node"] == n))
+                .map(|cl| cl["endpoints"].as_array().map_or(0, Vec::len))
+                .sum()
+        })
+    }
+
     /// The config the proxy cached (its last good one).
     pub fn cached(&self) -> Option<Value> {
         let bytes = std::fs::read(self.data_dir.join("config.json")).ok()?;
@@ -172,6 +185,52 @@ impl Proxy {
             let _ = c.wait();
         }
     }
+}
+
+/// A join token for virtual node `vn` of mesh demo, written to `<dir>/<vn>.token`.
+pub fn token(api: &str, vn: &str, dir: &Path) -> PathBuf {
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["token", "create", "--endpoint", api])
+        .args(["--mesh", "demo", "--virtual-node", vn])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = dir.join(format!("{vn}.token"));
+    std::fs::write(&path, String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    path
+}
+
+/// A proxy for virtual node `vn` of mesh demo with a certificate (a join token), its app on
+/// `ip`, its data in `<dir>/<vn>`, no VIP listeners, and `extra` flags.
+pub fn with_certificate(
+    control: SocketAddr,
+    api: &str,
+    vn: &str,
+    ip: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> Proxy {
+    let token = token(api, vn, dir);
+    let mut args = vec![
+        "--no-vip-listeners",
+        "--app-host",
+        ip,
+        "--token-file",
+        token.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    Proxy::start_with(
+        control,
+        "demo",
+        ["--virtual-node", vn],
+        &dir.join(vn),
+        ip,
+        &args,
+    )
 }
 
 impl Drop for Proxy {
