@@ -200,3 +200,73 @@ fn retries_budgets_ejection_and_pools_behave_as_configured() {
         "{attempts} attempts in {secs:.1} s (budget bound {bound:.0}, 600 without one)"
     );
 }
+
+#[test]
+fn a_failing_health_check_takes_an_instance_out_of_traffic() {
+    let dev = DevNode::start();
+    let p = "/v20190125/meshes/demo";
+    put(&dev, "/v20190125/meshes", json!({"meshName": "demo"}));
+    put(
+        &dev,
+        &format!("{p}/virtualNodes"),
+        node(
+            "green",
+            json!({"healthCheck": {"protocol": "tcp", "healthyThreshold": 2, "unhealthyThreshold": 2,
+                "timeoutMillis": 2000, "intervalMillis": 5000}}),
+        ),
+    );
+    put(
+        &dev,
+        &format!("{p}/virtualServices"),
+        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": {"virtualNode": {"virtualNodeName": "green"}}}}),
+    );
+    put(
+        &dev,
+        &format!("{p}/virtualNodes"),
+        json!({"virtualNodeName": "client", "spec": {"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}]}}),
+    );
+    let green1 = Echo::start("127.0.0.171:9080", "green1");
+    let green2 = Echo::start("127.0.0.172:9080", "green2");
+    let dir = tempfile::tempdir().unwrap();
+    let start = |vn: &str, ip: &str| {
+        Proxy::start_with(
+            dev.grpc_addr(),
+            "demo",
+            ["--virtual-node", vn],
+            &dir.path().join(ip),
+            ip,
+            &["--no-vip-listeners", "--app-host", ip],
+        )
+    };
+    let _greens = [start("green", "127.0.0.171"), start("green", "127.0.0.172")];
+    let client = start("client", "127.0.0.173");
+    client.wait_ready(Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(15), || client.endpoints(Some("green"))
+            == 2),
+        "{:?}",
+        client.cached()
+    );
+    let (_, out) = client.listening();
+    let names: std::collections::BTreeSet<String> =
+        (0..10).filter_map(|_| get(out, "/", &[]).name()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+
+    // green2's app goes away: its proxy's tcp check fails twice (5 s apart) and the instance
+    // leaves the client's endpoints; every request then goes to green1.
+    drop(green2);
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || client.endpoints(Some("green"))
+            == 1),
+        "{:?}",
+        client.cached()
+    );
+    eprintln!("instance withdrawn after {:?}", t.elapsed());
+    let before = green1.served();
+    for _ in 0..20 {
+        let got = get(out, "/", &[]);
+        assert_eq!(got.name().as_deref(), Some("green1"), "{got:?}");
+    }
+    assert_eq!(green1.served() - before, 20);
+}
