@@ -203,13 +203,12 @@ async fn serve_http<I>(shared: Arc<Shared>, io: I, caller: Arc<Caller>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let shared_drain = shared.drain.clone();
+    let drain = shared.drain.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let caller = caller.clone();
         async move { Ok::<_, Infallible>(request(&shared, &caller, req).await) }
     });
-    let drain = shared_drain;
     let conn = http_builder()
         .serve_connection_with_upgrades(io, service)
         .into_owned();
