@@ -93,6 +93,17 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// Whether a config's matchers compile (a bad regex refuses it), without building the rest.
+    pub fn check(config: &ProxyConfig) -> Result<(), MatcherError> {
+        for l in config.outbound.iter().flat_map(|s| &s.listeners) {
+            RouteTable::new(&l.routes)?;
+        }
+        for l in config.gateway.iter().flat_map(|g| &g.listeners) {
+            GatewayPort::new(l)?;
+        }
+        Ok(())
+    }
+
     /// Compiles a config; a route that cannot be matched (a bad regex) refuses it. State that
     /// outlives configs (outlier records, budgets, pools) comes from `previous`.
     pub fn build(

@@ -103,11 +103,7 @@ pub fn check(settings: &DiscoverySettings, config: &ProxyConfig) -> Result<(), R
                 error,
             })?;
     }
-    super::dataplane::Routing::build(
-        config,
-        &super::dataplane::Routing::default(),
-        super::retry::BudgetSettings::default(),
-    )?;
+    super::dataplane::Routing::check(config)?;
     Ok(())
 }
 

@@ -169,14 +169,7 @@ pub fn request_head(data: &[u8]) {
     })
     .collect();
     if let Ok(table) = RouteTable::new(&routes) {
-        let head = RequestHead {
-            method: request.method(),
-            path: request.uri().path(),
-            query: request.uri().query(),
-            headers: request.headers(),
-            scheme: "http",
-            port: 80,
-        };
+        let head = RequestHead::of(&request, 80);
         let _ = table.select(&head);
     }
 }

@@ -13,9 +13,9 @@ use super::dataplane::Shared;
 use super::outbound;
 use super::route::{MatcherError, RequestHead, RouteTable};
 use super::upstream::{Body, UpstreamError};
+use crate::model::compile::default_retry;
 use crate::model::proxy_config::{
-    CompiledGatewayRoute, CompiledRoute, GatewayListener, GatewayRouteMatch, RetryPolicy,
-    RouteMatch, Timeouts,
+    CompiledGatewayRoute, CompiledRoute, GatewayListener, GatewayRouteMatch, RouteMatch, Timeouts,
 };
 use crate::model::shapes::{
     DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch, HttpGatewayRouteRewrite,
@@ -23,7 +23,6 @@ use crate::model::shapes::{
 
 /// One gateway listener's routes, ready to match.
 pub struct GatewayPort {
-    pub port: u16,
     /// The matchers (hostname aside), one per route, in order.
     table: RouteTable,
     routes: Vec<(Option<HostTest>, CompiledGatewayRoute)>,
@@ -74,16 +73,8 @@ impl GatewayPort {
                 priority: r.priority,
                 matcher: as_route_match(&r.matcher),
                 targets: Vec::new(),
-                retry: RetryPolicy {
-                    max_retries: 0,
-                    per_retry_timeout_ms: 0,
-                    http_statuses: Vec::new(),
-                    on_reset: false,
-                    on_refused_stream: false,
-                    on_connection_error: false,
-                    grpc_events: Vec::new(),
-                    is_default: false,
-                },
+                // Matching only: the target service's own routes carry the policy.
+                retry: default_retry(),
                 timeouts: Timeouts::default(),
             })
             .collect();
@@ -99,7 +90,6 @@ impl GatewayPort {
             })
             .collect();
         Ok(Self {
-            port: l.port,
             table: RouteTable::new(&as_routes)?,
             routes,
         })
@@ -143,14 +133,7 @@ pub async fn request(
         return UpstreamError::NoRoute.response();
     };
     let host = host_of(&req);
-    let head = RequestHead {
-        method: req.method(),
-        path: req.uri().path(),
-        query: req.uri().query(),
-        headers: req.headers(),
-        scheme: "http",
-        port,
-    };
+    let head = RequestHead::of(&req, port);
     let Some(route) = gw.select(&head, &host) else {
         return UpstreamError::NoRoute.response();
     };

@@ -17,7 +17,7 @@ use super::balance::random_u64;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 
-use super::dataplane::{Cluster, OutboundPort, PeerTlsChoice, Shared};
+use super::dataplane::{Cluster, OutboundPort, PeerTlsChoice, RouteTargets, Shared};
 use super::outlier::EndpointSet;
 use super::replay::Replayable;
 use super::retry::RetryBudget;
@@ -25,8 +25,8 @@ use super::retry::{Outcome, retryable};
 use super::route::RequestHead;
 use super::tls::PeerTls;
 use super::tunnel;
-use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError, full};
-use crate::model::proxy_config::{CompiledRoute, RetryPolicy};
+use super::upstream::{Body, Hop, PeerStream, TARGET_PORT, UpstreamError, full};
+use crate::model::proxy_config::{CompiledRoute, RetryPolicy, Target};
 use crate::model::shapes::{EgressFilterType, PortProtocol};
 
 /// A request to a backend's VIP:port.
@@ -124,27 +124,16 @@ pub async fn forward(
         ))
         .response();
     }
-    let head = RequestHead {
-        method: req.method(),
-        path: req.uri().path(),
-        query: req.uri().query(),
-        headers: req.headers(),
-        scheme: "http",
-        port: port.port,
-    };
+    let head = RequestHead::of(&req, port.port);
     let Some(i) = port.table.select_index(&head) else {
         return UpstreamError::NoRoute.response();
     };
     let (Some(route), Some(targets)) = (port.table.route(i), port.targets.get(i)) else {
         return UpstreamError::NoRoute.response();
     };
-    let no_target = || UpstreamError::NoEndpoint(format!("route {}", route.name)).response();
-    let Some(t) = targets.picker.pick() else {
-        return no_target();
-    };
-    let (Some(target), Some(Some(cluster))) = (route.targets.get(t), targets.clusters.get(t))
-    else {
-        return no_target();
+    let (target, cluster) = match pick_target(route, targets) {
+        Ok(t) => t,
+        Err(e) => return e.response(),
     };
     if tunnel::is_upgrade(&req) {
         let downstream = hyper::upgrade::on(&mut req);
@@ -280,6 +269,31 @@ async fn upgrade(
     req: Request<Incoming>,
     downstream: hyper::upgrade::OnUpgrade,
 ) -> Result<Response<Body>, UpstreamError> {
+    let (addr, io) = connect_one(shared, cluster).await?;
+    let mut req = req.map(|b| b.boxed());
+    req.headers_mut()
+        .insert(TARGET_PORT, http::HeaderValue::from(target_port));
+    tunnel::upgrade(io, addr, req, downstream, idle(route.timeouts.idle_ms)).await
+}
+
+/// One of the route's weighted targets and its cluster.
+fn pick_target<'a>(
+    route: &'a CompiledRoute,
+    targets: &'a RouteTargets,
+) -> Result<(&'a Target, &'a Arc<Cluster>), UpstreamError> {
+    let t = targets.picker.pick();
+    match t.map(|t| (route.targets.get(t), targets.clusters.get(t))) {
+        Some((Some(target), Some(Some(cluster)))) => Ok((target, cluster)),
+        _ => Err(UpstreamError::NoEndpoint(format!("route {}", route.name))),
+    }
+}
+
+/// A connection of its own to one host of `cluster` (upgrades and tunnels: no retry), the
+/// outcome recorded for outlier detection.
+async fn connect_one(
+    shared: &Shared,
+    cluster: &Cluster,
+) -> Result<(SocketAddr, TokioIo<PeerStream>), UpstreamError> {
     let tls = peer_tls(shared, cluster)?;
     let addr = cluster
         .endpoints
@@ -287,10 +301,7 @@ async fn upgrade(
         .ok_or_else(|| UpstreamError::NoEndpoint(cluster.name.clone()))?;
     let io = shared.upstreams.connect_peer(addr, tls.as_ref()).await;
     cluster.endpoints.record(addr, io.is_err());
-    let mut req = req.map(|b| b.boxed());
-    req.headers_mut()
-        .insert(TARGET_PORT, http::HeaderValue::from(target_port));
-    tunnel::upgrade(io?, addr, req, downstream, idle(route.timeouts.idle_ms)).await
+    Ok((addr, io?))
 }
 
 /// A TCP connection to a backend port (its VIP, or a CONNECT): the first route (TCP routes
@@ -302,21 +313,10 @@ where
     let r = async {
         let route = port.table.route(0).ok_or(UpstreamError::NoRoute)?;
         let targets = port.targets.first().ok_or(UpstreamError::NoRoute)?;
-        let no_target = || UpstreamError::NoEndpoint(format!("route {}", route.name));
-        let t = targets.picker.pick().ok_or_else(no_target)?;
-        let (Some(target), Some(Some(cluster))) = (route.targets.get(t), targets.clusters.get(t))
-        else {
-            return Err(no_target());
-        };
-        let tls = peer_tls(shared, cluster)?;
-        let addr = cluster
-            .endpoints
-            .pick(None)
-            .ok_or_else(|| UpstreamError::NoEndpoint(cluster.name.clone()))?;
-        let io = shared.upstreams.connect_peer(addr, tls.as_ref()).await;
-        cluster.endpoints.record(addr, io.is_err());
-        let upstream = tunnel::open_tcp(io?, addr, target.port).await?;
-        Ok((upstream, idle(route.timeouts.idle_ms)))
+        let (target, cluster) = pick_target(route, targets)?;
+        let (addr, io) = connect_one(shared, cluster).await?;
+        let upstream = tunnel::open_tcp(io, addr, target.port).await?;
+        Ok::<_, UpstreamError>((upstream, idle(route.timeouts.idle_ms)))
     };
     match r.await {
         Ok((upstream, idle)) => tunnel::splice(downstream, TokioIo::new(upstream), idle).await,

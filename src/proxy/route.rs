@@ -28,6 +28,20 @@ pub struct RequestHead<'a> {
     pub port: u16,
 }
 
+impl<'a> RequestHead<'a> {
+    /// The head of a plain-HTTP request that came in on listener `port`.
+    pub fn of<B>(req: &'a http::Request<B>, port: u16) -> Self {
+        Self {
+            method: req.method(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+            scheme: "http",
+            port,
+        }
+    }
+}
+
 /// A route's config could not be turned into a matcher.
 #[derive(Debug, thiserror::Error)]
 #[error("route {route}: {field}: invalid regex {regex:?}: {message}")]
