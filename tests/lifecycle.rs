@@ -52,15 +52,48 @@ struct Load {
     failed: Arc<std::sync::Mutex<Vec<(u16, String)>>>,
     stop: Arc<AtomicBool>,
     names: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn answered(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the workers, waits for their last requests, and asserts none failed; returns
+    /// the names that answered.
+    fn finish(
+        mut self,
+        rt: &tokio::runtime::Runtime,
+        what: &str,
+    ) -> std::collections::BTreeSet<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in std::mem::take(&mut self.workers) {
+            rt.block_on(w).unwrap();
+        }
+        let ok = self.answered();
+        let failed = self.failed.lock().unwrap().clone();
+        eprintln!("{what}: {ok} requests answered, {} failed", failed.len());
+        assert!(
+            failed.is_empty(),
+            "{} of {} failed: {:?}",
+            failed.len(),
+            ok,
+            &failed[..failed.len().min(5)]
+        );
+        assert!(ok > 200, "too little load: {ok}");
+        self.names.lock().unwrap().clone()
+    }
 }
 
 /// `workers` loops of requests until stopped.
 fn load(rt: &tokio::runtime::Runtime, out: SocketAddr, workers: usize) -> Load {
-    let l = Load {
+    let mut l = Load {
         ok: Arc::default(),
         failed: Arc::default(),
         stop: Arc::default(),
         names: Arc::default(),
+        workers: Vec::new(),
     };
     for _ in 0..workers {
         let (ok, failed, stop, names) = (
@@ -69,7 +102,7 @@ fn load(rt: &tokio::runtime::Runtime, out: SocketAddr, workers: usize) -> Load {
             l.stop.clone(),
             l.names.clone(),
         );
-        rt.spawn(async move {
+        l.workers.push(rt.spawn(async move {
             let c = client();
             while !stop.load(Ordering::Relaxed) {
                 let (status, name) = get(&c, out, &[]).await;
@@ -80,7 +113,7 @@ fn load(rt: &tokio::runtime::Runtime, out: SocketAddr, workers: usize) -> Load {
                     failed.lock().unwrap().push((status, name));
                 }
             }
-        });
+        }));
     }
     l
 }
@@ -92,7 +125,7 @@ struct Mesh {
     client: Proxy,
     out: SocketAddr,
     dir: tempfile::TempDir,
-    _apps: [Echo; 2],
+    apps: [Echo; 2],
 }
 
 /// The color mesh over mTLS: red and blue apps with their proxies, and a client proxy.
@@ -140,7 +173,7 @@ fn start(config: &str, base: u8) -> Mesh {
         client,
         out,
         dir,
-        _apps: apps,
+        apps,
     }
 }
 
@@ -175,24 +208,11 @@ fn config_swaps_under_load_lose_no_request() {
                     "action": {"weightedTargets": [{"virtualNode": "blue", "weight": 1}]}}}}),
             );
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Some requests go through each config before the next swap.
+        let seen = l.answered();
+        assert!(wait_until(Duration::from_secs(10), || l.answered() >= seen + 50));
     }
-    l.stop.store(true, Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(300));
-    let ok = l.ok.load(Ordering::Relaxed);
-    let failed = l.failed.lock().unwrap().clone();
-    eprintln!(
-        "config swaps under load: {ok} requests answered, {} failed",
-        failed.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {:?}",
-        failed.len(),
-        ok,
-        &failed[..failed.len().min(5)]
-    );
-    assert!(ok > 200, "too little load: {ok}");
+    l.finish(&rt, "config swaps under load");
     drop(m.client);
 }
 
@@ -203,33 +223,21 @@ fn certificates_renew_under_load_and_no_request_is_lost() {
     let first = std::fs::read_to_string(&cert).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let l = load(&rt, m.out, 8);
-    // Two renewals (at two thirds of 10 s) for every proxy.
-    let t = Instant::now();
-    assert!(
-        wait_until(Duration::from_secs(20), || std::fs::read_to_string(&cert)
-            .is_ok_and(|c| c != first)),
-        "no renewal"
-    );
-    while t.elapsed() < Duration::from_secs(15) {
-        std::thread::sleep(Duration::from_millis(100));
+    // Two renewals (at two thirds of 10 s) under load.
+    let started = Instant::now();
+    let mut previous = first;
+    for n in 1..=2 {
+        assert!(
+            wait_until(Duration::from_secs(20), || std::fs::read_to_string(&cert)
+                .is_ok_and(
+                    |c| c != previous && c.trim_end().ends_with("-----END CERTIFICATE-----")
+                )),
+            "no renewal {n}"
+        );
+        previous = std::fs::read_to_string(&cert).unwrap();
+        eprintln!("renewal {n} after {:?}", started.elapsed());
     }
-    l.stop.store(true, Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(300));
-    let ok = l.ok.load(Ordering::Relaxed);
-    let failed = l.failed.lock().unwrap().clone();
-    eprintln!(
-        "renewals under load: {ok} requests answered, {} failed",
-        failed.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {:?}",
-        failed.len(),
-        ok,
-        &failed[..failed.len().min(5)]
-    );
-    assert!(ok > 200, "too little load: {ok}");
-    let names = l.names.lock().unwrap().clone();
+    let names = l.finish(&rt, "renewals under load");
     assert!(names.contains("red") && names.contains("blue"), "{names:?}");
 }
 
@@ -247,12 +255,14 @@ fn sigterm_drains_requests_in_flight() {
         (0..5).all(|_| rt.block_on(get(&c, m.out, &[])).1 == "red")
     }));
     // The callee: red's proxy is told to stop while a 2 s request is inside it.
+    let red_before = m.apps[0].served();
     let slow = rt.spawn({
         let c = c.clone();
         let out = m.out;
         async move { get(&c, out, &[("x-echo-delay-ms", "2000")]).await }
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Inside the app, that is.
+    assert!(wait_until(Duration::from_secs(10), || m.apps[0].served() > red_before));
     m.red.signal_term();
     let (status, name) = rt.block_on(slow).unwrap();
     assert_eq!((status, name.as_str()), (200, "red"));
@@ -269,11 +279,12 @@ fn sigterm_drains_requests_in_flight() {
     assert!(wait_until(Duration::from_secs(10), || {
         rt.block_on(get(&c, m.out, &[])).1 == "blue"
     }));
+    let blue_before = m.apps[1].served();
     let slow = rt.spawn({
         let out = m.out;
         async move { get(&client(), out, &[("x-echo-delay-ms", "2000")]).await }
     });
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(wait_until(Duration::from_secs(10), || m.apps[1].served() > blue_before));
     let t = Instant::now();
     m.client.signal_term();
     let (status, name) = rt.block_on(slow).unwrap();

@@ -28,6 +28,9 @@ pub struct ProxyCert {
     pub bundle_pem: String,
     pub not_before: i64,
     pub not_after: i64,
+    /// When this proxy got (or loaded) it: certificates are backdated for clock skew, so the
+    /// useful lifetime starts here.
+    pub received: i64,
 }
 
 impl std::fmt::Debug for ProxyCert {
@@ -40,9 +43,11 @@ impl std::fmt::Debug for ProxyCert {
 }
 
 impl ProxyCert {
-    /// When to renew: two thirds into the lifetime.
+    /// When to renew: two thirds into the lifetime, counted from when it was received (the
+    /// backdating would otherwise make short lifetimes renew at once, again and again).
     pub fn renew_at(&self) -> i64 {
-        self.not_before + (self.not_after - self.not_before) * 2 / 3
+        let start = self.not_before.max(self.received);
+        start + (self.not_after - start) * 2 / 3
     }
 }
 
@@ -94,6 +99,7 @@ pub fn load(dir: &Path) -> Option<ProxyCert> {
         bundle_pem,
         not_before: info.not_before,
         not_after: info.not_after,
+        received: now(),
     })
 }
 
@@ -172,6 +178,7 @@ where
                     bundle_pem: c.bundle_pem,
                     not_before: info.not_before,
                     not_after: info.not_after,
+                    received: now(),
                 });
             }
             // A refusal is an answer: another node would refuse too.
@@ -280,5 +287,26 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProxyCert;
+
+    #[test]
+    fn renewal_is_due_two_thirds_into_the_useful_lifetime_despite_backdating() {
+        let cert = |not_before, not_after, received| ProxyCert {
+            chain_pem: String::new(),
+            key_pem: String::new(),
+            bundle_pem: String::new(),
+            not_before,
+            not_after,
+            received,
+        };
+        // Issued at 1,000 for 12 s, backdated 300 s: renew at 1,008, not at once.
+        assert_eq!(cert(700, 1_012, 1_000).renew_at(), 1_008);
+        // A day-long certificate: two thirds of the day.
+        assert_eq!(cert(0, 86_400, 0).renew_at(), 57_600);
     }
 }
