@@ -100,6 +100,7 @@ pub struct Consensus {
     applied: Arc<std::sync::RwLock<Applied>>,
     applied_index: watch::Receiver<u64>,
     proposals: mpsc::Sender<proposer::Pending>,
+    proposer: tokio::task::AbortHandle,
 }
 
 // === impl Consensus ===
@@ -150,13 +151,14 @@ impl Consensus {
             .await
             .map_err(|_| StartError::NoLeader(wait))?;
         let (proposals, rx) = mpsc::channel(4 * proposer::MAX_BATCH);
-        tokio::spawn(proposer::run(raft.clone(), rx));
+        let proposer = tokio::spawn(proposer::run(raft.clone(), rx)).abort_handle();
         Ok(Self {
             node_id,
             raft,
             applied,
             applied_index,
             proposals,
+            proposer,
         })
     }
 
@@ -188,6 +190,7 @@ impl Consensus {
 
     /// Stops raft; the store stays consistent for the next start.
     pub async fn shutdown(&self) {
+        self.proposer.abort();
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }

@@ -13,6 +13,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("{0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Locked(String),
 }
 
 /// Keys in the metadata tree.
@@ -41,11 +43,7 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store under `dir`. Only one process may hold it open.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir.join("raft.sled"))
-            // A control plane's state is small; sled's 1 GiB default cache is not.
-            .cache_capacity(64 * 1024 * 1024)
-            .open()?;
+        let db = open_db(dir)?;
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -170,6 +168,37 @@ fn group_commit(mut rx: tokio::sync::mpsc::UnboundedReceiver<(sled::Db, OnDurabl
         let res = db.flush().map(|_| ()).map_err(|e| e.to_string());
         for done in waiting {
             done(res.clone());
+        }
+    }
+}
+
+/// How long `open` waits for a lock still held by a store that is closing: raft's background
+/// tasks (a snapshot build, the last group commit) drop their clones a moment after shutdown,
+/// and a node restarted by systemd may start while the old process is still exiting.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new()
+            .path(dir.join("raft.sled"))
+            // A control plane's state is small; sled's 1 GiB default cache is not.
+            .cache_capacity(64 * 1024 * 1024)
+            .open();
+        match opened {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(StoreError::Locked(format!(
+                    "{}: another trellis process holds this data directory ({e})",
+                    dir.display()
+                )));
+            }
+            other => return Ok(other?),
         }
     }
 }
