@@ -44,15 +44,21 @@ pub struct Echo {
 }
 
 impl Echo {
-    /// Binds `addr` (port 0 picks one) and serves until dropped; answers `status` unless a
-    /// request asks for another.
-    pub async fn start(addr: SocketAddr, name: &str, status: u16) -> std::io::Result<Echo> {
+    /// Binds `addr` (port 0 picks one) and serves until dropped; answers `status` after
+    /// `delay` unless a request asks for another.
+    pub async fn start(
+        addr: SocketAddr,
+        name: &str,
+        status: u16,
+        delay: Duration,
+    ) -> std::io::Result<Echo> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let status = http::StatusCode::from_u16(status).map_err(std::io::Error::other)?;
         let name = Arc::new(Server {
             name: name.to_string(),
             status,
+            delay,
             served: AtomicU64::new(0),
         });
         let task = tokio::spawn(async move {
@@ -96,6 +102,7 @@ impl Drop for Echo {
 struct Server {
     name: String,
     status: http::StatusCode,
+    delay: Duration,
     served: AtomicU64,
 }
 
@@ -270,7 +277,9 @@ async fn answer(
         server.served.fetch_add(1, Ordering::Relaxed) + 1
     };
     let name = &server.name;
-    let delay = header("x-echo-delay-ms").map(Duration::from_millis);
+    let delay = header("x-echo-delay-ms")
+        .map(Duration::from_millis)
+        .unwrap_or(server.delay);
     let headers: serde_json::Map<String, serde_json::Value> = req
         .headers()
         .iter()
@@ -288,8 +297,8 @@ async fn answer(
         .await
         .map(|b| b.to_bytes().len())
         .unwrap_or(0);
-    if let Some(d) = delay {
-        tokio::time::sleep(d.min(MAX_DELAY)).await;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay.min(MAX_DELAY)).await;
     }
     let body = json!({
         "name": name,
@@ -350,7 +359,7 @@ mod tests {
 
     #[tokio::test]
     async fn it_says_what_it_received_and_misbehaves_on_request() {
-        let echo = Echo::start("127.0.0.1:0".parse().unwrap(), "red", 200)
+        let echo = Echo::start("127.0.0.1:0".parse().unwrap(), "red", 200, Duration::ZERO)
             .await
             .unwrap();
         let (status, body) = get(echo.addr, "/color?x=1", &[("x-trace", "abc")], false).await;

@@ -137,6 +137,10 @@ enum Command {
         /// Retries always allowed per second, beside the ratio.
         #[arg(long, default_value_t = 10)]
         retry_budget_min_per_second: u32,
+        /// How an endpoint of a target is chosen: each in turn, or the less loaded of two
+        /// drawn at random (peak-EWMA latency × requests in flight, Linkerd's balancer).
+        #[arg(long, value_enum, default_value = "round-robin")]
+        balancer: trellis::proxy::balance::Balancer,
     },
     /// List the proxies connected to a control node.
     ///
@@ -182,6 +186,10 @@ enum Command {
         /// The status of answers that ask for none (a failing app for tests and demos).
         #[arg(long, default_value_t = 200)]
         status: u16,
+        /// How long each answer waits unless the request asks otherwise (a slow app), e.g.
+        /// `50ms`.
+        #[arg(long, default_value = "0s", value_parser = admin::parse_duration_ms)]
+        delay: u64,
     },
     /// Print the version.
     Version,
@@ -515,6 +523,7 @@ fn main() -> ExitCode {
             retry_budget_min_per_second,
             gateway_host,
             drain_time,
+            balancer,
             concurrency: _,
         } => {
             let outbound_addr = match outbound_addr.as_str() {
@@ -577,6 +586,7 @@ fn main() -> ExitCode {
                     min_per_second: retry_budget_min_per_second,
                     ..Default::default()
                 },
+                balancer,
                 gateway_host,
                 drain: std::time::Duration::from_secs(drain_time),
             };
@@ -597,8 +607,10 @@ fn main() -> ExitCode {
             listen,
             name,
             status,
+            delay,
         } => match rt.block_on(async {
-            let echo = trellis::echo::Echo::start(listen, &name, status).await?;
+            let delay = std::time::Duration::from_millis(delay);
+            let echo = trellis::echo::Echo::start(listen, &name, status, delay).await?;
             println!("trellis echo ready: {}", echo.addr);
             shutdown_signal().await;
             Ok::<(), std::io::Error>(())

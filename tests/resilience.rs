@@ -270,3 +270,136 @@ fn a_failing_health_check_takes_an_instance_out_of_traffic() {
     }
     assert_eq!(green1.served() - before, 20);
 }
+
+#[test]
+fn p2c_over_ewma_sends_little_to_a_slow_instance() {
+    let dev = DevNode::start();
+    let p = "/v20190125/meshes/demo";
+    put(&dev, "/v20190125/meshes", json!({"meshName": "demo"}));
+    put(&dev, &format!("{p}/virtualNodes"), node("teal", json!({})));
+    put(
+        &dev,
+        &format!("{p}/virtualServices"),
+        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": {"virtualNode": {"virtualNodeName": "teal"}}}}),
+    );
+    put(
+        &dev,
+        &format!("{p}/virtualNodes"),
+        json!({"virtualNodeName": "client", "spec": {"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}]}}),
+    );
+    let fast = Echo::start("127.0.0.181:9080", "fast");
+    let slow = Echo::start_with("127.0.0.182:9080", "slow", &["--delay", "150ms"]);
+    let dir = tempfile::tempdir().unwrap();
+    let start = |vn: &str, ip: &str, extra: &[&str]| {
+        let mut args = vec!["--no-vip-listeners", "--app-host", ip];
+        args.extend(extra);
+        Proxy::start_with(
+            dev.grpc_addr(),
+            "demo",
+            ["--virtual-node", vn],
+            &dir.path().join(ip),
+            ip,
+            &args,
+        )
+    };
+    let _teals = [
+        start("teal", "127.0.0.181", &[]),
+        start("teal", "127.0.0.182", &[]),
+    ];
+    let client = start("client", "127.0.0.183", &["--balancer", "p2c-ewma"]);
+    client.wait_ready(Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(15), || client.endpoints(Some("teal"))
+            == 2),
+        "{:?}",
+        client.cached()
+    );
+    let (_, out) = client.listening();
+    assert!(wait_until(Duration::from_secs(10), || get(out, "/", &[])
+        .status
+        == 200));
+    // Round robin would give the slow instance 30 of 60. Peak EWMA learns its 150 ms from
+    // one answer; after that two choices always find the fast one cheaper (the slow one's
+    // estimate takes ~45 s of silence to decay below the fast one's).
+    let before = (fast.served(), slow.served());
+    for _ in 0..60 {
+        assert_eq!(get(out, "/", &[]).status, 200);
+    }
+    let to_slow = slow.served() - before.1;
+    assert_eq!(fast.served() - before.0 + to_slow, 60);
+    assert!(to_slow <= 3, "the slow instance got {to_slow} of 60");
+}
+
+/// An app that answers the head and one chunk, then stalls (holding the connection open).
+fn stalling_app(addr: &str) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nhello\n\r\n",
+            );
+            held.push(conn);
+        }
+    })
+}
+
+#[test]
+fn a_response_that_stalls_past_the_route_idle_timeout_is_reset() {
+    let dev = DevNode::start();
+    let p = "/v20190125/meshes/demo";
+    put(&dev, "/v20190125/meshes", json!({"meshName": "demo"}));
+    put(&dev, &format!("{p}/virtualNodes"), node("slate", json!({})));
+    put(
+        &dev,
+        &format!("{p}/virtualRouters"),
+        json!({"virtualRouterName": "color", "spec": {"listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}]}}),
+    );
+    let mut r = route("idle", 1, "/", "slate", None);
+    r["spec"]["httpRoute"]["timeout"] = json!({"idle": {"unit": "s", "value": 1}});
+    put(&dev, &format!("{p}/virtualRouter/color/routes"), r);
+    put(
+        &dev,
+        &format!("{p}/virtualServices"),
+        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": {"virtualRouter": {"virtualRouterName": "color"}}}}),
+    );
+    put(
+        &dev,
+        &format!("{p}/virtualNodes"),
+        json!({"virtualNodeName": "client", "spec": {"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}]}}),
+    );
+    let _app = stalling_app("127.0.0.186:9080");
+    let dir = tempfile::tempdir().unwrap();
+    let start = |vn: &str, ip: &str| {
+        Proxy::start_with(
+            dev.grpc_addr(),
+            "demo",
+            ["--virtual-node", vn],
+            &dir.path().join(ip),
+            ip,
+            &["--no-vip-listeners", "--app-host", ip],
+        )
+    };
+    let _slate = start("slate", "127.0.0.186");
+    let client = start("client", "127.0.0.187");
+    client.wait_ready(Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(15), || client
+        .endpoints(Some("slate"))
+        == 1));
+    let (_, out) = client.listening();
+    // The head and the first chunk arrive; then nothing for 1 s, and the stream is reset.
+    let t = Instant::now();
+    let got = get(out, "/", &[]);
+    let took = t.elapsed();
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(got.body.starts_with("hello"), "{got:?}");
+    assert_ne!(got.exit, 0, "curl saw the body cut: {got:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
+        "reset after {took:?} (route idle 1 s; curl gives up at 20 s)"
+    );
+}

@@ -165,6 +165,16 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
     Ok(n * unit)
 }
 
+/// Like [`parse_duration`], in milliseconds, also taking `ms` (e.g. 250ms, 2s).
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    match s.strip_suffix("ms") {
+        Some(n) => n
+            .parse()
+            .map_err(|_| format!("not a duration: {s:?} (e.g. 250ms, 2s)")),
+        None => parse_duration(s).map(|secs| secs * 1000),
+    }
+}
+
 pub async fn ca(conn: &Connection, cmd: CaCommand) -> anyhow::Result<()> {
     let ep = conn.endpoint()?;
     match cmd {

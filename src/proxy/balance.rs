@@ -1,9 +1,80 @@
 //! Choosing where a request goes: one of a route's weighted targets (App Mesh's relative
 //! weights; zero is allowed and never chosen; all zero means no target), then an endpoint of
-//! that target (see `outlier`). Random numbers here only spread load (xorshift, seeded per
-//! thread), never protect anything.
+//! that target (see `outlier`): round robin, or power of two choices over a peak-EWMA latency
+//! estimate (Finagle's and Linkerd's balancer). Random numbers here only spread load
+//! (xorshift, seeded per thread), never protect anything.
 
 use std::cell::Cell;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How a target's endpoint is chosen (`trellis proxy --balancer`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Balancer {
+    /// Each host in turn (Envoy's and App Mesh's default).
+    #[default]
+    RoundRobin,
+    /// The less loaded of two hosts drawn at random, load being the peak-EWMA latency times
+    /// the requests in flight plus one: slow or busy hosts get less.
+    P2cEwma,
+}
+
+/// How fast a latency estimate forgets (Linkerd's default decay).
+const DECAY: Duration = Duration::from_secs(10);
+/// The estimate of a host never measured: neither favoured over measured hosts nor shunned.
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+
+/// A host's latency estimate: jumps up to any slower answer at once (peak), drifts down
+/// exponentially with faster ones, and decays towards zero while the host gets no traffic,
+/// so a host that was slow once is tried again.
+#[derive(Debug, Clone, Copy)]
+pub struct PeakEwma {
+    rtt_ns: f64,
+    at: Option<Instant>,
+}
+
+impl Default for PeakEwma {
+    fn default() -> Self {
+        Self {
+            rtt_ns: DEFAULT_RTT.as_nanos() as f64,
+            at: None,
+        }
+    }
+}
+
+impl PeakEwma {
+    fn decayed(&self, now: Instant) -> f64 {
+        match self.at {
+            None => self.rtt_ns,
+            Some(at) => {
+                let elapsed = now.saturating_duration_since(at).as_nanos() as f64;
+                self.rtt_ns * (-elapsed / DECAY.as_nanos() as f64).exp()
+            }
+        }
+    }
+
+    /// A new answer: a slower one than the estimate replaces it; a faster one is averaged in,
+    /// the old estimate keeping weight e^(-elapsed/decay) (none for a host never measured).
+    pub fn observe(&mut self, now: Instant, rtt: Duration) {
+        let rtt = rtt.as_nanos() as f64;
+        let w = self.at.map_or(0.0, |at| {
+            let elapsed = now.saturating_duration_since(at).as_nanos() as f64;
+            (-elapsed / DECAY.as_nanos() as f64).exp()
+        });
+        self.rtt_ns = if rtt > self.rtt_ns {
+            rtt
+        } else {
+            self.rtt_ns * w + rtt * (1.0 - w)
+        };
+        self.at = Some(now);
+    }
+
+    /// The load of a host with `pending` requests in flight.
+    pub fn cost(&self, now: Instant, pending: u32) -> f64 {
+        self.decayed(now) * f64::from(pending + 1)
+    }
+}
 
 /// Picks an index with probability proportional to its weight.
 #[derive(Debug, Clone)]
@@ -78,6 +149,23 @@ mod tests {
             counts[p.pick().unwrap()] += 1;
         }
         assert!((7_700..=8_300).contains(&counts[0]), "{counts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_jumps_to_peaks_and_drifts_down() {
+        let mut e = PeakEwma::default();
+        let ms = |e: &PeakEwma| e.cost(Instant::now(), 0) / 1e6;
+        e.observe(Instant::now(), Duration::from_millis(100));
+        assert!((ms(&e) - 100.0).abs() < 0.01);
+        // A faster answer right away barely moves it; one a decay later weighs 1 - 1/e.
+        e.observe(Instant::now(), Duration::from_millis(10));
+        assert!(ms(&e) > 99.0);
+        tokio::time::advance(DECAY).await;
+        e.observe(Instant::now(), Duration::from_millis(10));
+        let expected = 100.0 / std::f64::consts::E + 10.0 * (1.0 - 1.0 / std::f64::consts::E);
+        assert!((ms(&e) - expected).abs() < 1.0, "{} vs {expected}", ms(&e));
+        // Pending requests multiply the cost.
+        assert!((e.cost(Instant::now(), 2) / e.cost(Instant::now(), 0) - 3.0).abs() < 1e-9);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use super::balance::Balancer;
 use super::balance::WeightedPicker;
 use super::discovery::AppliedConfig;
 use super::gateway::{self, GatewayPort};
@@ -110,6 +111,7 @@ impl Routing {
         config: &ProxyConfig,
         previous: &Routing,
         budget: BudgetSettings,
+        balancer: Balancer,
     ) -> Result<Routing, MatcherError> {
         let mut r = Routing {
             mesh: config.mesh.clone(),
@@ -145,6 +147,7 @@ impl Routing {
                     endpoints: EndpointSet::new(
                         c.endpoints.iter().map(|e| e.address),
                         outlier,
+                        balancer,
                         old,
                     ),
                     tls: tls_choice(config, c, policy),
@@ -285,6 +288,8 @@ pub struct DataplaneSettings {
     /// Whether to bind the backends' VIP:ports (off when several proxies share a host).
     pub vip_listeners: bool,
     pub budget: BudgetSettings,
+    /// How an endpoint of a target is chosen.
+    pub balancer: Balancer,
     /// Where a virtual gateway's listeners are bound (their ports come from its spec).
     pub gateway_host: IpAddr,
     /// How long a stopping proxy lets requests in flight finish.
@@ -377,7 +382,12 @@ pub async fn run(
         let applied = config.borrow_and_update().clone();
         if let Some(applied) = applied {
             let previous = shared.routing.borrow().clone();
-            match Routing::build(&applied.config, &previous, shared.settings.budget) {
+            match Routing::build(
+                &applied.config,
+                &previous,
+                shared.settings.budget,
+                shared.settings.balancer,
+            ) {
                 Ok(r) => {
                     let wanted =
                         r.listeners(shared.settings.vip_listeners, shared.settings.gateway_host);

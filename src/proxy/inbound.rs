@@ -21,12 +21,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::dataplane::{Shared, http_builder};
 use super::guard;
+use super::idle;
 use super::tls::Caller;
 use super::tunnel;
-use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError};
+use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError, boxed};
 use crate::model::proxy_config::{InboundListener, ProxyConfig, Timeouts};
 use crate::model::shapes::{ListenerTlsMode, PortProtocol, VirtualNodeConnectionPool};
-use http_body_util::BodyExt;
 
 /// How long a connection may take to start its TLS handshake or first request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +43,11 @@ pub struct InboundPort {
 }
 
 impl InboundPort {
+    /// The listener's idle timeout (`None`: none).
+    pub fn idle(&self) -> Option<Duration> {
+        (self.timeouts.idle_ms > 0).then(|| Duration::from_millis(self.timeouts.idle_ms))
+    }
+
     pub fn new(l: &InboundListener, previous: Option<&InboundPort>) -> Self {
         let limits = l.connection_pool.as_ref().map(PoolLimits::from);
         // The counters carry over while the limits stay.
@@ -258,8 +263,9 @@ async fn request(
     let h2 = matches!(listener.protocol, PortProtocol::Http2 | PortProtocol::Grpc);
     shared
         .upstreams
-        .send(Hop::App { addr, h2 }, req.map(BodyExt::boxed))
+        .send(Hop::App { addr, h2 }, req.map(boxed))
         .await
+        .map(|resp| resp.map(|body| idle::limit(body, listener.idle())))
         .unwrap_or_else(|e| e.response())
 }
 
@@ -286,8 +292,7 @@ async fn upgrade_to_app(
             want.as_str()
         )));
     }
-    let idle =
-        (listener.timeouts.idle_ms > 0).then(|| Duration::from_millis(listener.timeouts.idle_ms));
+    let idle = listener.idle();
     let downstream = hyper::upgrade::on(&mut req);
     let app = TcpStream::connect(addr)
         .await
@@ -297,14 +302,7 @@ async fn upgrade_to_app(
         })?;
     let _ = app.set_nodelay(true);
     if !tcp {
-        return tunnel::upgrade(
-            TokioIo::new(app),
-            addr,
-            req.map(BodyExt::boxed),
-            downstream,
-            idle,
-        )
-        .await;
+        return tunnel::upgrade(TokioIo::new(app), addr, req.map(boxed), downstream, idle).await;
     }
     tokio::spawn(async move {
         let _slot = slot;

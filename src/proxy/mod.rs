@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod guard;
 pub mod health;
 pub mod identity;
+pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod outlier;

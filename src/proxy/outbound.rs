@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response, Uri};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::balance::random_u64;
@@ -18,6 +17,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 
 use super::dataplane::{Cluster, OutboundPort, PeerTlsChoice, RouteTargets, Shared};
+use super::idle;
 use super::outlier::EndpointSet;
 use super::replay::Replayable;
 use super::retry::RetryBudget;
@@ -25,7 +25,7 @@ use super::retry::{Outcome, retryable};
 use super::route::RequestHead;
 use super::tls::PeerTls;
 use super::tunnel;
-use super::upstream::{Body, Hop, PeerStream, TARGET_PORT, UpstreamError, full};
+use super::upstream::{Body, Hop, PeerStream, TARGET_PORT, UpstreamError, boxed, full};
 use crate::model::proxy_config::{CompiledRoute, RetryPolicy, Target};
 use crate::model::shapes::{EgressFilterType, PortProtocol};
 
@@ -79,7 +79,7 @@ pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
             };
             shared
                 .upstreams
-                .send(Hop::App { addr, h2: false }, req.map(|b| b.boxed()))
+                .send(Hop::App { addr, h2: false }, req.map(boxed))
                 .await
                 .unwrap_or_else(|e| e.response())
         }
@@ -151,7 +151,10 @@ pub async fn forward(
             .await
             .unwrap_or(Err(UpstreamError::Timeout(limit)))
     };
-    result.unwrap_or_else(|e| e.response())
+    match result {
+        Ok(resp) => resp.map(|body| idle::limit(body, idle(route.timeouts.idle_ms))),
+        Err(e) => e.response(),
+    }
 }
 
 async fn attempts(
@@ -202,12 +205,13 @@ where
     let mut previous = None;
     let mut n = 1;
     loop {
-        let Some(addr) = endpoints.pick(previous) else {
+        let Some(picked) = endpoints.pick(previous) else {
             return Err(UpstreamError::NoEndpoint(format!(
                 "{} hosts, all ejected or none",
                 endpoints.len()
             )));
         };
+        let addr = picked.addr;
         let Some(attempt) = send(addr, n) else {
             return Err(UpstreamError::Reset {
                 addr,
@@ -221,7 +225,7 @@ where
                 .unwrap_or(Err(UpstreamError::Timeout(ms))),
         };
         let outcome = outcome(&result);
-        endpoints.record(addr, outcome.is_server_error());
+        endpoints.record(picked, outcome.is_server_error());
         let again = n <= policy.max_retries
             && retryable(policy, outcome)
             && can_replay()
@@ -270,7 +274,7 @@ async fn upgrade(
     downstream: hyper::upgrade::OnUpgrade,
 ) -> Result<Response<Body>, UpstreamError> {
     let (addr, io) = connect_one(shared, cluster).await?;
-    let mut req = req.map(|b| b.boxed());
+    let mut req = req.map(boxed);
     req.headers_mut()
         .insert(TARGET_PORT, http::HeaderValue::from(target_port));
     tunnel::upgrade(io, addr, req, downstream, idle(route.timeouts.idle_ms)).await
@@ -295,12 +299,13 @@ async fn connect_one(
     cluster: &Cluster,
 ) -> Result<(SocketAddr, TokioIo<PeerStream>), UpstreamError> {
     let tls = peer_tls(shared, cluster)?;
-    let addr = cluster
+    let picked = cluster
         .endpoints
         .pick(None)
         .ok_or_else(|| UpstreamError::NoEndpoint(cluster.name.clone()))?;
+    let addr = picked.addr;
     let io = shared.upstreams.connect_peer(addr, tls.as_ref()).await;
-    cluster.endpoints.record(addr, io.is_err());
+    cluster.endpoints.record(picked, io.is_err());
     Ok((addr, io?))
 }
 
@@ -438,6 +443,7 @@ fn backoff(retry: u32) -> Duration {
 mod tests {
     use super::*;
     use crate::model::compile::default_retry;
+    use crate::proxy::balance::Balancer;
     use crate::proxy::retry::BudgetSettings;
     use std::sync::Mutex;
 
@@ -445,6 +451,7 @@ mod tests {
         EndpointSet::new(
             (1..=n).map(|i| SocketAddr::from(([127, 0, 0, i], 15000))),
             None,
+            Balancer::RoundRobin,
             None,
         )
     }

@@ -1,5 +1,6 @@
-//! The endpoints of one target (virtual node, port) as a caller sees them: round robin over
-//! those not ejected, and App Mesh's outlier detection (Envoy's consecutive-5xx): after
+//! The endpoints of one target (virtual node, port) as a caller sees them: round robin (or, as
+//! an option, power of two choices over peak-EWMA latency, see `balance`) over those not
+//! ejected, and App Mesh's outlier detection (Envoy's consecutive-5xx): after
 //! `maxServerErrors` server errors in a row a host is ejected for `baseEjectionDuration` times
 //! the number of times it has been ejected; at most `maxEjectionPercent` of the hosts are out
 //! at once, though at least one may always be ejected. An ejected host comes back when its time
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::balance::{Balancer, PeakEwma, random_u64};
 use crate::model::compile::millis;
 use crate::model::shapes::OutlierDetection;
 
@@ -42,6 +44,35 @@ impl From<&OutlierDetection> for OutlierSettings {
 pub struct HostState {
     consecutive_errors: AtomicU32,
     ejection: Mutex<Ejection>,
+    /// Requests sent to the host and not answered yet.
+    in_flight: AtomicU32,
+    latency: Mutex<PeakEwma>,
+}
+
+/// A host chosen for one attempt. It counts as in flight on the host until dropped; hand it
+/// back with [`EndpointSet::record`] so its latency and outcome count.
+#[derive(Debug)]
+pub struct Picked {
+    pub addr: SocketAddr,
+    host: Arc<HostState>,
+    started: Instant,
+}
+
+impl Picked {
+    fn new(addr: SocketAddr, host: &Arc<HostState>) -> Self {
+        host.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self {
+            addr,
+            host: host.clone(),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        self.host.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +86,7 @@ pub struct EndpointSet {
     hosts: Vec<(SocketAddr, Arc<HostState>)>,
     next: AtomicUsize,
     outlier: Option<OutlierSettings>,
+    balancer: Balancer,
 }
 
 impl EndpointSet {
@@ -62,6 +94,7 @@ impl EndpointSet {
     pub fn new(
         addrs: impl IntoIterator<Item = SocketAddr>,
         outlier: Option<OutlierSettings>,
+        balancer: Balancer,
         previous: Option<&EndpointSet>,
     ) -> Self {
         let old: HashMap<SocketAddr, Arc<HostState>> = previous
@@ -74,6 +107,7 @@ impl EndpointSet {
                 .collect(),
             next: AtomicUsize::new(0),
             outlier,
+            balancer,
         }
     }
 
@@ -106,32 +140,79 @@ impl EndpointSet {
         }
     }
 
-    /// The next host in turn that is not ejected, avoiding `avoid` (a retry's previous host)
-    /// when another is available.
-    pub fn pick(&self, avoid: Option<SocketAddr>) -> Option<SocketAddr> {
+    /// A host that is not ejected, avoiding `avoid` (a retry's previous host) when another is
+    /// available: the next in turn, or with P2C the less loaded of two chosen at random.
+    pub fn pick(&self, avoid: Option<SocketAddr>) -> Option<Picked> {
         let n = self.hosts.len();
         if n == 0 {
             return None;
         }
         let now = Instant::now();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut fallback = None;
-        for k in 0..n {
-            let (addr, host) = &self.hosts[(start + k) % n];
-            if self.ejected(host, now) {
-                continue;
+        let usable = |k: usize| {
+            let (addr, host) = &self.hosts[k];
+            Some(*addr) != avoid && !self.ejected(host, now)
+        };
+        let chosen = match self.balancer {
+            Balancer::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n).map(|k| (start + k) % n).find(|&k| usable(k))
             }
-            if Some(*addr) == avoid {
-                fallback = Some(*addr);
-                continue;
-            }
-            return Some(*addr);
-        }
-        fallback
+            Balancer::P2cEwma => self.two_choices(n, usable, now),
+        };
+        let k = match chosen {
+            Some(k) => k,
+            // Only the host to avoid is left (or nothing): a retry goes back to it.
+            None => self
+                .hosts
+                .iter()
+                .position(|(a, h)| Some(*a) == avoid && !self.ejected(h, now))?,
+        };
+        let (addr, host) = &self.hosts[k];
+        Some(Picked::new(*addr, host))
     }
 
-    /// Records an attempt's result on `addr`.
-    pub fn record(&self, addr: SocketAddr, server_error: bool) {
+    /// Two distinct usable hosts at random; the one whose latency estimate times its requests
+    /// in flight (plus one) is lower. Allocation-free: hosts are few, so it counts the usable
+    /// ones and walks to the chosen ordinals.
+    fn two_choices(&self, n: usize, usable: impl Fn(usize) -> bool, now: Instant) -> Option<usize> {
+        let count = (0..n).filter(|&k| usable(k)).count();
+        let nth = |i: usize| (0..n).filter(|&k| usable(k)).nth(i);
+        match count {
+            0 => None,
+            1 => nth(0),
+            _ => {
+                let r = random_u64();
+                let i = (r % count as u64) as usize;
+                let mut j = ((r >> 32) % (count as u64 - 1)) as usize;
+                if j >= i {
+                    j += 1;
+                }
+                let (a, b) = (nth(i)?, nth(j)?);
+                let cost = |k: usize| {
+                    let host = &self.hosts[k].1;
+                    let pending = host.in_flight.load(Ordering::Relaxed);
+                    let latency = host.latency.lock().unwrap_or_else(|e| e.into_inner());
+                    latency.cost(now, pending)
+                };
+                Some(if cost(b) < cost(a) { b } else { a })
+            }
+        }
+    }
+
+    /// Takes back a picked host: its latency feeds the estimate, its outcome outlier detection.
+    pub fn record(&self, picked: Picked, server_error: bool) {
+        let now = Instant::now();
+        picked
+            .host
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(now, now.duration_since(picked.started));
+        self.record_outcome(picked.addr, server_error);
+    }
+
+    /// Records an attempt's result on `addr` for outlier detection.
+    fn record_outcome(&self, addr: SocketAddr, server_error: bool) {
         let Some(o) = self.outlier else { return };
         let Some((_, host)) = self.hosts.iter().find(|(a, _)| *a == addr) else {
             return;
@@ -183,22 +264,24 @@ mod tests {
     }
 
     fn picks(set: &EndpointSet, n: usize) -> Vec<SocketAddr> {
-        (0..n).filter_map(|_| set.pick(None)).collect()
+        (0..n)
+            .filter_map(|_| set.pick(None).map(|p| p.addr))
+            .collect()
     }
 
     #[tokio::test(start_paused = true)]
     async fn consecutive_errors_eject_for_base_times_ejections() {
         let a = addrs(3);
-        let set = EndpointSet::new(a.clone(), settings(50), None);
+        let set = EndpointSet::new(a.clone(), settings(50), Balancer::RoundRobin, None);
         for _ in 0..2 {
-            set.record(a[0], true);
+            set.record_outcome(a[0], true);
         }
         // A success in between resets the count.
-        set.record(a[0], false);
-        set.record(a[0], true);
-        set.record(a[0], true);
+        set.record_outcome(a[0], false);
+        set.record_outcome(a[0], true);
+        set.record_outcome(a[0], true);
         assert!(picks(&set, 9).contains(&a[0]));
-        set.record(a[0], true);
+        set.record_outcome(a[0], true);
         assert!(!picks(&set, 9).contains(&a[0]));
         // 30 s out, back at the 30 s tick.
         tokio::time::advance(Duration::from_secs(29)).await;
@@ -207,7 +290,7 @@ mod tests {
         assert!(picks(&set, 9).contains(&a[0]));
         // The second ejection lasts twice as long.
         for _ in 0..3 {
-            set.record(a[0], true);
+            set.record_outcome(a[0], true);
         }
         tokio::time::advance(Duration::from_secs(59)).await;
         assert!(!picks(&set, 9).contains(&a[0]));
@@ -218,10 +301,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ejections_stop_at_the_percentage_but_one_is_always_allowed() {
         let a = addrs(4);
-        let set = EndpointSet::new(a.clone(), settings(10), None);
+        let set = EndpointSet::new(a.clone(), settings(10), Balancer::RoundRobin, None);
         for h in &a {
             for _ in 0..3 {
-                set.record(*h, true);
+                set.record_outcome(*h, true);
             }
         }
         // 10 % of 4 rounds to 0; one host may still go.
@@ -241,9 +324,10 @@ mod tests {
                 base_ejection: Duration::from_secs(15),
                 max_ejection_percent: 100,
             }),
+            Balancer::RoundRobin,
             None,
         );
-        set.record(a[1], true);
+        set.record_outcome(a[1], true);
         tokio::time::advance(Duration::from_secs(19)).await;
         assert_eq!(picks(&set, 4), vec![a[0]; 4]);
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -253,17 +337,61 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn state_survives_a_config_swap_and_retries_avoid_the_last_host() {
         let a = addrs(3);
-        let old = EndpointSet::new(a.clone(), settings(100), None);
+        let old = EndpointSet::new(a.clone(), settings(100), Balancer::RoundRobin, None);
         for _ in 0..3 {
-            old.record(a[2], true);
+            old.record_outcome(a[2], true);
         }
-        let new = EndpointSet::new(a.clone(), settings(100), Some(&old));
+        let new = EndpointSet::new(a.clone(), settings(100), Balancer::RoundRobin, Some(&old));
         assert!(!picks(&new, 9).contains(&a[2]));
         for _ in 0..10 {
-            assert_ne!(new.pick(Some(a[0])), Some(a[0]));
+            assert_ne!(new.pick(Some(a[0])).unwrap().addr, a[0]);
         }
         // With one host left, a retry goes back to it.
-        let one = EndpointSet::new([a[0]], None, None);
-        assert_eq!(one.pick(Some(a[0])), Some(a[0]));
+        let one = EndpointSet::new([a[0]], None, Balancer::RoundRobin, None);
+        assert_eq!(one.pick(Some(a[0])).unwrap().addr, a[0]);
+    }
+
+    fn serve(set: &EndpointSet, slow: SocketAddr, n: usize) -> usize {
+        let mut to_slow = 0;
+        for _ in 0..n {
+            let p = set.pick(None).unwrap();
+            let rtt = if p.addr == slow { 200 } else { 2 };
+            to_slow += usize::from(p.addr == slow);
+            // The clock stands still between pick and record, so feed the latency by hand.
+            p.host
+                .latency
+                .lock()
+                .unwrap()
+                .observe(Instant::now(), Duration::from_millis(rtt));
+            set.record_outcome(p.addr, false);
+        }
+        to_slow
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_over_ewma_sends_little_to_a_slow_host_and_probes_it_again_later() {
+        let a = addrs(3);
+        let set = EndpointSet::new(a.clone(), None, Balancer::P2cEwma, None);
+        // Until the slow host has shown itself it gets its share; after that, only the
+        // rounds where it is drawn against nothing faster than itself (never, with three).
+        serve(&set, a[0], 30);
+        let later = serve(&set, a[0], 300);
+        assert!(later <= 3, "the slow host got {later} of 300");
+        // Unpicked, its estimate decays (tau 10 s), so it is tried again.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(serve(&set, a[0], 30) > 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_prefers_the_host_with_fewer_requests_in_flight() {
+        let a = addrs(2);
+        let set = EndpointSet::new(a.clone(), None, Balancer::P2cEwma, None);
+        // Equal latency: the host with requests outstanding loses every draw.
+        let busy: Vec<Picked> = (0..3).map(|_| Picked::new(a[1], &set.hosts[1].1)).collect();
+        for _ in 0..20 {
+            assert_eq!(set.pick(None).unwrap().addr, a[0]);
+        }
+        drop(busy);
+        assert_eq!(set.hosts[1].1.in_flight.load(Ordering::Relaxed), 0);
     }
 }

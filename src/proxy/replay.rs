@@ -13,7 +13,7 @@ use http::{HeaderMap, Method, Request, Uri, Version};
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 
-use super::upstream::{Body, TARGET_PORT, UpstreamError, full};
+use super::upstream::{Body, BoxError, TARGET_PORT, UpstreamError, boxed, full};
 
 /// Bodies up to this size are kept for a retry (Envoy's default buffer); a larger one is not
 /// retried.
@@ -107,13 +107,12 @@ impl Replayable {
     pub fn attempt(&mut self, n: u32, target_port: u16) -> Option<Request<Body>> {
         let body = match &mut self.kept {
             Kept::Whole(b) => full(b.clone()),
-            Kept::Once(b) => b.take()?.boxed(),
+            Kept::Once(b) => boxed(b.take()?),
             Kept::Teed { body, copy } => match body.take() {
-                Some(inner) => Tee {
+                Some(inner) => boxed(Tee {
                     inner,
                     copy: copy.clone(),
-                }
-                .boxed(),
+                }),
                 None => replay(&copy.lock().unwrap_or_else(|e| e.into_inner()))?,
             },
         };
@@ -134,7 +133,7 @@ fn replay(copy: &Copy) -> Option<Body> {
     if !copy.ended || copy.overflow {
         return None;
     }
-    let mut frames: Vec<Result<Frame<Bytes>, hyper::Error>> = copy
+    let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = copy
         .data
         .iter()
         .cloned()

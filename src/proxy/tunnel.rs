@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use super::upstream::{Body, TARGET_PORT, UpstreamError, error_chain, strip_hop_by_hop};
+use super::upstream::{Body, TARGET_PORT, UpstreamError, boxed, error_chain, strip_hop_by_hop};
 
 /// The upgrade protocol of a TCP tunnel between proxies.
 pub const TCP_UPGRADE: &str = "trellis-tcp";
@@ -107,7 +107,7 @@ where
     if parts.status != StatusCode::SWITCHING_PROTOCOLS {
         strip_hop_by_hop(&mut parts.headers);
     }
-    Ok(Response::from_parts(parts, body.boxed()))
+    Ok(Response::from_parts(parts, boxed(body)))
 }
 
 /// Opens a TCP tunnel, on `io` to the peer proxy at `addr`, to its app's port `port`.

@@ -22,8 +22,20 @@ use tokio::net::TcpStream;
 
 use super::tls::{ALPN_H1, ALPN_H2, PeerIdentity, PeerTls};
 
-/// The body every hop carries.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// The body every hop carries. Its error is boxed: hops add errors of their own (an idle
+/// timeout) that are not hyper's.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Any body as a hop's [`Body`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
 
 /// The header that tells a peer's inbound listener which of its app's ports a request is for.
 pub const TARGET_PORT: &str = "x-trellis-target-port";
@@ -183,8 +195,6 @@ impl Upstreams {
             })
     }
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower::Service<Uri> for PeerConnector {
     type Response = TokioIo<PeerStream>;
@@ -367,7 +377,7 @@ impl Upstreams {
         .map_err(|e| classify(addr, &e))?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.boxed()))
+        Ok(Response::from_parts(parts, boxed(body)))
     }
 }
 
