@@ -168,3 +168,112 @@ fn gateway_routes_match_rewrite_and_reach_services() {
     // Nothing matches: 404.
     assert_eq!(get("/nowhere", &[]).status, 404);
 }
+
+/// A self-signed certificate for `name` (the `openssl` CLI), as App Mesh's file certificates.
+fn certificate(dir: &std::path::Path, name: &str) -> (String, String) {
+    let (cert, key) = (dir.join("gw.crt"), dir.join("gw.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{name}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{out:?}");
+    (cert.display().to_string(), key.display().to_string())
+}
+
+#[test]
+fn a_gateway_listener_terminates_tls_with_its_file_certificate() {
+    const GW: &str = "127.0.0.126";
+    let gw_port = free_port(GW);
+    let node = DevNode::start();
+    setup(&node, gw_port);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path(), "gw.example");
+    let gateway = |certificate: Value| {
+        json!({"spec": {"listeners": [{
+            "portMapping": {"port": gw_port, "protocol": "http"},
+            "tls": {"mode": "STRICT", "certificate": certificate}}]}})
+    };
+    put(
+        &node,
+        "/v20190125/meshes/demo/virtualGateways/gw",
+        gateway(json!({"file": {"certificateChain": cert, "privateKey": key}})),
+    );
+    let _red = Echo::start("127.0.0.127:9080", "red");
+    let start = |role: [&str; 2], ip: &str, extra: &[&str]| {
+        let mut args = vec!["--no-vip-listeners", "--app-host", ip];
+        args.extend(extra);
+        Proxy::start_with(
+            node.grpc_addr(),
+            "demo",
+            role,
+            &dir.path().join(ip),
+            ip,
+            &args,
+        )
+    };
+    let _app = start(["--virtual-node", "red"], "127.0.0.127", &[]);
+    let gw = start(["--virtual-gateway", "gw"], GW, &["--gateway-host", GW]);
+    gw.wait_ready(Duration::from_secs(20));
+    let resolve = format!("gw.example:{gw_port}:{GW}");
+    let https = |path: &str| {
+        curl(&[
+            "--cacert",
+            &cert,
+            "--resolve",
+            &resolve,
+            &format!("https://gw.example:{gw_port}{path}"),
+        ])
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || https("/red/x").status == 200),
+        "{:?}\n{}",
+        https("/red/x"),
+        gw.log()
+    );
+    let got = https("/red/books");
+    assert_eq!(got.name().as_deref(), Some("red"), "{got:?}");
+    assert_eq!(got.json()["path"], "/books");
+    // HTTP/2 over TLS (ALPN) as well.
+    let version = std::process::Command::new("curl")
+        .args(["-s", "--http2", "--cacert", &cert, "--resolve", &resolve])
+        .args(["-o", "/dev/null", "-w", "%{http_version} %{http_code}"])
+        .arg(format!("https://gw.example:{gw_port}/red/x"))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&version.stdout), "2 200");
+    // STRICT: plaintext is told to use TLS.
+    let plain = curl(&[&format!("http://{GW}:{gw_port}/red/x")]);
+    assert_eq!(plain.status, 400, "{plain:?}");
+    assert!(plain.body.contains("STRICT"), "{plain:?}");
+
+    // An ACM certificate cannot be had off AWS: the gateway refuses that config, says why,
+    // and keeps serving TLS with the one it has.
+    put(
+        &node,
+        "/v20190125/meshes/demo/virtualGateways/gw",
+        gateway(
+            json!({"acm": {"certificateArn": "arn:aws:acm:us-east-1:123456789012:certificate/abc"}}),
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || gw
+            .log()
+            .contains("ACM certificates exist only inside AWS")),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(https("/red/x").status, 200);
+}

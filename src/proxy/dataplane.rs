@@ -24,7 +24,8 @@ use tokio::task::AbortHandle;
 use super::balance::Balancer;
 use super::balance::WeightedPicker;
 use super::discovery::AppliedConfig;
-use super::gateway::{self, GatewayPort};
+use super::gateway::GatewayPort;
+use super::gateway_tls::{self, GatewayTlsError};
 use super::guard;
 use super::inbound::{self, InboundPort};
 use super::outbound;
@@ -95,7 +96,7 @@ pub struct Routing {
 
 impl Routing {
     /// Whether a config's matchers compile (a bad regex refuses it), without building the rest.
-    pub fn check(config: &ProxyConfig) -> Result<(), MatcherError> {
+    pub fn check(config: &ProxyConfig) -> Result<(), RoutingError> {
         for l in config.outbound.iter().flat_map(|s| &s.listeners) {
             RouteTable::new(&l.routes)?;
         }
@@ -112,7 +113,7 @@ impl Routing {
         previous: &Routing,
         budget: BudgetSettings,
         balancer: Balancer,
-    ) -> Result<Routing, MatcherError> {
+    ) -> Result<Routing, RoutingError> {
         let mut r = Routing {
             mesh: config.mesh.clone(),
             role: Some(config.role.clone()),
@@ -278,6 +279,15 @@ enum Kind {
     Tcp,
     /// A virtual gateway listener.
     Gateway(u16),
+}
+
+/// Why a config cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error(transparent)]
+    Matcher(#[from] MatcherError),
+    #[error(transparent)]
+    GatewayTls(#[from] GatewayTlsError),
 }
 
 /// How the data plane is placed on this host.
@@ -454,14 +464,7 @@ async fn reconcile(
                         let shared = shared.clone();
                         async move { Ok::<_, Infallible>(outbound::vip(&shared, local, req).await) }
                     })),
-                    Kind::Gateway(port) => {
-                        tokio::spawn(serve(shared.drain.clone(), listener, move |req| {
-                            let shared = shared.clone();
-                            async move {
-                                Ok::<_, Infallible>(gateway::request(&shared, port, req).await)
-                            }
-                        }))
-                    }
+                    Kind::Gateway(port) => tokio::spawn(gateway_tls::serve(shared, listener, port)),
                 };
                 vips.insert(*addr, task.abort_handle());
                 tracing::info!(%addr, ?kind, "listener open");
@@ -509,20 +512,34 @@ where
 {
     loop {
         let (tcp, _) = accept(&listener).await;
-        let handler = handler.clone();
-        let drain = drain.clone();
-        tokio::spawn(async move {
-            if let guard::Verdict::Refuse(status, why) =
-                guard::first_head(&tcp, HEADER_READ_TIMEOUT).await
-            {
-                guard::refuse(tcp, status, &why).await;
-                return;
-            }
-            let service = hyper::service::service_fn(handler);
-            let conn = http_builder()
-                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-                .into_owned();
-            drain.serve(conn).await;
-        });
+        tokio::spawn(serve_plain(drain.clone(), tcp, handler.clone()));
     }
+}
+
+/// A plaintext HTTP connection: the request-head guard, then HTTP/1.1 or h2c.
+pub async fn serve_plain<F, Fut>(drain: Drain, tcp: tokio::net::TcpStream, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    if let guard::Verdict::Refuse(status, why) = guard::first_head(&tcp, HEADER_READ_TIMEOUT).await
+    {
+        guard::refuse(tcp, status, &why).await;
+        return;
+    }
+    serve_connection(drain, TokioIo::new(tcp), handler).await;
+}
+
+/// HTTP/1.1 or HTTP/2 on `io` (plain or TLS), until it ends or the drain ends it.
+pub async fn serve_connection<I, F, Fut>(drain: Drain, io: I, handler: F)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(handler);
+    let conn = http_builder()
+        .serve_connection_with_upgrades(io, service)
+        .into_owned();
+    drain.serve(conn).await;
 }

@@ -62,7 +62,7 @@ pub enum RejectReason {
     #[error("{0}")]
     Decode(String),
     #[error("{0}")]
-    Route(#[from] super::route::MatcherError),
+    Route(#[from] super::dataplane::RoutingError),
 }
 
 /// Reads the cached config, if a usable one is there.

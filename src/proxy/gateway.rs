@@ -9,9 +9,11 @@ use std::sync::Arc;
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 
+use super::dataplane::RoutingError;
 use super::dataplane::Shared;
+use super::gateway_tls::GatewayTls;
 use super::outbound;
-use super::route::{MatcherError, RequestHead, RouteTable};
+use super::route::{RequestHead, RouteTable};
 use super::upstream::{Body, UpstreamError};
 use crate::model::compile::default_retry;
 use crate::model::proxy_config::{
@@ -26,6 +28,8 @@ pub struct GatewayPort {
     /// The matchers (hostname aside), one per route, in order.
     table: RouteTable,
     routes: Vec<(Option<HostTest>, CompiledGatewayRoute)>,
+    /// The listener's own TLS (`None`: plaintext).
+    pub tls: Option<GatewayTls>,
 }
 
 enum HostTest {
@@ -64,7 +68,7 @@ fn as_route_match(m: &GatewayRouteMatch) -> RouteMatch {
 }
 
 impl GatewayPort {
-    pub fn new(l: &GatewayListener) -> Result<Self, MatcherError> {
+    pub fn new(l: &GatewayListener) -> Result<Self, RoutingError> {
         let as_routes: Vec<CompiledRoute> = l
             .routes
             .iter()
@@ -92,6 +96,7 @@ impl GatewayPort {
         Ok(Self {
             table: RouteTable::new(&as_routes)?,
             routes,
+            tls: GatewayTls::load(l)?,
         })
     }
 

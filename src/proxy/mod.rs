@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod discovery;
 pub mod fuzz;
 pub mod gateway;
+pub mod gateway_tls;
 pub mod guard;
 pub mod health;
 pub mod identity;

@@ -1,0 +1,160 @@
+//! TLS on a virtual gateway's listeners (App Mesh's `tls` there): the gateway presents its own
+//! certificate to clients outside the mesh. STRICT takes only TLS, PERMISSIVE both (told apart
+//! by the first byte), DISABLED plaintext. `validation` asks clients for a certificate that
+//! chains to the trust file and, with `subjectAlternativeNames`, carries one of them.
+//! Certificates come from files; ACM and SDS sources do not exist off AWS and refuse the
+//! config with a message that says so (the proxy keeps the config it has).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+
+use super::dataplane::{self, Shared};
+use super::tls::{ALPN_H1, ALPN_H2, Caller};
+use super::{gateway, guard};
+use crate::identity::tls as pki;
+use crate::model::proxy_config::GatewayListener;
+use crate::model::shapes::VirtualGatewayListenerTlsMode as Mode;
+
+const TLS_HANDSHAKE: u8 = 0x16;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A gateway listener's TLS, loaded.
+pub struct GatewayTls {
+    pub mode: Mode,
+    config: Arc<ServerConfig>,
+    /// A client certificate must carry one of these SANs (empty: any that chains).
+    client_sans: Vec<String>,
+}
+
+/// Why a gateway listener's `tls` cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[error("virtualGateway listener {port}: tls.{field}: {message}")]
+pub struct GatewayTlsError {
+    pub port: u16,
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl GatewayTls {
+    /// Loads the listener's certificate (and trust) from their files; `None` without `tls`.
+    pub fn load(l: &GatewayListener) -> Result<Option<Self>, GatewayTlsError> {
+        let Some(tls) = &l.tls else { return Ok(None) };
+        let err = |field: &'static str, message: String| GatewayTlsError {
+            port: l.port,
+            field,
+            message,
+        };
+        let read = |field: &'static str, path: &str| {
+            std::fs::read_to_string(path).map_err(|e| err(field, format!("{path}: {e}")))
+        };
+        let file = match (&tls.certificate.file, &tls.certificate.acm) {
+            (Some(f), _) => f,
+            (None, Some(_)) => {
+                return Err(err(
+                    "certificate.acm",
+                    "ACM certificates exist only inside AWS: give the certificate as a file".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(err(
+                    "certificate.sds",
+                    "no SDS agent serves trellis proxies: give the certificate as a file".into(),
+                ));
+            }
+        };
+        let chain = read("certificate.file.certificateChain", &file.certificate_chain)?;
+        let key = read("certificate.file.privateKey", &file.private_key)?;
+        let (roots, client_sans) = match &tls.validation {
+            None => (None, Vec::new()),
+            Some(v) => {
+                let Some(trust) = &v.trust.file else {
+                    return Err(err(
+                        "validation.trust.sds",
+                        "no SDS agent serves trellis proxies: give the trust as a file".into(),
+                    ));
+                };
+                let roots = read(
+                    "validation.trust.file.certificateChain",
+                    &trust.certificate_chain,
+                )?;
+                let sans = v
+                    .subject_alternative_names
+                    .as_ref()
+                    .map(|s| s.r#match.exact.clone())
+                    .unwrap_or_default();
+                (Some(roots), sans)
+            }
+        };
+        let config = pki::server_config(&chain, &key, roots.as_deref(), false, &[ALPN_H2, ALPN_H1])
+            .map_err(|e| err("certificate.file", e.to_string()))?;
+        Ok(Some(Self {
+            mode: tls.mode,
+            config,
+            client_sans,
+        }))
+    }
+}
+
+/// Serves a gateway listener on `port` until aborted, with the TLS its config says at the time
+/// each connection arrives.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, port: u16) {
+    loop {
+        let (tcp, from) = dataplane::accept(&listener).await;
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let tls = {
+                let routing = shared.routing.borrow();
+                routing.gateway.get(&port).and_then(|g| {
+                    g.tls
+                        .as_ref()
+                        .filter(|t| t.mode != Mode::Disabled)
+                        .map(|t| (t.mode, t.config.clone(), t.client_sans.clone()))
+                })
+            };
+            let drain = shared.drain.clone();
+            let handler = move |req: Request<Incoming>| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(gateway::request(&shared, port, req).await) }
+            };
+            let Some((mode, config, sans)) = tls else {
+                return dataplane::serve_plain(drain, tcp, handler).await;
+            };
+            let mut first = [0u8; 1];
+            let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+                Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
+                _ => return,
+            };
+            if !is_tls {
+                if mode == Mode::Permissive {
+                    return dataplane::serve_plain(drain, tcp, handler).await;
+                }
+                let why = format!("gateway listener {port} is STRICT: connect with TLS (https)");
+                return guard::refuse(tcp, 400, &why).await;
+            }
+            let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::info!(%from, port, error = %e, "gateway TLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            if !sans.is_empty() {
+                let caller =
+                    Caller::from_certs(stream.get_ref().1.peer_certificates().unwrap_or_default());
+                if !caller.sans.iter().any(|s| sans.contains(s)) {
+                    tracing::info!(%from, port, sans = ?caller.sans, "gateway client certificate has none of the required SANs");
+                    return;
+                }
+            }
+            dataplane::serve_connection(drain, hyper_util::rt::TokioIo::new(stream), handler).await;
+        });
+    }
+}
