@@ -31,43 +31,45 @@ const DEFAULT_RTT: Duration = Duration::from_millis(30);
 #[derive(Debug, Clone, Copy)]
 pub struct PeakEwma {
     rtt_ns: f64,
-    at: Option<Instant>,
+    /// The last observation, or the estimate's creation: a host never measured decays from
+    /// the default like any other, so a new host gets tried while its peers are busy.
+    at: Instant,
+    measured: bool,
 }
 
 impl Default for PeakEwma {
     fn default() -> Self {
         Self {
             rtt_ns: DEFAULT_RTT.as_nanos() as f64,
-            at: None,
+            at: Instant::now(),
+            measured: false,
         }
     }
 }
 
 impl PeakEwma {
+    fn weight(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_nanos() as f64;
+        (-elapsed / DECAY.as_nanos() as f64).exp()
+    }
+
     fn decayed(&self, now: Instant) -> f64 {
-        match self.at {
-            None => self.rtt_ns,
-            Some(at) => {
-                let elapsed = now.saturating_duration_since(at).as_nanos() as f64;
-                self.rtt_ns * (-elapsed / DECAY.as_nanos() as f64).exp()
-            }
-        }
+        self.rtt_ns * self.weight(now)
     }
 
     /// A new answer: a slower one than the estimate replaces it; a faster one is averaged in,
-    /// the old estimate keeping weight e^(-elapsed/decay) (none for a host never measured).
+    /// the old estimate keeping weight e^(-elapsed/decay). The first answer replaces the
+    /// default.
     pub fn observe(&mut self, now: Instant, rtt: Duration) {
         let rtt = rtt.as_nanos() as f64;
-        let w = self.at.map_or(0.0, |at| {
-            let elapsed = now.saturating_duration_since(at).as_nanos() as f64;
-            (-elapsed / DECAY.as_nanos() as f64).exp()
-        });
+        let w = if self.measured { self.weight(now) } else { 0.0 };
         self.rtt_ns = if rtt > self.rtt_ns {
             rtt
         } else {
             self.rtt_ns * w + rtt * (1.0 - w)
         };
-        self.at = Some(now);
+        self.at = now;
+        self.measured = true;
     }
 
     /// The load of a host with `pending` requests in flight.
