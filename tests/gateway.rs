@@ -98,6 +98,19 @@ fn free_port(ip: &str) -> u16 {
         .port()
 }
 
+/// A proxy in `role` whose app (if any) listens on `ip`, advertising `ip`.
+fn proxy(
+    node: &DevNode,
+    dir: &std::path::Path,
+    role: [&str; 2],
+    ip: &str,
+    extra: &[&str],
+) -> Proxy {
+    let mut args = vec!["--no-vip-listeners", "--app-host", ip];
+    args.extend(extra);
+    Proxy::start_with(node.grpc_addr(), "demo", role, &dir.join(ip), ip, &args)
+}
+
 #[test]
 fn gateway_routes_match_rewrite_and_reach_services() {
     const GW: &str = "127.0.0.121";
@@ -107,18 +120,8 @@ fn gateway_routes_match_rewrite_and_reach_services() {
     let _red = Echo::start("127.0.0.122:9080", "red");
     let _blue = Echo::start("127.0.0.123:9080", "blue");
     let dir = tempfile::tempdir().unwrap();
-    let start = |role: [&str; 2], ip: &str, extra: &[&str]| {
-        let mut args = vec!["--no-vip-listeners", "--app-host", ip];
-        args.extend(extra);
-        Proxy::start_with(
-            node.grpc_addr(),
-            "demo",
-            role,
-            &dir.path().join(ip),
-            ip,
-            &args,
-        )
-    };
+    let start =
+        |role: [&str; 2], ip: &str, extra: &[&str]| proxy(&node, dir.path(), role, ip, extra);
     let _apps = [
         start(["--virtual-node", "red"], "127.0.0.122", &[]),
         start(["--virtual-node", "blue"], "127.0.0.123", &[]),
@@ -212,18 +215,8 @@ fn a_gateway_listener_terminates_tls_with_its_file_certificate() {
         gateway(json!({"file": {"certificateChain": cert, "privateKey": key}})),
     );
     let _red = Echo::start("127.0.0.127:9080", "red");
-    let start = |role: [&str; 2], ip: &str, extra: &[&str]| {
-        let mut args = vec!["--no-vip-listeners", "--app-host", ip];
-        args.extend(extra);
-        Proxy::start_with(
-            node.grpc_addr(),
-            "demo",
-            role,
-            &dir.path().join(ip),
-            ip,
-            &args,
-        )
-    };
+    let start =
+        |role: [&str; 2], ip: &str, extra: &[&str]| proxy(&node, dir.path(), role, ip, extra);
     let _app = start(["--virtual-node", "red"], "127.0.0.127", &[]);
     let gw = start(["--virtual-gateway", "gw"], GW, &["--gateway-host", GW]);
     gw.wait_ready(Duration::from_secs(20));

@@ -73,15 +73,9 @@ fn setup(node_: &DevNode) {
     );
     put(node_, &routes, route("blue", 3, "/blue", "blue", None));
     put(node_, &routes, route("default", 9, "/", "red", None));
-    put(
+    service_and_client(
         node_,
-        &format!("{p}/virtualServices"),
-        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": {"virtualRouter": {"virtualRouterName": "color"}}}}),
-    );
-    put(
-        node_,
-        &format!("{p}/virtualNodes"),
-        json!({"virtualNodeName": "client", "spec": {"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}]}}),
+        json!({"virtualRouter": {"virtualRouterName": "color"}}),
     );
 }
 
@@ -94,6 +88,36 @@ fn get(out: SocketAddr, path: &str, headers: &[&str]) -> Got {
     curl(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
+/// A proxy for `vn` whose app listens on `ip` (and which advertises `ip`).
+fn proxy(dev: &DevNode, dir: &std::path::Path, vn: &str, ip: &str, extra: &[&str]) -> Proxy {
+    let mut args = vec!["--no-vip-listeners", "--app-host", ip];
+    args.extend(extra);
+    Proxy::start_with(
+        dev.grpc_addr(),
+        "demo",
+        ["--virtual-node", vn],
+        &dir.join(ip),
+        ip,
+        &args,
+    )
+}
+
+/// `color.demo.local` served by `provider` (a spec's `provider`), and a `client` node whose
+/// backend it is.
+fn service_and_client(dev: &DevNode, provider: Value) {
+    let p = "/v20190125/meshes/demo";
+    put(
+        dev,
+        &format!("{p}/virtualServices"),
+        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": provider}}),
+    );
+    put(
+        dev,
+        &format!("{p}/virtualNodes"),
+        json!({"virtualNodeName": "client", "spec": {"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}]}}),
+    );
+}
+
 #[test]
 fn retries_budgets_ejection_and_pools_behave_as_configured() {
     let dev = DevNode::start();
@@ -102,18 +126,7 @@ fn retries_budgets_ejection_and_pools_behave_as_configured() {
     let blue1 = Echo::start("127.0.0.92:9080", "blue1");
     let blue2 = Echo::start_with("127.0.0.93:9080", "blue2", &["--status", "503"]);
     let dir = tempfile::tempdir().unwrap();
-    let start = |vn: &str, ip: &str, extra: &[&str]| {
-        let mut args = vec!["--no-vip-listeners", "--app-host", ip];
-        args.extend(extra);
-        Proxy::start_with(
-            dev.grpc_addr(),
-            "demo",
-            ["--virtual-node", vn],
-            &dir.path().join(ip),
-            ip,
-            &args,
-        )
-    };
+    let start = |vn: &str, ip: &str, extra: &[&str]| proxy(&dev, dir.path(), vn, ip, extra);
     // A small floor, so the budget shows within a few hundred requests.
     let client = start(
         "client",
@@ -215,29 +228,11 @@ fn a_failing_health_check_takes_an_instance_out_of_traffic() {
                 "timeoutMillis": 2000, "intervalMillis": 5000}}),
         ),
     );
-    put(
-        &dev,
-        &format!("{p}/virtualServices"),
-        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": {"virtualNode": {"virtualNodeName": "green"}}}}),
-    );
-    put(
-        &dev,
-        &format!("{p}/virtualNodes"),
-        json!({"virtualNodeName": "client", "spec": {"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}]}}),
-    );
+    service_and_client(&dev, json!({"virtualNode": {"virtualNodeName": "green"}}));
     let green1 = Echo::start("127.0.0.171:9080", "green1");
     let green2 = Echo::start("127.0.0.172:9080", "green2");
     let dir = tempfile::tempdir().unwrap();
-    let start = |vn: &str, ip: &str| {
-        Proxy::start_with(
-            dev.grpc_addr(),
-            "demo",
-            ["--virtual-node", vn],
-            &dir.path().join(ip),
-            ip,
-            &["--no-vip-listeners", "--app-host", ip],
-        )
-    };
+    let start = |vn: &str, ip: &str| proxy(&dev, dir.path(), vn, ip, &[]);
     let _greens = [start("green", "127.0.0.171"), start("green", "127.0.0.172")];
     let client = start("client", "127.0.0.173");
     client.wait_ready(Duration::from_secs(20));
@@ -277,31 +272,11 @@ fn p2c_over_ewma_sends_little_to_a_slow_instance() {
     let p = "/v20190125/meshes/demo";
     put(&dev, "/v20190125/meshes", json!({"meshName": "demo"}));
     put(&dev, &format!("{p}/virtualNodes"), node("teal", json!({})));
-    put(
-        &dev,
-        &format!("{p}/virtualServices"),
-        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": {"virtualNode": {"virtualNodeName": "teal"}}}}),
-    );
-    put(
-        &dev,
-        &format!("{p}/virtualNodes"),
-        json!({"virtualNodeName": "client", "spec": {"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}]}}),
-    );
+    service_and_client(&dev, json!({"virtualNode": {"virtualNodeName": "teal"}}));
     let fast = Echo::start("127.0.0.181:9080", "fast");
     let slow = Echo::start_with("127.0.0.182:9080", "slow", &["--delay", "150ms"]);
     let dir = tempfile::tempdir().unwrap();
-    let start = |vn: &str, ip: &str, extra: &[&str]| {
-        let mut args = vec!["--no-vip-listeners", "--app-host", ip];
-        args.extend(extra);
-        Proxy::start_with(
-            dev.grpc_addr(),
-            "demo",
-            ["--virtual-node", vn],
-            &dir.path().join(ip),
-            ip,
-            &args,
-        )
-    };
+    let start = |vn: &str, ip: &str, extra: &[&str]| proxy(&dev, dir.path(), vn, ip, extra);
     let _teals = [
         start("teal", "127.0.0.181", &[]),
         start("teal", "127.0.0.182", &[]),
@@ -362,28 +337,13 @@ fn a_response_that_stalls_past_the_route_idle_timeout_is_reset() {
     let mut r = route("idle", 1, "/", "slate", None);
     r["spec"]["httpRoute"]["timeout"] = json!({"idle": {"unit": "s", "value": 1}});
     put(&dev, &format!("{p}/virtualRouter/color/routes"), r);
-    put(
+    service_and_client(
         &dev,
-        &format!("{p}/virtualServices"),
-        json!({"virtualServiceName": "color.demo.local", "spec": {"provider": {"virtualRouter": {"virtualRouterName": "color"}}}}),
-    );
-    put(
-        &dev,
-        &format!("{p}/virtualNodes"),
-        json!({"virtualNodeName": "client", "spec": {"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}]}}),
+        json!({"virtualRouter": {"virtualRouterName": "color"}}),
     );
     let _app = stalling_app("127.0.0.186:9080");
     let dir = tempfile::tempdir().unwrap();
-    let start = |vn: &str, ip: &str| {
-        Proxy::start_with(
-            dev.grpc_addr(),
-            "demo",
-            ["--virtual-node", vn],
-            &dir.path().join(ip),
-            ip,
-            &["--no-vip-listeners", "--app-host", ip],
-        )
-    };
+    let start = |vn: &str, ip: &str| proxy(&dev, dir.path(), vn, ip, &[]);
     let _slate = start("slate", "127.0.0.186");
     let client = start("client", "127.0.0.187");
     client.wait_ready(Duration::from_secs(20));

@@ -80,6 +80,13 @@ pub struct Timeouts {
     pub idle_ms: u64,
 }
 
+impl Timeouts {
+    /// The idle timeout, `None` when there is none.
+    pub fn idle(&self) -> Option<std::time::Duration> {
+        (self.idle_ms > 0).then(|| std::time::Duration::from_millis(self.idle_ms))
+    }
+}
+
 impl Default for Timeouts {
     fn default() -> Self {
         Self {

@@ -29,7 +29,7 @@ pub struct GatewayPort {
     table: RouteTable,
     routes: Vec<(Option<HostTest>, CompiledGatewayRoute)>,
     /// The listener's own TLS (`None`: plaintext).
-    pub tls: Option<GatewayTls>,
+    pub tls: Option<Arc<GatewayTls>>,
 }
 
 enum HostTest {

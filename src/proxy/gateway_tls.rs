@@ -7,7 +7,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::Request;
 use hyper::body::Incoming;
@@ -15,14 +14,11 @@ use rustls::ServerConfig;
 use tokio::net::TcpListener;
 
 use super::dataplane::{self, Shared};
-use super::tls::{ALPN_H1, ALPN_H2, Caller};
+use super::tls::{self, ALPN_H1, ALPN_H2, Caller};
 use super::{gateway, guard};
 use crate::identity::tls as pki;
 use crate::model::proxy_config::GatewayListener;
 use crate::model::shapes::VirtualGatewayListenerTlsMode as Mode;
-
-const TLS_HANDSHAKE: u8 = 0x16;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A gateway listener's TLS, loaded.
 pub struct GatewayTls {
@@ -43,7 +39,7 @@ pub struct GatewayTlsError {
 
 impl GatewayTls {
     /// Loads the listener's certificate (and trust) from their files; `None` without `tls`.
-    pub fn load(l: &GatewayListener) -> Result<Option<Self>, GatewayTlsError> {
+    pub fn load(l: &GatewayListener) -> Result<Option<Arc<Self>>, GatewayTlsError> {
         let Some(tls) = &l.tls else { return Ok(None) };
         let err = |field: &'static str, message: String| GatewayTlsError {
             port: l.port,
@@ -93,11 +89,11 @@ impl GatewayTls {
         };
         let config = pki::server_config(&chain, &key, roots.as_deref(), false, &[ALPN_H2, ALPN_H1])
             .map_err(|e| err("certificate.file", e.to_string()))?;
-        Ok(Some(Self {
+        Ok(Some(Arc::new(Self {
             mode: tls.mode,
             config,
             client_sans,
-        }))
+        })))
     }
 }
 
@@ -108,48 +104,42 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, port: u16) {
         let (tcp, from) = dataplane::accept(&listener).await;
         let shared = shared.clone();
         tokio::spawn(async move {
-            let tls = {
-                let routing = shared.routing.borrow();
-                routing.gateway.get(&port).and_then(|g| {
-                    g.tls
-                        .as_ref()
-                        .filter(|t| t.mode != Mode::Disabled)
-                        .map(|t| (t.mode, t.config.clone(), t.client_sans.clone()))
-                })
-            };
+            let tls = shared
+                .routing
+                .borrow()
+                .gateway
+                .get(&port)
+                .and_then(|g| g.tls.clone())
+                .filter(|t| t.mode != Mode::Disabled);
             let drain = shared.drain.clone();
             let handler = move |req: Request<Incoming>| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(gateway::request(&shared, port, req).await) }
             };
-            let Some((mode, config, sans)) = tls else {
+            let Some(tls) = tls else {
                 return dataplane::serve_plain(drain, tcp, handler).await;
             };
-            let mut first = [0u8; 1];
-            let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
-                Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
-                _ => return,
+            let Some(is_tls) = tls::starts_tls(&tcp).await else {
+                return;
             };
             if !is_tls {
-                if mode == Mode::Permissive {
+                if tls.mode == Mode::Permissive {
                     return dataplane::serve_plain(drain, tcp, handler).await;
                 }
                 let why = format!("gateway listener {port} is STRICT: connect with TLS (https)");
                 return guard::refuse(tcp, 400, &why).await;
             }
-            let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
+            let stream = match tls::accept(tls.config.clone(), tcp).await {
+                Ok(s) => s,
+                Err(e) => {
                     tracing::info!(%from, port, error = %e, "gateway TLS handshake refused");
                     return;
                 }
-                Err(_) => return,
             };
-            if !sans.is_empty() {
+            if !tls.client_sans.is_empty() {
                 let caller =
                     Caller::from_certs(stream.get_ref().1.peer_certificates().unwrap_or_default());
-                if !caller.sans.iter().any(|s| sans.contains(s)) {
+                if !caller.sans.iter().any(|s| tls.client_sans.contains(s)) {
                     tracing::info!(%from, port, sans = ?caller.sans, "gateway client certificate has none of the required SANs");
                     return;
                 }

@@ -11,7 +11,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use http::Request;
 use hyper::body::Incoming;
@@ -22,15 +21,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::dataplane::{Shared, http_builder};
 use super::guard;
 use super::idle;
-use super::tls::Caller;
+use super::tls::{self, Caller};
 use super::tunnel;
 use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError, boxed};
 use crate::model::proxy_config::{InboundListener, ProxyConfig, Timeouts};
 use crate::model::shapes::{ListenerTlsMode, PortProtocol, VirtualNodeConnectionPool};
-
-/// How long a connection may take to start its TLS handshake or first request.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const TLS_HANDSHAKE: u8 = 0x16;
 
 /// One of the node's listeners, as the inbound side applies it.
 pub struct InboundPort {
@@ -43,11 +38,6 @@ pub struct InboundPort {
 }
 
 impl InboundPort {
-    /// The listener's idle timeout (`None`: none).
-    pub fn idle(&self) -> Option<Duration> {
-        (self.timeouts.idle_ms > 0).then(|| Duration::from_millis(self.timeouts.idle_ms))
-    }
-
     pub fn new(l: &InboundListener, previous: Option<&InboundPort>) -> Self {
         let limits = l.connection_pool.as_ref().map(PoolLimits::from);
         // The counters carry over while the limits stay.
@@ -169,12 +159,10 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 async fn connection(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr) {
-    let mut first = [0u8; 1];
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
-        Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
-        _ => return,
+    let Some(is_tls) = tls::starts_tls(&tcp).await else {
+        return;
     };
-    if !tls {
+    if !is_tls {
         if let guard::Verdict::Refuse(status, why) =
             guard::first_head(&tcp, super::dataplane::HEADER_READ_TIMEOUT).await
         {
@@ -191,14 +179,12 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr) {
             return;
         }
     };
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let stream = match tls::accept(config, tcp).await {
+        Ok(s) => s,
+        Err(e) => {
             tracing::info!(%from, error = %e, "mTLS handshake refused");
             return;
         }
-        Err(_) => return,
     };
     let caller = Caller::from_certs(stream.get_ref().1.peer_certificates().unwrap_or_default());
     serve_http(shared, TokioIo::new(stream), Arc::new(caller)).await;
@@ -265,7 +251,7 @@ async fn request(
         .upstreams
         .send(Hop::App { addr, h2 }, req.map(boxed))
         .await
-        .map(|resp| resp.map(|body| idle::limit(body, listener.idle())))
+        .map(|resp| resp.map(|body| idle::limit(body, listener.timeouts.idle())))
         .unwrap_or_else(|e| e.response())
 }
 
@@ -292,7 +278,7 @@ async fn upgrade_to_app(
             want.as_str()
         )));
     }
-    let idle = listener.idle();
+    let idle = listener.timeouts.idle();
     let downstream = hyper::upgrade::on(&mut req);
     let app = TcpStream::connect(addr)
         .await

@@ -152,7 +152,7 @@ pub async fn forward(
             .unwrap_or(Err(UpstreamError::Timeout(limit)))
     };
     match result {
-        Ok(resp) => resp.map(|body| idle::limit(body, idle(route.timeouts.idle_ms))),
+        Ok(resp) => resp.map(|body| idle::limit(body, route.timeouts.idle())),
         Err(e) => e.response(),
     }
 }
@@ -260,10 +260,6 @@ fn peer_tls(shared: &Shared, cluster: &Cluster) -> Result<Option<Arc<PeerTls>>, 
     }
 }
 
-fn idle(ms: u64) -> Option<Duration> {
-    (ms > 0).then(|| Duration::from_millis(ms))
-}
-
 /// An upgrade (WebSocket): one attempt, on a connection of its own to one host.
 async fn upgrade(
     shared: &Shared,
@@ -277,7 +273,7 @@ async fn upgrade(
     let mut req = req.map(boxed);
     req.headers_mut()
         .insert(TARGET_PORT, http::HeaderValue::from(target_port));
-    tunnel::upgrade(io, addr, req, downstream, idle(route.timeouts.idle_ms)).await
+    tunnel::upgrade(io, addr, req, downstream, route.timeouts.idle()).await
 }
 
 /// One of the route's weighted targets and its cluster.
@@ -321,7 +317,7 @@ where
         let (target, cluster) = pick_target(route, targets)?;
         let (addr, io) = connect_one(shared, cluster).await?;
         let upstream = tunnel::open_tcp(io, addr, target.port).await?;
-        Ok::<_, UpstreamError>((upstream, idle(route.timeouts.idle_ms)))
+        Ok::<_, UpstreamError>((upstream, route.timeouts.idle()))
     };
     match r.await {
         Ok((upstream, idle)) => tunnel::splice(downstream, TokioIo::new(upstream), idle).await,

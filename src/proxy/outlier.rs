@@ -59,12 +59,12 @@ pub struct Picked {
 }
 
 impl Picked {
-    fn new(addr: SocketAddr, host: &Arc<HostState>) -> Self {
+    fn new(addr: SocketAddr, host: &Arc<HostState>, now: Instant) -> Self {
         host.in_flight.fetch_add(1, Ordering::Relaxed);
         Self {
             addr,
             host: host.clone(),
-            started: Instant::now(),
+            started: now,
         }
     }
 }
@@ -168,7 +168,7 @@ impl EndpointSet {
                 .position(|(a, h)| Some(*a) == avoid && !self.ejected(h, now))?,
         };
         let (addr, host) = &self.hosts[k];
-        Some(Picked::new(*addr, host))
+        Some(Picked::new(*addr, host, now))
     }
 
     /// Two distinct usable hosts at random; the one whose latency estimate times its requests
@@ -199,24 +199,24 @@ impl EndpointSet {
         }
     }
 
-    /// Takes back a picked host: its latency feeds the estimate, its outcome outlier detection.
+    /// Takes back a picked host: its latency feeds the estimate (P2C only), its outcome
+    /// outlier detection.
     pub fn record(&self, picked: Picked, server_error: bool) {
-        let now = Instant::now();
-        picked
-            .host
-            .latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .observe(now, now.duration_since(picked.started));
-        self.record_outcome(picked.addr, server_error);
+        if self.balancer == Balancer::P2cEwma {
+            let now = Instant::now();
+            picked
+                .host
+                .latency
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .observe(now, now.duration_since(picked.started));
+        }
+        self.record_outcome(&picked.host, picked.addr, server_error);
     }
 
-    /// Records an attempt's result on `addr` for outlier detection.
-    fn record_outcome(&self, addr: SocketAddr, server_error: bool) {
+    /// Records an attempt's result on `host` for outlier detection.
+    fn record_outcome(&self, host: &HostState, addr: SocketAddr, server_error: bool) {
         let Some(o) = self.outlier else { return };
-        let Some((_, host)) = self.hosts.iter().find(|(a, _)| *a == addr) else {
-            return;
-        };
         if !server_error {
             host.consecutive_errors.store(0, Ordering::Relaxed);
             return;
@@ -263,6 +263,12 @@ mod tests {
         })
     }
 
+    /// An attempt's outcome on `addr`, without a pick.
+    fn outcome(set: &EndpointSet, addr: SocketAddr, server_error: bool) {
+        let (_, host) = set.hosts.iter().find(|(a, _)| *a == addr).unwrap();
+        set.record_outcome(host, addr, server_error);
+    }
+
     fn picks(set: &EndpointSet, n: usize) -> Vec<SocketAddr> {
         (0..n)
             .filter_map(|_| set.pick(None).map(|p| p.addr))
@@ -274,14 +280,14 @@ mod tests {
         let a = addrs(3);
         let set = EndpointSet::new(a.clone(), settings(50), Balancer::RoundRobin, None);
         for _ in 0..2 {
-            set.record_outcome(a[0], true);
+            outcome(&set, a[0], true);
         }
         // A success in between resets the count.
-        set.record_outcome(a[0], false);
-        set.record_outcome(a[0], true);
-        set.record_outcome(a[0], true);
+        outcome(&set, a[0], false);
+        outcome(&set, a[0], true);
+        outcome(&set, a[0], true);
         assert!(picks(&set, 9).contains(&a[0]));
-        set.record_outcome(a[0], true);
+        outcome(&set, a[0], true);
         assert!(!picks(&set, 9).contains(&a[0]));
         // 30 s out, back at the 30 s tick.
         tokio::time::advance(Duration::from_secs(29)).await;
@@ -290,7 +296,7 @@ mod tests {
         assert!(picks(&set, 9).contains(&a[0]));
         // The second ejection lasts twice as long.
         for _ in 0..3 {
-            set.record_outcome(a[0], true);
+            outcome(&set, a[0], true);
         }
         tokio::time::advance(Duration::from_secs(59)).await;
         assert!(!picks(&set, 9).contains(&a[0]));
@@ -304,7 +310,7 @@ mod tests {
         let set = EndpointSet::new(a.clone(), settings(10), Balancer::RoundRobin, None);
         for h in &a {
             for _ in 0..3 {
-                set.record_outcome(*h, true);
+                outcome(&set, *h, true);
             }
         }
         // 10 % of 4 rounds to 0; one host may still go.
@@ -327,7 +333,7 @@ mod tests {
             Balancer::RoundRobin,
             None,
         );
-        set.record_outcome(a[1], true);
+        outcome(&set, a[1], true);
         tokio::time::advance(Duration::from_secs(19)).await;
         assert_eq!(picks(&set, 4), vec![a[0]; 4]);
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -339,7 +345,7 @@ mod tests {
         let a = addrs(3);
         let old = EndpointSet::new(a.clone(), settings(100), Balancer::RoundRobin, None);
         for _ in 0..3 {
-            old.record_outcome(a[2], true);
+            outcome(&old, a[2], true);
         }
         let new = EndpointSet::new(a.clone(), settings(100), Balancer::RoundRobin, Some(&old));
         assert!(!picks(&new, 9).contains(&a[2]));
@@ -363,7 +369,7 @@ mod tests {
                 .lock()
                 .unwrap()
                 .observe(Instant::now(), Duration::from_millis(rtt));
-            set.record_outcome(p.addr, false);
+            outcome(set, p.addr, false);
         }
         to_slow
     }
@@ -387,7 +393,9 @@ mod tests {
         let a = addrs(2);
         let set = EndpointSet::new(a.clone(), None, Balancer::P2cEwma, None);
         // Equal latency: the host with requests outstanding loses every draw.
-        let busy: Vec<Picked> = (0..3).map(|_| Picked::new(a[1], &set.hosts[1].1)).collect();
+        let busy: Vec<Picked> = (0..3)
+            .map(|_| Picked::new(a[1], &set.hosts[1].1, Instant::now()))
+            .collect();
         for _ in 0..20 {
             assert_eq!(set.pick(None).unwrap().addr, a[0]);
         }

@@ -5,6 +5,7 @@
 //! requires a client certificate and reads the caller's identity from it for the access check.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -12,6 +13,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
 };
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::identity::ProxyCert;
@@ -22,6 +24,30 @@ use crate::model::proxy_config::ProxyRole;
 /// ALPN for pooled HTTP/2 between proxies and for one-off HTTP/1.1 (upgrades, tunnels).
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_H1: &[u8] = b"http/1.1";
+
+/// How long a new connection may take to send its first byte, and then its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether a new connection opens with a TLS handshake (its first byte, peeked: 0x16);
+/// `None` when it sends nothing in time or is gone.
+pub async fn starts_tls(tcp: &TcpStream) -> Option<bool> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) => Some(first[0] == 0x16),
+        _ => None,
+    }
+}
+
+/// The server side of a TLS handshake, within [`HANDSHAKE_TIMEOUT`].
+pub async fn accept(
+    config: Arc<ServerConfig>,
+    tcp: TcpStream,
+) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
 
 /// Why a TLS context could not be made.
 #[derive(Debug, thiserror::Error)]

@@ -185,19 +185,15 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
             // A control plane's state is small; sled's 1 GiB default cache is not.
             .cache_capacity(64 * 1024 * 1024)
             .open();
+        let locked = matches!(&opened, Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock"));
         match opened {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+            Err(e) if locked && std::time::Instant::now() >= deadline => {
                 return Err(StoreError::Locked(format!(
                     "{}: another trellis process holds this data directory ({e})",
                     dir.display()
                 )));
             }
+            Err(_) if locked => std::thread::sleep(std::time::Duration::from_millis(20)),
             other => return Ok(other?),
         }
     }
