@@ -8,7 +8,8 @@
 //! demo, for tests, and for users debugging a mesh.
 //!
 //! It also speaks gRPC (the Health service: `Check` answers SERVING, or UNAVAILABLE for the
-//! service name `unavailable`; `Watch` streams five answers, 50 ms apart, then ends) and
+//! service name `unavailable`; `Watch` streams five answers, 50 ms apart, then ends; both
+//! name the server in `x-echo-name`) and
 //! WebSocket (an upgrade on any path; text and binary messages come back as sent).
 
 use std::convert::Infallible;
@@ -33,6 +34,9 @@ use tokio::net::TcpListener;
 
 /// A request here reports `served` without counting itself.
 pub const SERVED_PATH: &str = "/__echo/served";
+
+/// gRPC answers name the server in this header.
+pub const NAME_HEADER: &str = "x-echo-name";
 
 /// Longest delay a request may ask for.
 const MAX_DELAY: Duration = Duration::from_secs(60);
@@ -72,9 +76,13 @@ impl Echo {
                         let name = name.clone();
                         async move {
                             if is_grpc(&req) {
-                                let mut grpc = HealthServer::new(EchoHealth(name));
+                                let mut grpc = HealthServer::new(EchoHealth(name.clone()));
                                 use tower::Service;
-                                let resp = grpc.call(req).await.unwrap_or_else(|e| match e {});
+                                let mut resp = grpc.call(req).await.unwrap_or_else(|e| match e {});
+                                // gRPC answers carry no JSON, so the name rides in a header.
+                                if let Ok(v) = http::HeaderValue::from_str(&name.name) {
+                                    resp.headers_mut().insert(NAME_HEADER, v);
+                                }
                                 Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
                             } else if is_websocket(&req) {
                                 Ok(websocket(req))

@@ -22,7 +22,7 @@ use super::outlier::EndpointSet;
 use super::replay::Replayable;
 use super::retry::RetryBudget;
 use super::retry::{Outcome, retryable};
-use super::route::RequestHead;
+use super::route::{RequestHead, SentScheme};
 use super::tls::PeerTls;
 use super::tunnel;
 use super::upstream::{Body, Hop, PeerStream, TARGET_PORT, UpstreamError, boxed, full};
@@ -51,7 +51,8 @@ pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
         .response();
     };
     // Origin-form from here on: the route sees the path, the peer the Host.
-    if req.uri().scheme().is_some() {
+    if let Some(scheme) = SentScheme::of(req.uri()) {
+        req.extensions_mut().insert(scheme);
         let path = req
             .uri()
             .path_and_query()

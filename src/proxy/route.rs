@@ -28,15 +28,38 @@ pub struct RequestHead<'a> {
     pub port: u16,
 }
 
+/// The scheme a request was sent with, kept as an extension where the proxy rewrote its URI
+/// to origin-form (the explicit listener does, for absolute-form requests).
+#[derive(Debug, Clone, Copy)]
+pub struct SentScheme(pub &'static str);
+
+impl SentScheme {
+    /// `https` for `https`, else `http` (the only schemes App Mesh matches on).
+    pub fn of(uri: &http::Uri) -> Option<Self> {
+        uri.scheme().map(|s| {
+            Self(if *s == http::uri::Scheme::HTTPS {
+                "https"
+            } else {
+                "http"
+            })
+        })
+    }
+}
+
 impl<'a> RequestHead<'a> {
-    /// The head of a plain-HTTP request that came in on listener `port`.
+    /// The head of a request that came in on listener `port`. The scheme is HTTP/2's
+    /// `:scheme` (or an absolute-form URI's), else `http`: Envoy's rule for a plaintext
+    /// listener.
     pub fn of<B>(req: &'a http::Request<B>, port: u16) -> Self {
+        let scheme = SentScheme::of(req.uri())
+            .or_else(|| req.extensions().get::<SentScheme>().copied())
+            .map_or("http", |s| s.0);
         Self {
             method: req.method(),
             path: req.uri().path(),
             query: req.uri().query(),
             headers: req.headers(),
-            scheme: "http",
+            scheme,
             port,
         }
     }
