@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         [
             "trellis/discovery/v1/discovery.proto",
             "trellis/identity/v1/identity.proto",
+            "trellis/cluster/v1/cluster.proto",
             "grpc/health/v1/health.proto",
         ],
         ["proto"],

@@ -70,6 +70,10 @@ enum Command {
         /// Overrides `api_addr` from the file.
         #[arg(long)]
         api_addr: Option<SocketAddr>,
+        /// Join the cluster of the control node whose gRPC listener is ADDR (once; a member
+        /// that restarts needs no flag).
+        #[arg(long, value_name = "ADDR")]
+        join: Option<String>,
     },
     /// Run the proxy for one virtual node (or virtual gateway) on this host.
     ///
@@ -152,6 +156,15 @@ enum Command {
         /// Print the JSON the API answers instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// The control-plane cluster: list its members, remove one.
+    ///
+    /// Example: trellis members --endpoint http://10.0.0.1:7070
+    Members {
+        #[command(flatten)]
+        conn: admin::Connection,
+        #[command(subcommand)]
+        command: Option<admin::MembersCommand>,
     },
     /// The mesh CA: print the trust bundle, rotate the root.
     Ca {
@@ -294,6 +307,7 @@ async fn run_control(
     config: PathBuf,
     data_dir: Option<PathBuf>,
     api_addr: Option<SocketAddr>,
+    join: Option<String>,
 ) -> Result<(), ExitCode> {
     let mut cfg = match ControlConfig::load(&config) {
         Ok(c) => c,
@@ -307,6 +321,13 @@ async fn run_control(
     }
     if let Some(a) = api_addr {
         cfg.api_addr = a;
+    }
+    if join.is_some() {
+        cfg.join = join;
+        if let Err(problems) = cfg.check() {
+            eprintln!("trellis: {}: {problems}", config.display());
+            return Err(ExitCode::from(2));
+        }
     }
     init_logging(&cfg.log);
     let node = match ControlNode::start(&cfg).await {
@@ -607,6 +628,9 @@ fn main() -> ExitCode {
         }
         Command::Proxies { conn, json } => client_result(rt.block_on(proxies(&conn, json))),
         Command::Ca { conn, command } => client_result(rt.block_on(admin::ca(&conn, command))),
+        Command::Members { conn, command } => {
+            client_result(rt.block_on(admin::members(&conn, command)))
+        }
         Command::Token { conn, command } => {
             client_result(rt.block_on(admin::token(&conn, command)))
         }
@@ -679,7 +703,8 @@ fn main() -> ExitCode {
             config,
             data_dir,
             api_addr,
-        } => match rt.block_on(run_control(config, data_dir, api_addr)) {
+            join,
+        } => match rt.block_on(run_control(config, data_dir, api_addr, join)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(code) => code,
         },

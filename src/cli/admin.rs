@@ -126,6 +126,58 @@ pub enum TokenCommand {
 }
 
 #[derive(Subcommand)]
+pub enum MembersCommand {
+    /// Every control node: id, address, role, term, last log index, lag behind the leader
+    /// and health (each is asked; a dead one shows as unreachable).
+    ///
+    /// Example: trellis members list
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a node out of the cluster (a dead one, or one being retired).
+    ///
+    /// Example: trellis members remove 3
+    Remove { id: u64 },
+}
+
+pub async fn members(conn: &Connection, cmd: Option<MembersCommand>) -> anyhow::Result<()> {
+    let ep = conn.endpoint()?;
+    match cmd.unwrap_or(MembersCommand::List { json: false }) {
+        MembersCommand::List { json } => {
+            let v = ep.get("/v1/members").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!(
+                "{:<6} {:<24} {:<8} {:>6} {:>12} {:>8}  HEALTH",
+                "ID", "ADDRESS", "ROLE", "TERM", "LAST INDEX", "LAG"
+            );
+            let n = |m: &Value, k: &str| m[k].as_u64().map_or("-".to_string(), |x| x.to_string());
+            for m in v["members"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<6} {:<24} {:<8} {:>6} {:>12} {:>8}  {}",
+                    n(m, "id"),
+                    m["addr"].as_str().unwrap_or(""),
+                    m["role"].as_str().unwrap_or(""),
+                    n(m, "term"),
+                    n(m, "last_log_index"),
+                    n(m, "lag"),
+                    m["health"].as_str().unwrap_or("")
+                );
+            }
+        }
+        MembersCommand::Remove { id } => {
+            ep.call("DELETE", &format!("/v1/members/{id}"), None)
+                .await?;
+            println!("removed node {id}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum KeysCommand {
     /// Create an access key for the API (the secret is printed once).
     ///

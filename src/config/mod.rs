@@ -45,10 +45,17 @@ pub struct ControlConfig {
     pub lease_seconds: u32,
     /// The address peers and proxies use to reach this node's gRPC port; default `grpc_addr`.
     pub advertise_addr: Option<SocketAddr>,
-    /// How many voters to wait for before forming a cluster. Only 1 is supported so far.
+    /// How many voters to wait for before forming a new cluster: 1 (a lone node, the default),
+    /// 3 or 5 (Consul's guidance: 3 tolerate one failure, 5 tolerate two). Nodes find each
+    /// other through `retry_join`; once this many have met, the lowest `node_id` forms the
+    /// cluster. A restarted member ignores it.
     pub bootstrap_expect: usize,
-    /// Peers to join at start (`host:port` of their gRPC listeners). Must be empty so far.
+    /// Peers' gRPC addresses (`host:port`), tried every half second at start: to form a
+    /// cluster with (see `bootstrap_expect`) or, when one exists, to join it.
     pub retry_join: Vec<String>,
+    /// A peer to join through once (`trellis control --join ADDR` sets it): this node is
+    /// added as a learner, catches up, then becomes a voter.
+    pub join: Option<String>,
     /// The region written into ARNs (`arn:aws:appmesh:<region>:…`). Default `us-east-1`.
     pub region: String,
     /// The 12-digit account id written into ARNs, `meshOwner` and `resourceOwner`.
@@ -100,6 +107,7 @@ impl Default for ControlConfig {
             advertise_addr: None,
             bootstrap_expect: 1,
             retry_join: Vec::new(),
+            join: None,
             region: "us-east-1".into(),
             account_id: "000000000000".into(),
             quotas: Quotas::default(),
@@ -226,15 +234,44 @@ impl ControlConfig {
                 self.region
             ));
         }
-        if self.bootstrap_expect != 1 {
+        if !matches!(self.bootstrap_expect, 1..=7) {
             problems.push(format!(
-                "bootstrap_expect: only single-node control planes are supported so far, got {}",
+                "bootstrap_expect: must be between 1 and 7 (3 or 5 for a cluster), got {}",
                 self.bootstrap_expect
             ));
         }
-        if !self.retry_join.is_empty() {
-            problems
-                .push("retry_join: joining peers is not supported yet; leave it empty".to_string());
+        if self.bootstrap_expect > 1 && self.retry_join.is_empty() {
+            problems.push(format!(
+                "retry_join: bootstrap_expect = {} needs the peers' gRPC addresses to find them",
+                self.bootstrap_expect
+            ));
+        }
+        for (i, peer) in self.retry_join.iter().chain(self.join.iter()).enumerate() {
+            let key = if i < self.retry_join.len() {
+                format!("retry_join[{i}]")
+            } else {
+                "join".to_string()
+            };
+            if !peer.contains(':')
+                || peer
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .is_none()
+            {
+                problems.push(format!(
+                    "{key}: must be host:port of a peer's gRPC listener, got {peer:?}"
+                ));
+            }
+        }
+        if self.tls
+            && (self.bootstrap_expect > 1 || !self.retry_join.is_empty() || self.join.is_some())
+        {
+            problems.push(
+                "tls: a cluster of several control nodes needs tls = false for now (control-node \
+                 certificates from a shared CA are not wired yet)"
+                    .to_string(),
+            );
         }
         let q = &self.quotas;
         for (key, v) in [

@@ -15,7 +15,7 @@ use super::api::{self, ApiState, AuthSettings};
 use super::ca::{self, CaError};
 use super::certs::Certs;
 use super::dns::{DnsError, DnsServer};
-use super::raft::{Consensus, RaftSettings, StartError};
+use super::raft::{ClusterService, Consensus, Membership, RaftSettings, StartError};
 use super::store::Store;
 use super::xds::Xds;
 use crate::config::{AuthMode, ControlConfig};
@@ -65,13 +65,11 @@ pub struct ControlNode {
     pub dns_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     listener: TcpListener,
-    grpc: TcpListener,
-    xds: Xds,
+    grpc: GrpcServer,
     dns: DnsServer,
     owner: Owner,
     tls: Option<NodeTls>,
     auth: Option<AuthSettings>,
-    certs: Certs,
     /// The admin key created at this start (bootstrap), to show once.
     pub admin_key: Option<(String, String)>,
 }
@@ -94,21 +92,28 @@ impl ControlNode {
             message: e.to_string(),
         })?;
         let advertise = cfg.advertise_addr.unwrap_or(cfg.grpc_addr).to_string();
-        let consensus =
-            Consensus::start(cfg.node_id, &advertise, store, RaftSettings::default()).await?;
-        if consensus.read(|s| s.quotas() != &cfg.quotas) {
-            let out = consensus
-                .write(Command::SetQuotas(cfg.quotas.clone()))
-                .await
-                .map_err(|e| NodeError::Quotas(e.to_string()))?;
-            out.map_err(|e| NodeError::Quotas(e.to_string()))?;
-        }
-        ca::ensure_root(&consensus, &cfg.trust_domain).await?;
-        ca::write_bundle(&consensus, &cfg.data_dir)?;
-        let admin_key = match cfg.auth {
-            AuthMode::Sigv4 => ca::ensure_admin_key(&consensus, &cfg.data_dir).await?,
-            AuthMode::None => None,
+        let membership = Membership {
+            bootstrap_expect: cfg.bootstrap_expect,
+            retry_join: cfg.retry_join.clone(),
+            join: cfg.join.clone(),
         };
+        let clustered = membership.clustered();
+        if clustered && cfg.tls {
+            return Err(NodeError::Tls(
+                "a cluster of several control nodes runs with tls = false for now \
+                 (control-node certificates from a shared CA are not wired yet)"
+                    .into(),
+            ));
+        }
+        let consensus = Consensus::start(
+            cfg.node_id,
+            &advertise,
+            store,
+            RaftSettings::default(),
+            clustered,
+            None,
+        )
+        .await?;
         let listener = TcpListener::bind(cfg.api_addr)
             .await
             .map_err(|source| NodeError::Bind {
@@ -119,11 +124,6 @@ impl ControlNode {
             addr: cfg.api_addr,
             source,
         })?;
-        let owner = Owner {
-            region: cfg.region.clone(),
-            account: cfg.account_id.clone(),
-        };
-        let dns = DnsServer::start(cfg.dns_addr, consensus.clone(), cfg.dns_ttl).await?;
         let grpc = TcpListener::bind(cfg.grpc_addr)
             .await
             .map_err(|source| NodeError::Bind {
@@ -139,6 +139,42 @@ impl ControlNode {
             std::time::Duration::from_secs(u64::from(cfg.lease_seconds)),
             cfg.tls,
         );
+        let certs = Certs::new(
+            consensus.clone(),
+            Duration::from_secs(cfg.proxy_cert_seconds),
+        );
+        // A clustered node serves raft before it belongs to a cluster: its peers must reach
+        // it to form one. A lone node serves once its own CA has issued it a certificate.
+        let mut services = Some((grpc, xds, certs));
+        let mut grpc_server = None;
+        if clustered {
+            if let Some((grpc, xds, certs)) = services.take() {
+                grpc_server = Some(GrpcServer::spawn(grpc, None, xds, certs, &consensus)?);
+            }
+            consensus.form(&membership).await?;
+        }
+        if consensus.read(|s| s.quotas() != &cfg.quotas) {
+            let out = consensus
+                .write(Command::SetQuotas(cfg.quotas.clone()))
+                .await
+                .map_err(|e| NodeError::Quotas(e.to_string()))?;
+            out.map_err(|e| NodeError::Quotas(e.to_string()))?;
+        }
+        ca::ensure_root(&consensus, &cfg.trust_domain).await?;
+        ca::write_bundle(&consensus, &cfg.data_dir)?;
+        let admin_key = match cfg.auth {
+            AuthMode::Sigv4 => ca::ensure_admin_key(&consensus, &cfg.data_dir).await?,
+            AuthMode::None => None,
+        };
+        let owner = Owner {
+            region: cfg.region.clone(),
+            account: cfg.account_id.clone(),
+        };
+        let dns = DnsServer::start(cfg.dns_addr, consensus.clone(), cfg.dns_ttl).await?;
+        let auth = (cfg.auth == AuthMode::Sigv4).then(|| AuthSettings {
+            region: cfg.region.clone(),
+            max_skew: Duration::from_secs(cfg.sigv4_max_skew_seconds),
+        });
         let tls = if cfg.tls {
             let mut ips: Vec<IpAddr> =
                 vec![IpAddr::from([127, 0, 0, 1]), api_addr.ip(), grpc_addr.ip()];
@@ -163,14 +199,17 @@ impl ControlNode {
         } else {
             None
         };
-        let auth = (cfg.auth == AuthMode::Sigv4).then(|| AuthSettings {
-            region: cfg.region.clone(),
-            max_skew: Duration::from_secs(cfg.sigv4_max_skew_seconds),
-        });
-        let certs = Certs::new(
-            consensus.clone(),
-            Duration::from_secs(cfg.proxy_cert_seconds),
-        );
+        if let Some((grpc, xds, certs)) = services.take() {
+            grpc_server = Some(GrpcServer::spawn(
+                grpc,
+                tls.as_ref(),
+                xds,
+                certs,
+                &consensus,
+            )?);
+        }
+        let grpc =
+            grpc_server.ok_or_else(|| NodeError::Tls("the gRPC server did not start".into()))?;
         Ok(Self {
             consensus,
             api_addr,
@@ -178,12 +217,10 @@ impl ControlNode {
             grpc_addr,
             listener,
             grpc,
-            xds,
             dns,
             owner,
             tls,
             auth,
-            certs,
             admin_key,
         })
     }
@@ -202,36 +239,9 @@ impl ControlNode {
         let state = Arc::new(ApiState {
             consensus: self.consensus.clone(),
             owner: self.owner,
-            proxies: self.xds.proxies(),
+            proxies: self.grpc.proxies.clone(),
             auth: self.auth.clone(),
         });
-        let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(t) = &self.tls {
-            // Proxies without a certificate yet must reach Identity.Issue: client certificates
-            // are optional at the handshake and required by the Discovery service itself.
-            let config = tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(
-                    &t.chain_pem,
-                    &t.key_pem,
-                ))
-                .client_ca_root(tonic::transport::Certificate::from_pem(&t.bundle_pem))
-                .client_auth_optional(true);
-            builder = builder
-                .tls_config(config)
-                .map_err(|e| NodeError::Tls(e.to_string()))?;
-        }
-        let grpc = tokio::spawn(
-            builder
-                .add_service(self.xds.into_service())
-                .add_service(self.certs.into_service())
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(self.grpc),
-                    async {
-                        let _ = grpc_stopped.await;
-                    },
-                ),
-        );
         let app = api::router(state);
         let res = match &self.tls {
             Some(t) => {
@@ -251,14 +261,71 @@ impl ControlNode {
                     .await
             }
         };
-        let _ = stop_grpc.send(());
-        match grpc.await {
+        self.grpc.stop().await;
+        self.dns.shutdown().await;
+        self.consensus.shutdown().await;
+        res.map_err(NodeError::Serve)
+    }
+}
+
+/// The gRPC server (raft and cluster RPCs, proxy config streams, certificates), running.
+struct GrpcServer {
+    proxies: super::xds::ProxyTable,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl GrpcServer {
+    fn spawn(
+        listener: TcpListener,
+        tls: Option<&NodeTls>,
+        xds: Xds,
+        certs: Certs,
+        consensus: &Consensus,
+    ) -> Result<Self, NodeError> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = tls {
+            // Proxies without a certificate yet must reach Identity.Issue: client certificates
+            // are optional at the handshake and required by the services that need them.
+            let config = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(
+                    &t.chain_pem,
+                    &t.key_pem,
+                ))
+                .client_ca_root(tonic::transport::Certificate::from_pem(&t.bundle_pem))
+                .client_auth_optional(true);
+            builder = builder
+                .tls_config(config)
+                .map_err(|e| NodeError::Tls(e.to_string()))?;
+        }
+        let proxies = xds.proxies();
+        let trust_domain = tls.map(|_| consensus.read(|s| s.security().trust_domain.clone()));
+        let task = tokio::spawn(
+            builder
+                .add_service(ClusterService::server(consensus.clone(), trust_domain))
+                .add_service(xds.into_service())
+                .add_service(certs.into_service())
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
+        );
+        Ok(Self {
+            proxies,
+            stop,
+            task,
+        })
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "grpc server"),
             Err(e) => tracing::warn!(error = %e, "grpc server task"),
             Ok(Ok(())) => {}
         }
-        self.dns.shutdown().await;
-        self.consensus.shutdown().await;
-        res.map_err(NodeError::Serve)
     }
 }

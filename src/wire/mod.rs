@@ -12,6 +12,12 @@ pub mod identity {
     tonic::include_proto!("trellis.identity.v1");
 }
 
+/// Control node to control node: raft RPCs and cluster operations, JSON inside.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod cluster {
+    tonic::include_proto!("trellis.cluster.v1");
+}
+
 /// The gRPC Health Checking Protocol, which `grpc` health checks speak to the app.
 #[allow(clippy::all, clippy::pedantic)]
 pub mod health {

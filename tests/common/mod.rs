@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod app;
+pub mod cluster;
 pub mod echo;
 pub mod mesh;
 pub mod proxy;

@@ -45,7 +45,7 @@ impl From<ApiError> for HttpError {
 impl From<WriteError> for HttpError {
     fn from(e: WriteError) -> Self {
         match e {
-            WriteError::NoLeader | WriteError::NotLeader { .. } => {
+            WriteError::NoLeader | WriteError::NotLeader { .. } | WriteError::Unknown(_) => {
                 let mut h: HttpError =
                     ApiError::new(ErrorKind::ServiceUnavailable, format!("{e}")).into();
                 h.retry_after = Some(1);

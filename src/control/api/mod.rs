@@ -7,6 +7,7 @@
 mod admin;
 mod auth;
 mod body;
+mod cluster;
 mod error;
 mod inputs;
 mod serve;
@@ -141,6 +142,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v20190125/tags", get(list_tags))
         .route("/v1/health", get(health))
         .route("/v1/proxies", get(proxies))
+        .route("/v1/members", get(cluster::members))
+        .route("/v1/members/{id}", axum::routing::delete(cluster::remove))
+        .route("/v1/debug/faults", put(cluster::faults))
         .route("/v1/ca", get(admin::ca_show))
         .route("/v1/ca/rotate", axum::routing::post(admin::ca_rotate))
         .route(
@@ -155,6 +159,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/keys/{id}", axum::routing::delete(admin::key_delete))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cluster::consistent_reads,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,

@@ -5,22 +5,32 @@
 //! Layout follows openraft's examples: `log_store` (the raft log on `Store`), `state_machine`
 //! (applies commands, builds and installs snapshots), `network` (RPCs to peers).
 
+mod forming;
 mod log_store;
 mod network;
+mod peers;
 mod proposer;
+mod service;
 mod state_machine;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
+use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Config, Raft, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::control::store::Store;
 use crate::model::{Command, MeshState, Outcome};
 
+pub use network::Faults;
+pub use peers::PeerTls;
+pub use service::ClusterService;
 pub use state_machine::Applied;
+
+use peers::{Peers, Rpc};
 
 openraft::declare_raft_types!(
     /// trellis's raft types: model commands in, App Mesh answers out.
@@ -43,15 +53,22 @@ pub struct Proposal(pub Vec<Command>);
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Response(pub Vec<Outcome>);
 
-/// Why a write did not produce an answer.
+/// Why a write (or a linearizable read) did not produce an answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
     /// No leader is known right now (an election is under way, or there is no quorum).
-    #[error("no raft leader is available; retry shortly")]
+    #[error(
+        "no raft leader is available (an election is under way or there is no quorum); retry shortly"
+    )]
     NoLeader,
-    /// This node is not the leader; the leader is `leader` (forwarding comes with clustering).
+    /// This node is not the leader; the leader is `leader`.
     #[error("this node is not the raft leader (leader: {leader:?})")]
     NotLeader { leader: Option<u64> },
+    /// The leader took the write but did not answer: it may or may not have been applied.
+    #[error(
+        "the raft leader did not answer ({0}); the write may have been applied; retry with the same clientToken"
+    )]
+    Unknown(String),
     #[error("raft: {0}")]
     Fatal(String),
 }
@@ -92,28 +109,96 @@ impl Default for RaftSettings {
     }
 }
 
+/// How this node comes to belong to a cluster.
+#[derive(Debug, Clone, Default)]
+pub struct Membership {
+    /// Voters to wait for before forming a new cluster (1: this node alone).
+    pub bootstrap_expect: usize,
+    /// Peers' gRPC addresses to find at start, to form a cluster with or to join.
+    pub retry_join: Vec<String>,
+    /// A one-off join through this peer (`trellis control --join`).
+    pub join: Option<String>,
+}
+
+impl Membership {
+    /// Whether this node forms or joins a cluster (rather than bootstrapping alone).
+    pub fn clustered(&self) -> bool {
+        self.bootstrap_expect > 1 || !self.retry_join.is_empty() || self.join.is_some()
+    }
+}
+
+/// A node asks to join: its id and the address of its gRPC listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub node_id: u64,
+    pub addr: String,
+}
+
+/// What a node says about itself (`Hello`, and the rows of `trellis members`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node_id: u64,
+    pub addr: String,
+    /// `leader`, `follower`, `candidate` or `learner`.
+    pub state: String,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    pub leader: Option<u64>,
+    /// The cluster as this node knows it: id → (address, voter); empty before it belongs to
+    /// one.
+    pub members: BTreeMap<u64, (String, bool)>,
+}
+
+/// One row of `trellis members`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Member {
+    pub id: u64,
+    pub addr: String,
+    /// `leader`, `voter` or `learner`.
+    pub role: String,
+    /// The term the member reports (none when it did not answer).
+    pub term: Option<u64>,
+    pub last_log_index: Option<u64>,
+    /// Entries behind the leader's last log index.
+    pub lag: Option<u64>,
+    /// `healthy` (answered), `unreachable`, or `lagging` (answered, far behind).
+    pub health: String,
+}
+
 /// A running raft member and its applied state.
 #[derive(Clone)]
 pub struct Consensus {
     node_id: u64,
+    addr: String,
     raft: Raft<TypeConfig>,
     applied: Arc<std::sync::RwLock<Applied>>,
     applied_index: watch::Receiver<u64>,
     proposals: mpsc::Sender<proposer::Pending>,
     proposer: tokio::task::AbortHandle,
+    peers: Peers,
+    faults: Faults,
 }
+
+/// How long a write or read waits for a leader before answering 503.
+const LEADER_WAIT: Duration = Duration::from_secs(5);
+/// Calls to the leader on a client's behalf.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 // === impl Consensus ===
 
 impl Consensus {
-    /// Starts raft on `store`. A node whose store was never initialized bootstraps a one-voter
-    /// cluster of itself (advertised at `addr`); a restarted node recovers from its snapshot and
-    /// log. Returns once this node knows a leader.
+    /// Starts raft on `store`. A node whose store was never initialized and that is not
+    /// `clustered` bootstraps a one-voter cluster of itself (advertised at `addr`) and returns
+    /// once it leads; a restarted node recovers from its snapshot and log. A clustered node
+    /// returns at once: serve its `Cluster` service, then call [`Consensus::form`].
     pub async fn start(
         node_id: u64,
         addr: &str,
         store: Store,
         settings: RaftSettings,
+        clustered: bool,
+        tls: Option<&PeerTls>,
     ) -> Result<Self, StartError> {
         let config = Config {
             cluster_name: "trellis".into(),
@@ -122,6 +207,8 @@ impl Consensus {
             election_timeout_max: settings.election_timeout.1.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
             max_in_snapshot_log_to_keep: settings.logs_kept_after_snapshot,
+            // A new or lagging node gets the snapshot in few large chunks.
+            snapshot_max_chunk_size: 4 << 20,
             ..Default::default()
         };
         let config = Arc::new(
@@ -132,42 +219,114 @@ impl Consensus {
         let (sm, applied, applied_index) = state_machine::StateMachine::open(store.clone())
             .map_err(|e| StartError::Storage(e.to_string()))?;
         let log = log_store::LogStore::new(store);
-        let raft = Raft::new(node_id, config, network::Network, log, sm)
+        let peers = Peers::new(tls);
+        let faults = Faults::default();
+        let network = network::Network {
+            peers: peers.clone(),
+            faults: faults.clone(),
+        };
+        let raft = Raft::new(node_id, config, network, log, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        if !raft
+        let initialized = raft
             .is_initialized()
             .await
-            .map_err(|e| StartError::Raft(e.to_string()))?
-        {
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        if !initialized && !clustered {
             let members = BTreeMap::from([(node_id, BasicNode::new(addr))]);
             raft.initialize(members)
                 .await
                 .map_err(|e| StartError::Raft(e.to_string()))?;
         }
-        let wait = Duration::from_secs(30);
-        raft.wait(Some(wait))
-            .metrics(|m| m.current_leader.is_some(), "a leader is known")
-            .await
-            .map_err(|_| StartError::NoLeader(wait))?;
         let (proposals, rx) = mpsc::channel(4 * proposer::MAX_BATCH);
         let proposer = tokio::spawn(proposer::run(raft.clone(), rx)).abort_handle();
-        Ok(Self {
+        let c = Self {
             node_id,
+            addr: addr.to_string(),
             raft,
             applied,
             applied_index,
             proposals,
             proposer,
-        })
+            peers,
+            faults,
+        };
+        if !clustered {
+            c.wait_for_leader(Duration::from_secs(30)).await?;
+        }
+        Ok(c)
+    }
+
+    /// Forms or joins the cluster `membership` describes, then waits for a leader. Returns at
+    /// once for a node that already belongs to one (a restart).
+    pub async fn form(&self, membership: &Membership) -> Result<(), StartError> {
+        forming::form(self, membership).await
+    }
+
+    /// Waits until a leader is known.
+    pub async fn wait_for_leader(&self, wait: Duration) -> Result<(), StartError> {
+        self.raft
+            .wait(Some(wait))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await
+            .map(|_| ())
+            .map_err(|_| StartError::NoLeader(wait))
     }
 
     pub fn node_id(&self) -> u64 {
         self.node_id
     }
 
-    /// Proposes `cmd`, waits until it is committed and applied here, and returns its answer.
+    /// The fault-injection hook of the raft network (tests only).
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.current_leader == Some(self.node_id) && m.state == ServerState::Leader
+    }
+
+    /// The address of node `id`, from the membership this node knows.
+    fn addr_of(&self, id: u64) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config
+            .nodes()
+            .find(|(n, _)| **n == id)
+            .map(|(_, node)| node.addr.clone())
+    }
+
+    /// Proposes `cmd` on whichever node leads, waits until it is committed and applied there,
+    /// and returns its answer. A follower forwards the command to the leader; without a leader
+    /// it waits up to [`LEADER_WAIT`] for one.
     pub async fn write(&self, cmd: Command) -> Result<Outcome, WriteError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            let err = match self.write_here(cmd.clone()).await {
+                Err(WriteError::NotLeader {
+                    leader: Some(leader),
+                }) if leader != self.node_id => match self.forward_write(leader, &cmd).await {
+                    Ok(out) => return Ok(out),
+                    Err(e) => e,
+                },
+                other => return other,
+            };
+            match err {
+                WriteError::NoLeader | WriteError::NotLeader { .. }
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                WriteError::NotLeader { .. } => return Err(WriteError::NoLeader),
+                e => return Err(e),
+            }
+        }
+    }
+
+    /// Proposes `cmd` here; `NotLeader` when this node does not lead.
+    async fn write_here(&self, cmd: Command) -> Result<Outcome, WriteError> {
         let (answer, rx) = oneshot::channel();
         let stopped = || WriteError::Fatal("raft is shutting down".into());
         self.proposals
@@ -177,7 +336,291 @@ impl Consensus {
         rx.await.map_err(|_| stopped())?
     }
 
-    /// Reads the applied state.
+    async fn forward_write(&self, leader: u64, cmd: &Command) -> Result<Outcome, WriteError> {
+        let addr = self.addr_of(leader).ok_or(WriteError::NoLeader)?;
+        let body = serde_json::to_vec(cmd).map_err(|e| WriteError::Fatal(e.to_string()))?;
+        match self
+            .peers
+            .call(&addr, Rpc::Forward, body, FORWARD_TIMEOUT)
+            .await
+        {
+            Ok(answer) => {
+                serde_json::from_slice(&answer).map_err(|e| WriteError::Fatal(e.to_string()))
+            }
+            Err(e) if e.not_delivered() => Err(WriteError::NoLeader),
+            Err(peers::CallError::Status {
+                code: tonic::Code::FailedPrecondition,
+                ..
+            }) => Err(WriteError::NotLeader { leader: None }),
+            Err(e) => Err(WriteError::Unknown(e.to_string())),
+        }
+    }
+
+    /// Waits until this node has applied everything committed before the call (raft's
+    /// read-index: the leader confirms its leadership with a quorum and names its commit
+    /// index; this node waits to apply up to it). A read after this sees every write
+    /// acknowledged before it started.
+    pub async fn linearize(&self) -> Result<(), WriteError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let index = loop {
+            let err = match self.read_index_here().await {
+                Ok(i) => break i,
+                Err(WriteError::NotLeader {
+                    leader: Some(leader),
+                }) if leader != self.node_id => match self.forward_read_index(leader).await {
+                    Ok(i) => break i,
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            match err {
+                WriteError::NoLeader | WriteError::NotLeader { .. }
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                WriteError::NotLeader { .. } => return Err(WriteError::NoLeader),
+                e => return Err(e),
+            }
+        };
+        let mut applied = self.applied_index.clone();
+        let reached = tokio::time::timeout(LEADER_WAIT, applied.wait_for(|i| *i >= index)).await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(WriteError::NoLeader),
+        }
+    }
+
+    /// On the leader: confirms leadership and returns the index reads must wait for.
+    async fn read_index_here(&self) -> Result<u64, WriteError> {
+        let confirmed = tokio::time::timeout(LEADER_WAIT, self.raft.get_read_log_id()).await;
+        let Ok(confirmed) = confirmed else {
+            return Err(WriteError::NoLeader);
+        };
+        match confirmed {
+            Ok((read, _)) => Ok(read.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(match f.leader_id {
+                    Some(leader) => WriteError::NotLeader {
+                        leader: Some(leader),
+                    },
+                    None => WriteError::NoLeader,
+                })
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
+                Err(WriteError::NoLeader)
+            }
+            Err(e) => Err(WriteError::Fatal(e.to_string())),
+        }
+    }
+
+    async fn forward_read_index(&self, leader: u64) -> Result<u64, WriteError> {
+        let addr = self.addr_of(leader).ok_or(WriteError::NoLeader)?;
+        match self
+            .peers
+            .call(&addr, Rpc::ReadIndex, b"null".to_vec(), FORWARD_TIMEOUT)
+            .await
+        {
+            Ok(answer) => {
+                serde_json::from_slice(&answer).map_err(|e| WriteError::Fatal(e.to_string()))
+            }
+            Err(e) if e.not_delivered() => Err(WriteError::NoLeader),
+            Err(peers::CallError::Status {
+                code: tonic::Code::FailedPrecondition,
+                ..
+            }) => Err(WriteError::NotLeader { leader: None }),
+            Err(e) => Err(WriteError::NoLeader).inspect_err(|_| {
+                tracing::debug!(error = %e, "read-index from the leader failed");
+            }),
+        }
+    }
+
+    /// On the leader: adds `join` as a learner, waits for it to catch up, then makes it a
+    /// voter. Elsewhere: passes the request to the leader.
+    async fn admit(&self, join: JoinRequest) -> Result<(), WriteError> {
+        if !self.is_leader() {
+            let leader = self.raft.metrics().borrow().current_leader;
+            let Some(addr) = leader
+                .filter(|l| *l != self.node_id)
+                .and_then(|l| self.addr_of(l))
+            else {
+                return Err(WriteError::NoLeader);
+            };
+            let body = serde_json::to_vec(&join).map_err(|e| WriteError::Fatal(e.to_string()))?;
+            return match self.peers.call(&addr, Rpc::Join, body, JOIN_TIMEOUT).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.not_delivered() => Err(WriteError::NoLeader),
+                Err(e) => Err(WriteError::Unknown(e.to_string())),
+            };
+        }
+        let voter = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .voter_ids()
+            .any(|v| v == join.node_id);
+        if voter {
+            return Ok(());
+        }
+        let to_write = |e: RaftError<u64, _>| WriteError::Fatal(e.to_string());
+        tracing::info!(node = join.node_id, addr = %join.addr, "adding a learner");
+        self.raft
+            .add_learner(join.node_id, BasicNode::new(&join.addr), true)
+            .await
+            .map_err(to_write)?;
+        tracing::info!(
+            node = join.node_id,
+            "the learner caught up; making it a voter"
+        );
+        let change = ChangeMembers::AddVoterIds([join.node_id].into());
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(to_write)?;
+        Ok(())
+    }
+
+    /// What this node knows about itself and its cluster.
+    pub fn node_info(&self) -> NodeInfo {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let voters: Vec<u64> = m.membership_config.voter_ids().collect();
+        let members = m
+            .membership_config
+            .nodes()
+            .map(|(id, n)| (*id, (n.addr.clone(), voters.contains(id))))
+            .collect();
+        let state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Follower => "follower",
+            ServerState::Shutdown => "shutdown",
+        };
+        NodeInfo {
+            node_id: self.node_id,
+            addr: self.addr.clone(),
+            state: state.into(),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            leader: m.current_leader,
+            members,
+        }
+    }
+
+    /// Every member with its role, term, last log index, lag behind the leader and health;
+    /// each is asked over the network (1 s), so a dead one shows as unreachable.
+    pub async fn members(&self) -> Vec<Member> {
+        let me = self.node_info();
+        let asks = me.members.iter().map(|(id, (addr, _))| {
+            let (id, addr) = (*id, addr.clone());
+            let me = &me;
+            async move {
+                if id == self.node_id {
+                    return (id, Some(me.clone()));
+                }
+                let info = self
+                    .peers
+                    .call(&addr, Rpc::Hello, b"null".to_vec(), Duration::from_secs(1))
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<NodeInfo>(&b).ok());
+                (id, info)
+            }
+        });
+        let answers: BTreeMap<u64, Option<NodeInfo>> = futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .collect();
+        let leader = me.leader;
+        let leader_last = leader
+            .and_then(|l| answers.get(&l).cloned().flatten())
+            .map(|i| i.last_log_index);
+        me.members
+            .iter()
+            .map(|(id, (addr, voter))| {
+                let info = answers.get(id).cloned().flatten();
+                let lag = match (&info, leader_last) {
+                    (Some(i), Some(last)) => Some(last.saturating_sub(i.last_log_index)),
+                    _ => None,
+                };
+                let role = if Some(*id) == leader {
+                    "leader"
+                } else if *voter {
+                    "voter"
+                } else {
+                    "learner"
+                };
+                let health = match (&info, lag) {
+                    (None, _) => "unreachable",
+                    (Some(_), Some(l)) if l > LAGGING => "lagging",
+                    _ => "healthy",
+                };
+                Member {
+                    id: *id,
+                    addr: addr.clone(),
+                    role: role.into(),
+                    term: info.as_ref().map(|i| i.term),
+                    last_log_index: info.as_ref().map(|i| i.last_log_index),
+                    lag,
+                    health: health.into(),
+                }
+            })
+            .collect()
+    }
+
+    /// Takes node `id` out of the cluster (on the leader, or forwarded to it).
+    pub async fn remove_member(&self, id: u64) -> Result<(), WriteError> {
+        let body = serde_json::to_vec(&id).map_err(|e| WriteError::Fatal(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            let leader = self.raft.metrics().borrow().current_leader;
+            let attempt = match leader {
+                Some(l) if l == self.node_id => {
+                    let change = ChangeMembers::RemoveVoters([id].into());
+                    return self
+                        .raft
+                        .change_membership(change, false)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| WriteError::Fatal(e.to_string()));
+                }
+                Some(l) => match self.addr_of(l) {
+                    Some(addr) => {
+                        self.peers
+                            .call(&addr, Rpc::Remove, body.clone(), JOIN_TIMEOUT)
+                            .await
+                    }
+                    None => Err(peers::CallError::Unreachable {
+                        addr: String::new(),
+                        message: "leader address unknown".into(),
+                    }),
+                },
+                None => Err(peers::CallError::Unreachable {
+                    addr: String::new(),
+                    message: "no leader".into(),
+                }),
+            };
+            match attempt {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(WriteError::Unknown(e.to_string()));
+                }
+                Err(peers::CallError::Status { code, message, .. })
+                    if code != tonic::Code::Unavailable
+                        && code != tonic::Code::FailedPrecondition =>
+                {
+                    return Err(WriteError::Fatal(message));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Reads the applied state (this node's; call [`Consensus::linearize`] first for a read
+    /// that sees every acknowledged write).
     pub fn read<T>(&self, f: impl FnOnce(&MeshState) -> T) -> T {
         let guard = self.applied.read().unwrap_or_else(|e| e.into_inner());
         f(&guard.state)
@@ -188,14 +631,24 @@ impl Consensus {
         self.applied_index.clone()
     }
 
-    /// Stops raft; the store stays consistent for the next start.
+    /// Stops raft; the store stays consistent for the next start. A leader first hands its
+    /// leadership to the most up-to-date voter, so a planned restart does not wait for an
+    /// election timeout.
     pub async fn shutdown(&self) {
         self.proposer.abort();
+        if self.is_leader() {
+            forming::transfer_leadership(self).await;
+        }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
     }
 }
+
+/// A member further behind the leader than this many entries is reported `lagging`.
+const LAGGING: u64 = 1000;
+/// Joining waits for the learner to catch up.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {
@@ -260,9 +713,16 @@ mod tests {
         let before;
         {
             let store = Store::open(dir.path()).unwrap();
-            let node = Consensus::start(1, "127.0.0.1:0", store.clone(), settings.clone())
-                .await
-                .unwrap();
+            let node = Consensus::start(
+                1,
+                "127.0.0.1:0",
+                store.clone(),
+                settings.clone(),
+                false,
+                None,
+            )
+            .await
+            .unwrap();
             node.write(Command::SetQuotas(quotas.clone()))
                 .await
                 .unwrap()
@@ -296,7 +756,7 @@ mod tests {
             node.shutdown().await;
         }
         let store = Store::open(dir.path()).unwrap();
-        let node = Consensus::start(1, "127.0.0.1:0", store, settings)
+        let node = Consensus::start(1, "127.0.0.1:0", store, settings, false, None)
             .await
             .unwrap();
         let after = node.read(|s| s.snapshot().resources);

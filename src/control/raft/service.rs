@@ -1,0 +1,167 @@
+//! The `Cluster` gRPC service every control node serves on its gRPC port: openraft's RPCs
+//! handed to the local raft, and the cluster operations the leader performs for others
+//! (join, forwarded writes, read-index, removal, leadership transfer). With TLS on, a caller
+//! must present a control-node certificate of this cluster (`spiffe://<td>/control/<id>`):
+//! a proxy's certificate, or none, is refused.
+
+use std::collections::BTreeSet;
+
+use openraft::ChangeMembers;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status};
+
+use super::{Consensus, JoinRequest, TypeConfig, WriteError};
+use crate::identity::spiffe::{self, Identity};
+use crate::model::Command;
+use crate::wire::cluster::Json;
+use crate::wire::cluster::cluster_server::{Cluster, ClusterServer};
+
+pub struct ClusterService {
+    consensus: Consensus,
+    /// With TLS: the trust domain callers' control-node certificates must name.
+    trust_domain: Option<String>,
+}
+
+impl ClusterService {
+    pub fn server(consensus: Consensus, trust_domain: Option<String>) -> ClusterServer<Self> {
+        ClusterServer::new(Self {
+            consensus,
+            trust_domain,
+        })
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+    }
+
+    fn check_caller(&self, req: &Request<Json>) -> Result<(), Status> {
+        let Some(td) = &self.trust_domain else {
+            return Ok(());
+        };
+        let uri = req
+            .peer_certs()
+            .and_then(|certs| crate::identity::tls::peer_spiffe(&certs));
+        match uri.as_deref().and_then(spiffe::parse) {
+            Some(Identity::Control {
+                trust_domain,
+                node_id: _,
+            }) if trust_domain == *td => Ok(()),
+            _ => Err(Status::permission_denied(format!(
+                "the Cluster service takes only control-node certificates of {td} (caller: {})",
+                uri.as_deref().unwrap_or("no certificate")
+            ))),
+        }
+    }
+
+    fn cut(&self, from: u64) -> Result<(), Status> {
+        if self.consensus.faults.is_cut(from) {
+            return Err(Status::unavailable(format!(
+                "node {from} is cut off by the fault hook"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn decode<T: DeserializeOwned>(req: Request<Json>) -> Result<T, Status> {
+    serde_json::from_slice(&req.into_inner().json)
+        .map_err(|e| Status::invalid_argument(format!("malformed message: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Response<Json>, Status> {
+    serde_json::to_vec(v)
+        .map(|json| Response::new(Json { json }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+/// A write error as a status the caller can tell apart: Unavailable (not delivered, retry
+/// anywhere), FailedPrecondition (not the leader: ask again), Internal.
+pub fn write_status(e: WriteError) -> Status {
+    match e {
+        WriteError::NoLeader => Status::unavailable(e.to_string()),
+        WriteError::NotLeader { .. } => Status::failed_precondition(e.to_string()),
+        WriteError::Unknown(_) | WriteError::Fatal(_) => Status::internal(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn append_entries(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        self.check_caller(&req)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
+        self.cut(rpc.vote.leader_id.node_id)?;
+        encode(&self.consensus.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        self.check_caller(&req)?;
+        let rpc: VoteRequest<u64> = decode(req)?;
+        self.cut(rpc.vote.leader_id.node_id)?;
+        encode(&self.consensus.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        self.check_caller(&req)?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
+        self.cut(rpc.vote.leader_id.node_id)?;
+        encode(&self.consensus.raft.install_snapshot(rpc).await)
+    }
+
+    async fn hello(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        self.check_caller(&req)?;
+        encode(&self.consensus.node_info())
+    }
+
+    async fn join(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        self.check_caller(&req)?;
+        let join: JoinRequest = decode(req)?;
+        self.consensus
+            .admit(join)
+            .await
+            .map_err(write_status)
+            .and_then(|()| encode(&()))
+    }
+
+    async fn forward(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        self.check_caller(&req)?;
+        let cmd: Command = decode(req)?;
+        let outcome = self.consensus.write_here(cmd).await.map_err(write_status)?;
+        encode(&outcome)
+    }
+
+    async fn read_index(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        self.check_caller(&req)?;
+        let index = self
+            .consensus
+            .read_index_here()
+            .await
+            .map_err(write_status)?;
+        encode(&index)
+    }
+
+    async fn remove(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        self.check_caller(&req)?;
+        let id: u64 = decode(req)?;
+        if !self.consensus.is_leader() {
+            return Err(write_status(WriteError::NotLeader { leader: None }));
+        }
+        let change = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
+        self.consensus
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        encode(&())
+    }
+
+    async fn timeout_now(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
+        self.check_caller(&req)?;
+        self.consensus
+            .raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        encode(&())
+    }
+}

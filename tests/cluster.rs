@@ -1,0 +1,230 @@
+//! The control plane as a cluster of real `trellis control` processes on 127.0.x.y: formed
+//! from config alone (`bootstrap_expect` + `retry_join`), writes through any node, reads from
+//! any node that see every acknowledged write, a leader's death (SIGKILL) and restart, a
+//! minority cut off by the raft fault hook (503 with Retry-After, no stale reads unless asked),
+//! `--join` and `members remove`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use common::wait_until;
+use serde_json::json;
+
+/// One cluster at a time: on a small CI machine, several clusters side by side starve each
+/// other's heartbeats and the election timings measured here would be the machine's.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn mesh(name: &str) -> serde_json::Value {
+    json!({ "meshName": name })
+}
+
+fn mesh_names(c: &Cluster, i: usize, query: &str) -> Vec<String> {
+    let got = c.get(i, &format!("/v20190125/meshes?limit=100{query}"));
+    assert_eq!(got.status, 200, "{got:?}");
+    let mut names: Vec<String> = got.json()["meshes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["meshName"].as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Writes `name` through node `i`, retrying 503s (an election) for up to `wait`; returns
+/// how long it took.
+fn write_through(c: &Cluster, i: usize, name: &str, wait: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let got = c.put(i, "/v20190125/meshes", &mesh(name));
+        match got.status {
+            200 => return t.elapsed(),
+            503 if t.elapsed() < wait => {
+                assert!(got.body.contains("retry"), "{got:?}");
+            }
+            _ => panic!(
+                "write {name} through node {}: {got:?}\n{}",
+                i + 1,
+                (0..c.nodes.len())
+                    .map(|j| format!("--- node {}:\n{}", j + 1, c.log(j)))
+                    .collect::<String>()
+            ),
+        }
+    }
+}
+
+#[test]
+fn three_nodes_form_serve_from_any_node_and_replace_a_dead_leader() {
+    let _serial = serial();
+    let mut c = Cluster::start(31, 3);
+    c.wait_serving(Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(10), || c.leader().is_some()),
+        "no agreed leader:\n{}",
+        c.log(0)
+    );
+    let members = c.members(1);
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(
+        members.iter().all(|m| m["health"] == "healthy"),
+        "{members:?}"
+    );
+    assert_eq!(members.iter().filter(|m| m["role"] == "leader").count(), 1);
+
+    // Writes through every node; each read, on every node, sees all of them at once.
+    let mut written = Vec::new();
+    for round in 0..5 {
+        for i in 0..3 {
+            let name = format!("m{round}-{i}");
+            write_through(&c, i, &name, Duration::from_secs(5));
+            written.push(name);
+            written.sort();
+            for j in 0..3 {
+                assert_eq!(mesh_names(&c, j, ""), written, "read on node {}", j + 1);
+            }
+        }
+    }
+
+    // The leader dies: a survivor takes writes again within 3 s.
+    let leader = c.leader().unwrap();
+    c.kill(leader);
+    let other = (leader + 1) % 3;
+    let took = write_through(&c, other, "after-kill", Duration::from_secs(10));
+    assert!(took < Duration::from_secs(3), "a new leader took {took:?}");
+    written.push("after-kill".into());
+    written.sort();
+    let new_leader = c.leader().expect("the survivors agree on a leader");
+    assert_ne!(new_leader, leader);
+    let members = c.members(other);
+    let dead = members
+        .iter()
+        .find(|m| m["id"] == c.nodes[leader].id)
+        .unwrap();
+    assert_eq!(dead["health"], "unreachable", "{members:?}");
+
+    // It comes back and catches up; its reads see everything.
+    c.spawn(leader);
+    c.wait_serving(Duration::from_secs(30));
+    assert_eq!(mesh_names(&c, leader, ""), written);
+    write_through(&c, leader, "via-old-leader", Duration::from_secs(5));
+    written.push("via-old-leader".into());
+    written.sort();
+    for j in 0..3 {
+        assert_eq!(mesh_names(&c, j, ""), written);
+    }
+}
+
+#[test]
+fn a_minority_cut_off_answers_503_and_catches_up_when_healed() {
+    let _serial = serial();
+    let c = Cluster::start(32, 3);
+    c.wait_serving(Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || c.leader().is_some()));
+    write_through(&c, 0, "before", Duration::from_secs(5));
+    // Cut off the leader itself: the majority elects another and goes on.
+    let cut = c.leader().unwrap();
+    c.partition(cut);
+    let majority = (cut + 1) % 3;
+    write_through(&c, majority, "during", Duration::from_secs(10));
+
+    // The cut-off node refuses writes and default reads (it cannot prove it is current)…
+    let got = c.put(cut, "/v20190125/meshes", &mesh("lost"));
+    assert_eq!(got.status, 503, "{got:?}");
+    let read = c.get(cut, "/v20190125/meshes");
+    assert_eq!(
+        read.status, 503,
+        "a stale read on the default path: {read:?}"
+    );
+    assert!(read.body.contains("retry"), "{read:?}");
+    // …but answers a stale read from its own state when asked.
+    assert_eq!(mesh_names(&c, cut, "&stale"), vec!["before".to_string()]);
+
+    c.heal();
+    assert!(
+        wait_until(Duration::from_secs(15), || c
+            .get(cut, "/v20190125/meshes")
+            .status
+            == 200),
+        "the healed node never served reads again"
+    );
+    assert_eq!(
+        mesh_names(&c, cut, ""),
+        vec!["before".to_string(), "during".to_string()]
+    );
+}
+
+#[test]
+fn five_nodes_tolerate_two_failures_and_a_node_joins_and_leaves() {
+    let _serial = serial();
+    let mut c = Cluster::start(33, 5);
+    c.wait_serving(Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || c.leader().is_some()));
+    assert_eq!(c.members(4).len(), 5);
+    write_through(&c, 4, "five", Duration::from_secs(5));
+    // Two followers die: three of five is still a quorum.
+    let leader = c.leader().unwrap();
+    let followers: Vec<usize> = (0..5).filter(|i| *i != leader).collect();
+    c.kill(followers[0]);
+    c.kill(followers[1]);
+    write_through(&c, followers[2], "three-left", Duration::from_secs(5));
+    // A third: no quorum, a clear 503 with a retry hint.
+    c.kill(followers[2]);
+    let got = c.put(leader, "/v20190125/meshes", &mesh("no-quorum"));
+    assert_eq!(got.status, 503, "{got:?}");
+    assert!(got.body.contains("retry"), "{got:?}");
+    // Back to four: the cluster serves again.
+    c.spawn(followers[0]);
+    c.spawn(followers[1]);
+    c.wait_serving(Duration::from_secs(30));
+    write_through(&c, followers[0], "recovered", Duration::from_secs(15));
+    // The dead one is taken out by hand; the cluster is four voters.
+    let dead_id = c.nodes[followers[2]].id;
+    let got = curl_delete(&c, followers[0], &format!("/v1/members/{dead_id}"));
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(wait_until(Duration::from_secs(5), || c
+        .members(leader)
+        .len()
+        == 4));
+}
+
+fn curl_delete(c: &Cluster, i: usize, path: &str) -> common::echo::Got {
+    common::echo::curl(&["-X", "DELETE", &c.url(i, path)])
+}
+
+#[test]
+fn a_new_node_joins_with_join_as_a_learner_then_a_voter() {
+    let _serial = serial();
+    // Node 3's config expects nobody: it joins the two-node cluster through --join.
+    let mut c = Cluster::configure(34, 3, 2);
+    for i in 0..2 {
+        c.spawn(i);
+    }
+    c.wait_serving(Duration::from_secs(30));
+    write_through(&c, 0, "first", Duration::from_secs(5));
+    let via = c.nodes[1].grpc.to_string();
+    c.spawn_with(2, &["--join", &via]);
+    c.wait_serving(Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let m = c.members(2);
+            m.len() == 3
+                && m.iter()
+                    .all(|m| m["role"] != "learner" && m["health"] == "healthy")
+        }),
+        "{:?}\n{}",
+        c.members(2),
+        c.log(2)
+    );
+    assert_eq!(mesh_names(&c, 2, ""), vec!["first".to_string()]);
+    // A member that restarts needs no flag.
+    c.kill(2);
+    c.spawn(2);
+    c.wait_serving(Duration::from_secs(30));
+    write_through(&c, 2, "second", Duration::from_secs(5));
+}
