@@ -185,16 +185,12 @@ fn five_nodes_tolerate_two_failures_and_a_node_joins_and_leaves() {
     write_through(&c, followers[0], "recovered", Duration::from_secs(15));
     // The dead one is taken out by hand; the cluster is four voters.
     let dead_id = c.nodes[followers[2]].id;
-    let got = curl_delete(&c, followers[0], &format!("/v1/members/{dead_id}"));
+    let got = c.delete(followers[0], &format!("/v1/members/{dead_id}"));
     assert_eq!(got.status, 200, "{got:?}");
     assert!(wait_until(Duration::from_secs(5), || c
         .members(leader)
         .len()
         == 4));
-}
-
-fn curl_delete(c: &Cluster, i: usize, path: &str) -> common::echo::Got {
-    common::echo::curl(&["-X", "DELETE", &c.url(i, path)])
 }
 
 #[test]
@@ -227,4 +223,87 @@ fn a_new_node_joins_with_join_as_a_learner_then_a_voter() {
     c.spawn(2);
     c.wait_serving(Duration::from_secs(30));
     write_through(&c, 2, "second", Duration::from_secs(5));
+}
+
+/// Asks node `grpc`'s Cluster service who it is, as a caller with `identity` (or none).
+async fn hello(
+    grpc: std::net::SocketAddr,
+    ca_pem: &str,
+    identity: Option<(String, String)>,
+) -> Result<(), tonic::Status> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Endpoint::from_shared(format!("https://{grpc}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
+    let mut client = trellis::wire::cluster::cluster_client::ClusterClient::new(channel);
+    client
+        .hello(trellis::wire::cluster::Json {
+            json: b"null".to_vec(),
+        })
+        .await
+        .map(|_| ())
+}
+
+#[test]
+fn a_tls_cluster_takes_only_its_own_control_certificates() {
+    let _serial = serial();
+    let mut c = Cluster::configure_with(35, 3, 3, true);
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    c.wait_serving(Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(10), || c.leader().is_some()),
+        "{}",
+        c.log(0)
+    );
+    write_through(&c, 2, "over-tls", Duration::from_secs(5));
+    assert_eq!(mesh_names(&c, 0, ""), vec!["over-tls".to_string()]);
+
+    let ca_pem = std::fs::read_to_string(c.ca_file().unwrap()).unwrap();
+    let ca_key = std::fs::read_to_string(c.ca_file().unwrap().with_file_name("ca.key")).unwrap();
+    let root = trellis::identity::ca::root_from_pem(&ca_pem, &ca_key).unwrap();
+    let issue = |root: &trellis::identity::ca::RootCa, uri: &str| {
+        trellis::identity::ca::issue_node_cert(
+            root,
+            uri,
+            &[],
+            &[],
+            std::time::SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap()
+    };
+    let grpc = c.nodes[0].grpc;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // A control-node certificate of this cluster's CA is served.
+        let control = issue(&root, "spiffe://trellis.local/control/9");
+        hello(grpc, &ca_pem, Some(control)).await.unwrap();
+        // No certificate, or a proxy's certificate of the same CA: refused by the service.
+        let err = hello(grpc, &ca_pem, None).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        let proxy = issue(&root, "spiffe://trellis.local/mesh/demo/virtualNode/red");
+        let err = hello(grpc, &ca_pem, Some(proxy)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        // A control-node certificate of another CA: refused at the handshake.
+        let other = trellis::identity::ca::new_root(
+            "trellis.local",
+            std::time::SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let foreign = issue(&other, "spiffe://trellis.local/control/9");
+        let err = hello(grpc, &ca_pem, Some(foreign)).await.unwrap_err();
+        assert_ne!(err.code(), tonic::Code::Ok);
+    });
+    assert_eq!(c.members(1).len(), 3);
 }

@@ -89,6 +89,17 @@ pub enum CaCommand {
     ///
     /// Example: trellis ca rotate
     Rotate,
+    /// Make a cluster CA (offline): `ca.pem` and `ca.key` in DIR, for `ca_cert_file` and
+    /// `ca_key_file` on every control node of a cluster with TLS.
+    ///
+    /// Example: trellis ca create --out /etc/trellis/ca --trust-domain trellis.local
+    Create {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Must equal the control nodes' `trust_domain`.
+        #[arg(long, default_value = "trellis.local")]
+        trust_domain: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -228,8 +239,12 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
 }
 
 pub async fn ca(conn: &Connection, cmd: CaCommand) -> anyhow::Result<()> {
+    if let CaCommand::Create { out, trust_domain } = &cmd {
+        return create_ca(out, trust_domain);
+    }
     let ep = conn.endpoint()?;
     match cmd {
+        CaCommand::Create { .. } => {}
         CaCommand::Show => {
             let first_contact = ep.url.starts_with("https://") && ep.ca_file.is_none();
             let ep = Endpoint {
@@ -255,6 +270,28 @@ pub async fn ca(conn: &Connection, cmd: CaCommand) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn create_ca(out: &std::path::Path, trust_domain: &str) -> anyhow::Result<()> {
+    let cert = out.join("ca.pem");
+    let key = out.join("ca.key");
+    for p in [&cert, &key] {
+        if p.exists() {
+            bail!("--out: {} exists; a cluster CA is made once", p.display());
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
+    let root = trellis::control::ca::create_root(trust_domain)?;
+    trellis::identity::secret::write_file(&key, root.key_pem.as_bytes(), 0o600)
+        .with_context(|| key.display().to_string())?;
+    trellis::identity::secret::write_file(&cert, root.cert_pem.as_bytes(), 0o644)
+        .with_context(|| cert.display().to_string())?;
+    println!(
+        "cluster CA for {trust_domain}: {} and {} (copy both to every control node; keep the key 0600)",
+        cert.display(),
+        key.display()
+    );
     Ok(())
 }
 

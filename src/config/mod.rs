@@ -72,6 +72,15 @@ pub struct ControlConfig {
     /// Serve the API (HTTPS) and gRPC with a certificate from the mesh CA; clients pin the
     /// bundle (`trellis ca show`). Default true; `trellis dev` turns it off on loopback.
     pub tls: bool,
+    /// The cluster CA (PEM certificate and key, `trellis ca create --out DIR` makes them),
+    /// the same files on every control node. A node issues itself its control-node
+    /// certificate from it at start, before it belongs to a cluster, and peers accept only
+    /// certificates of it on the raft port; the first node to bootstrap makes it the mesh CA
+    /// root. Required with `tls = true` in a cluster of several nodes; a lone node without it
+    /// creates its own root.
+    pub ca_cert_file: Option<PathBuf>,
+    /// The cluster CA's private key (keep it 0600, readable by the service user only).
+    pub ca_key_file: Option<PathBuf>,
     /// Extra names and addresses for this node's certificate (beyond `localhost`, 127.0.0.1,
     /// and the IPs of `api_addr`, `grpc_addr` and `advertise_addr`).
     pub tls_names: Vec<String>,
@@ -114,6 +123,8 @@ impl Default for ControlConfig {
             log: "info,openraft=warn,sled=warn".into(),
             trust_domain: "trellis.local".into(),
             tls: true,
+            ca_cert_file: None,
+            ca_key_file: None,
             tls_names: Vec::new(),
             auth: AuthMode::Sigv4,
             sigv4_max_skew_seconds: 300,
@@ -264,12 +275,18 @@ impl ControlConfig {
                 ));
             }
         }
-        if self.tls
-            && (self.bootstrap_expect > 1 || !self.retry_join.is_empty() || self.join.is_some())
-        {
+        if self.ca_cert_file.is_some() != self.ca_key_file.is_some() {
             problems.push(
-                "tls: a cluster of several control nodes needs tls = false for now (control-node \
-                 certificates from a shared CA are not wired yet)"
+                "ca_cert_file, ca_key_file: give both (the cluster CA's certificate and key) or neither"
+                    .to_string(),
+            );
+        }
+        let clustered =
+            self.bootstrap_expect > 1 || !self.retry_join.is_empty() || self.join.is_some();
+        if self.tls && clustered && self.ca_cert_file.is_none() {
+            problems.push(
+                "ca_cert_file: a cluster with tls = true needs the cluster CA on every node \
+                 (make it once with `trellis ca create --out DIR`)"
                     .to_string(),
             );
         }

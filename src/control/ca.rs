@@ -41,6 +41,8 @@ pub enum CaError {
     },
     #[error("the mesh CA has no root yet")]
     NoRoot,
+    #[error("ca_cert_file: this cluster already has a CA root, and it is not this one")]
+    ForeignRoot,
 }
 
 fn epoch(t: SystemTime) -> f64 {
@@ -57,12 +59,30 @@ async fn propose(consensus: &Consensus, cmd: SecurityCommand) -> Result<Value, C
         .map_err(|e| CaError::Raft(e.message))
 }
 
-/// Creates the mesh root if the cluster has none.
-pub async fn ensure_root(consensus: &Consensus, trust_domain: &str) -> Result<(), CaError> {
-    if consensus.read(|s| s.security().signing_root().is_some()) {
-        return Ok(());
+/// Creates the mesh root if the cluster has none: `given` (the cluster CA from files) or a new
+/// one. A cluster that has a root already must have `given` among its roots.
+pub async fn ensure_root(
+    consensus: &Consensus,
+    trust_domain: &str,
+    given: Option<&ca::RootCa>,
+) -> Result<(), CaError> {
+    let roots: Vec<String> = consensus.read(|s| {
+        s.security()
+            .roots()
+            .iter()
+            .map(|r| r.cert_pem.clone())
+            .collect()
+    });
+    if !roots.is_empty() {
+        return match given {
+            Some(g) if !roots.contains(&g.cert_pem) => Err(CaError::ForeignRoot),
+            _ => Ok(()),
+        };
     }
-    let root = ca::new_root(trust_domain, SystemTime::now(), ROOT_LIFETIME)?;
+    let root = match given {
+        Some(g) => g.clone(),
+        None => ca::new_root(trust_domain, SystemTime::now(), ROOT_LIFETIME)?,
+    };
     propose(
         consensus,
         SecurityCommand::CaInit {
@@ -71,8 +91,52 @@ pub async fn ensure_root(consensus: &Consensus, trust_domain: &str) -> Result<()
         },
     )
     .await?;
-    tracing::info!(trust_domain, "created the mesh CA root");
+    tracing::info!(
+        trust_domain,
+        from_files = given.is_some(),
+        "the mesh CA root is in place"
+    );
     Ok(())
+}
+
+/// Reads the cluster CA from `cert` and `key` (PEM files).
+pub fn root_from_files(cert: &Path, key: &Path) -> Result<ca::RootCa, CaError> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|source| CaError::File {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    Ok(ca::root_from_pem(&read(cert)?, &read(key)?)?)
+}
+
+/// A new cluster CA for `trellis ca create`: certificate and key PEM.
+pub fn create_root(trust_domain: &str) -> Result<ca::RootCa, CaError> {
+    Ok(ca::new_root(
+        trust_domain,
+        SystemTime::now(),
+        ROOT_LIFETIME,
+    )?)
+}
+
+/// This node's control-node certificate from `root` directly (no raft needed): what a
+/// clustered node presents to its peers before it belongs to a cluster.
+pub fn node_certificate_from(
+    root: &ca::RootCa,
+    trust_domain: &str,
+    node_id: u64,
+    names: &[String],
+    ips: &[IpAddr],
+) -> Result<(String, String), CaError> {
+    let uri = spiffe::control_id(trust_domain, node_id);
+    Ok(ca::issue_node_cert(
+        root,
+        &uri,
+        names,
+        ips,
+        SystemTime::now(),
+        NODE_CERT_LIFETIME,
+    )?)
 }
 
 /// With SigV4 on and no access key yet, creates the admin key and writes it (0600) to
@@ -130,7 +194,7 @@ pub fn node_certificate(
         (sec.signing_root().cloned(), sec.trust_domain.clone())
     });
     let root = root.ok_or(CaError::NoRoot)?;
-    let uri = format!("spiffe://{trust_domain}/control/{node_id}");
+    let uri = spiffe::control_id(&trust_domain, node_id);
     let (cert, key) = ca::issue_node_cert(
         &root,
         &uri,

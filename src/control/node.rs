@@ -15,7 +15,7 @@ use super::api::{self, ApiState, AuthSettings};
 use super::ca::{self, CaError};
 use super::certs::Certs;
 use super::dns::{DnsError, DnsServer};
-use super::raft::{ClusterService, Consensus, Membership, RaftSettings, StartError};
+use super::raft::{ClusterService, Consensus, Membership, PeerTls, RaftSettings, StartError};
 use super::store::Store;
 use super::xds::Xds;
 use crate::config::{AuthMode, ControlConfig};
@@ -98,22 +98,6 @@ impl ControlNode {
             join: cfg.join.clone(),
         };
         let clustered = membership.clustered();
-        if clustered && cfg.tls {
-            return Err(NodeError::Tls(
-                "a cluster of several control nodes runs with tls = false for now \
-                 (control-node certificates from a shared CA are not wired yet)"
-                    .into(),
-            ));
-        }
-        let consensus = Consensus::start(
-            cfg.node_id,
-            &advertise,
-            store,
-            RaftSettings::default(),
-            clustered,
-            None,
-        )
-        .await?;
         let listener = TcpListener::bind(cfg.api_addr)
             .await
             .map_err(|source| NodeError::Bind {
@@ -134,6 +118,45 @@ impl ControlNode {
             addr: cfg.grpc_addr,
             source,
         })?;
+        let (names, ips) = certificate_names(cfg, api_addr, grpc_addr);
+        // The cluster CA from files: this node's certificate comes from it before raft runs,
+        // so it can prove itself to peers while the cluster forms.
+        let file_root = match (&cfg.ca_cert_file, &cfg.ca_key_file) {
+            (Some(c), Some(k)) if cfg.tls => Some(ca::root_from_files(c, k)?),
+            _ => None,
+        };
+        let early_tls = match &file_root {
+            Some(root) => {
+                let (chain_pem, key_pem) =
+                    ca::node_certificate_from(root, &cfg.trust_domain, cfg.node_id, &names, &ips)?;
+                Some(NodeTls {
+                    chain_pem,
+                    key_pem,
+                    bundle_pem: root.cert_pem.clone(),
+                })
+            }
+            None if clustered && cfg.tls => {
+                return Err(NodeError::Tls(
+                    "a cluster with tls = true needs ca_cert_file and ca_key_file".into(),
+                ));
+            }
+            None => None,
+        };
+        let peer_tls = early_tls.as_ref().map(|t| PeerTls {
+            ca_pem: t.bundle_pem.clone(),
+            cert_pem: t.chain_pem.clone(),
+            key_pem: t.key_pem.clone(),
+            trust_domain: cfg.trust_domain.clone(),
+        });
+        let consensus = Consensus::start(
+            cfg.node_id,
+            &advertise,
+            store,
+            RaftSettings::default(),
+            clustered,
+            peer_tls.as_ref(),
+        )
+        .await?;
         let xds = Xds::new(
             consensus.clone(),
             std::time::Duration::from_secs(u64::from(cfg.lease_seconds)),
@@ -144,12 +167,20 @@ impl ControlNode {
             Duration::from_secs(cfg.proxy_cert_seconds),
         );
         // A clustered node serves raft before it belongs to a cluster: its peers must reach
-        // it to form one. A lone node serves once its own CA has issued it a certificate.
+        // it to form one. A lone node without CA files serves once its own new CA has issued
+        // it a certificate.
         let mut services = Some((grpc, xds, certs));
         let mut grpc_server = None;
         if clustered {
             if let Some((grpc, xds, certs)) = services.take() {
-                grpc_server = Some(GrpcServer::spawn(grpc, None, xds, certs, &consensus)?);
+                grpc_server = Some(GrpcServer::spawn(
+                    grpc,
+                    early_tls.as_ref(),
+                    &cfg.trust_domain,
+                    xds,
+                    certs,
+                    &consensus,
+                )?);
             }
             consensus.form(&membership).await?;
         }
@@ -160,7 +191,7 @@ impl ControlNode {
                 .map_err(|e| NodeError::Quotas(e.to_string()))?;
             out.map_err(|e| NodeError::Quotas(e.to_string()))?;
         }
-        ca::ensure_root(&consensus, &cfg.trust_domain).await?;
+        ca::ensure_root(&consensus, &cfg.trust_domain, file_root.as_ref()).await?;
         ca::write_bundle(&consensus, &cfg.data_dir)?;
         let admin_key = match cfg.auth {
             AuthMode::Sigv4 => ca::ensure_admin_key(&consensus, &cfg.data_dir).await?,
@@ -175,34 +206,25 @@ impl ControlNode {
             region: cfg.region.clone(),
             max_skew: Duration::from_secs(cfg.sigv4_max_skew_seconds),
         });
-        let tls = if cfg.tls {
-            let mut ips: Vec<IpAddr> =
-                vec![IpAddr::from([127, 0, 0, 1]), api_addr.ip(), grpc_addr.ip()];
-            ips.extend(cfg.advertise_addr.map(|a| a.ip()));
-            let mut names = vec!["localhost".to_string()];
-            for n in &cfg.tls_names {
-                match n.parse::<IpAddr>() {
-                    Ok(ip) => ips.push(ip),
-                    Err(_) => names.push(n.clone()),
-                }
+        let tls = match early_tls {
+            Some(t) => Some(t),
+            None if cfg.tls => {
+                let (chain_pem, key_pem) =
+                    ca::node_certificate(&consensus, cfg.node_id, &names, &ips)?;
+                let bundle_pem = consensus.read(|s| s.security().bundle_pem());
+                Some(NodeTls {
+                    chain_pem,
+                    key_pem,
+                    bundle_pem,
+                })
             }
-            ips.retain(|ip| !ip.is_unspecified());
-            ips.sort();
-            ips.dedup();
-            let (chain_pem, key_pem) = ca::node_certificate(&consensus, cfg.node_id, &names, &ips)?;
-            let bundle_pem = consensus.read(|s| s.security().bundle_pem());
-            Some(NodeTls {
-                chain_pem,
-                key_pem,
-                bundle_pem,
-            })
-        } else {
-            None
+            None => None,
         };
         if let Some((grpc, xds, certs)) = services.take() {
             grpc_server = Some(GrpcServer::spawn(
                 grpc,
                 tls.as_ref(),
+                &cfg.trust_domain,
                 xds,
                 certs,
                 &consensus,
@@ -279,6 +301,7 @@ impl GrpcServer {
     fn spawn(
         listener: TcpListener,
         tls: Option<&NodeTls>,
+        trust_domain: &str,
         xds: Xds,
         certs: Certs,
         consensus: &Consensus,
@@ -300,7 +323,7 @@ impl GrpcServer {
                 .map_err(|e| NodeError::Tls(e.to_string()))?;
         }
         let proxies = xds.proxies();
-        let trust_domain = tls.map(|_| consensus.read(|s| s.security().trust_domain.clone()));
+        let trust_domain = tls.map(|_| trust_domain.to_string());
         let task = tokio::spawn(
             builder
                 .add_service(ClusterService::server(consensus.clone(), trust_domain))
@@ -328,4 +351,26 @@ impl GrpcServer {
             Ok(Ok(())) => {}
         }
     }
+}
+
+/// The names and addresses a node's certificate carries: localhost, 127.0.0.1, the IPs it
+/// listens and advertises on, and `tls_names`.
+fn certificate_names(
+    cfg: &ControlConfig,
+    api_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+) -> (Vec<String>, Vec<IpAddr>) {
+    let mut ips: Vec<IpAddr> = vec![IpAddr::from([127, 0, 0, 1]), api_addr.ip(), grpc_addr.ip()];
+    ips.extend(cfg.advertise_addr.map(|a| a.ip()));
+    let mut names = vec!["localhost".to_string()];
+    for n in &cfg.tls_names {
+        match n.parse::<IpAddr>() {
+            Ok(ip) => ips.push(ip),
+            Err(_) => names.push(n.clone()),
+        }
+    }
+    ips.retain(|ip| !ip.is_unspecified());
+    ips.sort();
+    ips.dedup();
+    (names, ips)
 }

@@ -33,6 +33,10 @@ pub enum PkiError {
     Expired,
     #[error("the CSR's key is not the certificate's key")]
     KeyMismatch,
+    #[error("certificate: not a CA certificate")]
+    NotCa,
+    #[error("the CA key is not the key of the CA certificate")]
+    CaKeyMismatch,
     #[error("the CA key could not be read")]
     CaKey,
     #[error("a name is not valid in a certificate: {0}")]
@@ -126,6 +130,26 @@ pub fn new_root(
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
         not_after,
+    })
+}
+
+/// A root from files made outside (`trellis ca create`, or an operator's own CA): the
+/// certificate must be a CA and the key must be its key.
+pub fn root_from_pem(cert_pem: &str, key_pem: &str) -> Result<RootCa, PkiError> {
+    let der = parse_pem(cert_pem)?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|_| PkiError::Certificate)?;
+    let info = info_of(&cert);
+    if !info.is_ca {
+        return Err(PkiError::NotCa);
+    }
+    let key = KeyPair::from_pem(key_pem).map_err(|_| PkiError::CaKey)?;
+    if key.public_key_raw() != cert.public_key().subject_public_key.data.as_ref() {
+        return Err(PkiError::CaKeyMismatch);
+    }
+    Ok(RootCa {
+        cert_pem: cert_pem.to_string(),
+        key_pem: key_pem.to_string(),
+        not_after: info.not_after,
     })
 }
 

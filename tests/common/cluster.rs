@@ -25,6 +25,8 @@ pub struct ClusterNode {
 pub struct Cluster {
     pub nodes: Vec<ClusterNode>,
     dir: tempfile::TempDir,
+    /// With TLS: the cluster CA the API is checked against.
+    ca: Option<PathBuf>,
 }
 
 fn free_port(ip: &str) -> u16 {
@@ -46,6 +48,12 @@ impl Cluster {
 
     /// Writes the configs without starting anything.
     pub fn configure(net: u8, n: u64, expect: usize) -> Cluster {
+        Self::configure_with(net, n, expect, false)
+    }
+
+    /// With `tls`: a cluster CA made by `trellis ca create`, `tls = true` and the CA files in
+    /// every config; the API is then https.
+    pub fn configure_with(net: u8, n: u64, expect: usize, tls: bool) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("trellis-cluster-")
             .tempdir()
@@ -59,6 +67,22 @@ impl Cluster {
             })
             .collect();
         let peers: Vec<String> = addrs.iter().map(|(_, g)| format!("\"{g}\"")).collect();
+        let ca_dir = dir.path().join("ca");
+        let tls_toml = if tls {
+            let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+                .args(["ca", "create", "--out"])
+                .arg(&ca_dir)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            format!(
+                "tls = true\nca_cert_file = \"{}\"\nca_key_file = \"{}\"\n",
+                ca_dir.join("ca.pem").display(),
+                ca_dir.join("ca.key").display()
+            )
+        } else {
+            "tls = false\n".to_string()
+        };
         let nodes = addrs
             .iter()
             .enumerate()
@@ -67,7 +91,7 @@ impl Cluster {
                 let config = dir.path().join(format!("n{id}.toml"));
                 let toml = format!(
                     "node_id = {id}\ndata_dir = \"{data}\"\napi_addr = \"{api}\"\n\
-                     grpc_addr = \"{grpc}\"\ndns_addr = \"{ip}:0\"\ntls = false\nauth = \"none\"\n\
+                     grpc_addr = \"{grpc}\"\ndns_addr = \"{ip}:0\"\n{tls_toml}auth = \"none\"\n\
                      bootstrap_expect = {expect}\nretry_join = [{peers}]\n\
                      log = \"info,openraft=warn,sled=warn\"\n[quotas]\nmeshes = 1000\n",
                     data = dir.path().join(format!("n{id}")).display(),
@@ -85,7 +109,8 @@ impl Cluster {
                 }
             })
             .collect();
-        Cluster { nodes, dir }
+        let ca = tls.then(|| ca_dir.join("ca.pem"));
+        Cluster { nodes, dir, ca }
     }
 
     /// Starts node `i` (0-based) on its data directory, with `extra` flags.
@@ -130,17 +155,37 @@ impl Cluster {
     }
 
     pub fn url(&self, i: usize, path: &str) -> String {
-        format!("http://{}{path}", self.nodes[i].api)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.nodes[i].api)
+    }
+
+    /// The cluster CA (TLS clusters).
+    pub fn ca_file(&self) -> Option<&std::path::Path> {
+        self.ca.as_deref()
+    }
+
+    fn curl(&self, args: &[&str]) -> Got {
+        let mut all: Vec<&str> = Vec::new();
+        let ca = self.ca.as_ref().map(|p| p.display().to_string());
+        if let Some(ca) = &ca {
+            all.extend(["--cacert", ca.as_str()]);
+        }
+        all.extend(args);
+        curl(&all)
     }
 
     pub fn get(&self, i: usize, path: &str) -> Got {
-        curl(&["-m", "15", &self.url(i, path)])
+        self.curl(&["-m", "15", &self.url(i, path)])
+    }
+
+    pub fn delete(&self, i: usize, path: &str) -> Got {
+        self.curl(&["-m", "15", "-X", "DELETE", &self.url(i, path)])
     }
 
     /// `PUT path` with a JSON body through node `i`.
     pub fn put(&self, i: usize, path: &str, body: &Value) -> Got {
         let body = body.to_string();
-        curl(&[
+        self.curl(&[
             "-m",
             "15",
             "-X",

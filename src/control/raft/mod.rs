@@ -337,13 +337,20 @@ impl Consensus {
     }
 
     async fn forward_write(&self, leader: u64, cmd: &Command) -> Result<Outcome, WriteError> {
-        let addr = self.addr_of(leader).ok_or(WriteError::NoLeader)?;
         let body = serde_json::to_vec(cmd).map_err(|e| WriteError::Fatal(e.to_string()))?;
-        match self
-            .peers
-            .call(&addr, Rpc::Forward, body, FORWARD_TIMEOUT)
-            .await
-        {
+        self.call_leader(leader, Rpc::Forward, body).await
+    }
+
+    /// Calls `rpc` on the leader. Not delivered: `NoLeader` (retry); the callee no longer
+    /// leads: `NotLeader`; anything else after delivery: `Unknown`.
+    async fn call_leader<T: serde::de::DeserializeOwned>(
+        &self,
+        leader: u64,
+        rpc: Rpc,
+        body: Vec<u8>,
+    ) -> Result<T, WriteError> {
+        let addr = self.addr_of(leader).ok_or(WriteError::NoLeader)?;
+        match self.peers.call(&addr, rpc, body, FORWARD_TIMEOUT).await {
             Ok(answer) => {
                 serde_json::from_slice(&answer).map_err(|e| WriteError::Fatal(e.to_string()))
             }
@@ -415,23 +422,16 @@ impl Consensus {
     }
 
     async fn forward_read_index(&self, leader: u64) -> Result<u64, WriteError> {
-        let addr = self.addr_of(leader).ok_or(WriteError::NoLeader)?;
+        // A read has no side effect: whatever went wrong, the caller may ask again.
         match self
-            .peers
-            .call(&addr, Rpc::ReadIndex, b"null".to_vec(), FORWARD_TIMEOUT)
+            .call_leader(leader, Rpc::ReadIndex, b"null".to_vec())
             .await
         {
-            Ok(answer) => {
-                serde_json::from_slice(&answer).map_err(|e| WriteError::Fatal(e.to_string()))
-            }
-            Err(e) if e.not_delivered() => Err(WriteError::NoLeader),
-            Err(peers::CallError::Status {
-                code: tonic::Code::FailedPrecondition,
-                ..
-            }) => Err(WriteError::NotLeader { leader: None }),
-            Err(e) => Err(WriteError::NoLeader).inspect_err(|_| {
+            Err(WriteError::Unknown(e)) => {
                 tracing::debug!(error = %e, "read-index from the leader failed");
-            }),
+                Err(WriteError::NoLeader)
+            }
+            other => other,
         }
     }
 
