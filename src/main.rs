@@ -166,7 +166,14 @@ enum Command {
         #[command(subcommand)]
         command: Option<admin::MembersCommand>,
     },
-    /// The mesh CA: print the trust bundle, rotate the root.
+    /// Back up and restore the whole control-plane state (Consul's workflow).
+    Snapshot {
+        #[command(flatten)]
+        conn: admin::Connection,
+        #[command(subcommand)]
+        command: admin::SnapshotCommand,
+    },
+    /// The mesh CA: print the trust bundle, rotate the root, make a cluster CA.
     Ca {
         #[command(flatten)]
         conn: admin::Connection,
@@ -628,6 +635,9 @@ fn main() -> ExitCode {
         }
         Command::Proxies { conn, json } => client_result(rt.block_on(proxies(&conn, json))),
         Command::Ca { conn, command } => client_result(rt.block_on(admin::ca(&conn, command))),
+        Command::Snapshot { conn, command } => {
+            client_result(rt.block_on(admin::snapshot(&conn, command)))
+        }
         Command::Members { conn, command } => {
             client_result(rt.block_on(admin::members(&conn, command)))
         }

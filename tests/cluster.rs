@@ -307,3 +307,156 @@ fn a_tls_cluster_takes_only_its_own_control_certificates() {
     });
     assert_eq!(c.members(1).len(), 3);
 }
+
+/// Every resource type, created through the API, by its collection path and name.
+fn every_resource_type() -> Vec<(&'static str, &'static str, serde_json::Value)> {
+    vec![
+        (
+            "/v20190125/meshes",
+            "demo",
+            json!({"meshName": "demo", "spec": {"egressFilter": {"type": "ALLOW_ALL"}},
+                "tags": [{"key": "team", "value": "colors"}]}),
+        ),
+        (
+            "/v20190125/meshes/demo/virtualNodes",
+            "red",
+            json!({"virtualNodeName": "red", "spec": {
+                "listeners": [{"portMapping": {"port": 9080, "protocol": "http"},
+                    "healthCheck": {"protocol": "http", "path": "/ping", "healthyThreshold": 2,
+                        "unhealthyThreshold": 3, "intervalMillis": 5000, "timeoutMillis": 2000}}],
+                "serviceDiscovery": {"dns": {"hostname": "red.demo.local"}}},
+                "tags": [{"key": "tier", "value": "back"}]}),
+        ),
+        (
+            "/v20190125/meshes/demo/virtualRouters",
+            "color",
+            json!({"virtualRouterName": "color", "spec": {"listeners": [
+                {"portMapping": {"port": 9080, "protocol": "http"}}]}}),
+        ),
+        (
+            "/v20190125/meshes/demo/virtualRouter/color/routes",
+            "all",
+            json!({"routeName": "all", "spec": {"priority": 5, "httpRoute": {
+                "match": {"prefix": "/", "headers": [{"name": "x-v", "match": {"range": {"start": 1, "end": 9}}}]},
+                "action": {"weightedTargets": [{"virtualNode": "red", "weight": 3}]},
+                "retryPolicy": {"maxRetries": 2, "perRetryTimeout": {"unit": "ms", "value": 500},
+                    "httpRetryEvents": ["server-error"]}}}}),
+        ),
+        (
+            "/v20190125/meshes/demo/virtualServices",
+            "color.demo.local",
+            json!({"virtualServiceName": "color.demo.local", "spec": {"provider":
+                {"virtualRouter": {"virtualRouterName": "color"}}}}),
+        ),
+        (
+            "/v20190125/meshes/demo/virtualGateways",
+            "gw",
+            json!({"virtualGatewayName": "gw", "spec": {"listeners": [
+                {"portMapping": {"port": 8080, "protocol": "http"}}]}}),
+        ),
+        (
+            "/v20190125/meshes/demo/virtualGateway/gw/gatewayRoutes",
+            "to-color",
+            json!({"gatewayRouteName": "to-color", "spec": {"httpRoute": {
+                "match": {"prefix": "/color"},
+                "action": {"target": {"virtualService": {"virtualServiceName": "color.demo.local"}},
+                    "rewrite": {"prefix": {"defaultPrefix": "DISABLED"}}}}}}),
+        ),
+    ]
+}
+
+fn describe_path(coll: &str, name: &str) -> String {
+    format!("{coll}/{name}")
+}
+
+fn trellis(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn snapshot_save_and_restore_move_every_resource_into_a_new_cluster() {
+    let _serial = serial();
+    let source = Cluster::start(36, 3);
+    source.wait_serving(Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || source
+        .leader()
+        .is_some()));
+    let resources = every_resource_type();
+    for (coll, _, body) in &resources {
+        let got = source.put(1, coll, body);
+        assert_eq!(got.status, 200, "{coll}: {got:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.json");
+    let file = file.to_str().unwrap();
+    let out = trellis(&["snapshot", "save", file, "--endpoint", &source.url(2, "")]);
+    assert!(out.status.success(), "{out:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the backup holds the CA key");
+
+    let target = Cluster::start(37, 3);
+    target.wait_serving(Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || target
+        .leader()
+        .is_some()));
+    // The new cluster already holds something of its own; the restore replaces it.
+    assert_eq!(
+        target.put(0, "/v20190125/meshes", &mesh("scratch")).status,
+        200
+    );
+    let out = trellis(&[
+        "snapshot",
+        "restore",
+        file,
+        "--endpoint",
+        &target.url(1, ""),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    for (coll, name, _) in &resources {
+        let path = describe_path(coll, name);
+        let before = source.get(0, &path);
+        assert_eq!(before.status, 200, "{path}: {before:?}");
+        for i in 0..3 {
+            let after = target.get(i, &path);
+            assert_eq!(after.json(), before.json(), "{path} on node {}", i + 1);
+        }
+    }
+    assert_eq!(mesh_names(&target, 2, ""), vec!["demo".to_string()]);
+    let tags = |c: &Cluster| {
+        let arn = c.get(0, "/v20190125/meshes/demo").json()["metadata"]["arn"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        c.get(0, &format!("/v20190125/tags?resourceArn={arn}"))
+            .json()
+    };
+    assert_eq!(tags(&target), tags(&source));
+    assert_eq!(
+        target.get(0, "/v1/ca").json()["bundle"],
+        source.get(0, "/v1/ca").json()["bundle"],
+        "the mesh CA moves with the state"
+    );
+    // The restored cluster takes writes on top.
+    write_through(&target, 0, "after-restore", Duration::from_secs(5));
+
+    // A file that is not a backup is refused with the reason; nothing changes.
+    std::fs::write(file, br#"{"format": "something-else", "state": {}}"#).unwrap();
+    let out = trellis(&[
+        "snapshot",
+        "restore",
+        file,
+        "--endpoint",
+        &target.url(0, ""),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("trellis-snapshot/1"),
+        "{out:?}"
+    );
+    assert_eq!(mesh_names(&target, 1, "").len(), 2);
+}

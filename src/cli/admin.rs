@@ -189,6 +189,50 @@ pub async fn members(conn: &Connection, cmd: Option<MembersCommand>) -> anyhow::
 }
 
 #[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Write a consistent point-in-time copy of the whole state to FILE (0600: it holds the
+    /// CA key and every secret).
+    ///
+    /// Example: trellis snapshot save backup.json
+    Save { file: PathBuf },
+    /// Replace the whole state of the cluster with the copy in FILE (a new cluster, or this
+    /// one rolled back). Proxies keep working: their certificates chain to the restored CA.
+    ///
+    /// Example: trellis snapshot restore backup.json
+    Restore { file: PathBuf },
+}
+
+pub async fn snapshot(conn: &Connection, cmd: SnapshotCommand) -> anyhow::Result<()> {
+    let ep = conn.endpoint()?;
+    match cmd {
+        SnapshotCommand::Save { file } => {
+            let v = ep.get("/v1/snapshot").await?;
+            let bytes = serde_json::to_vec(&v)?;
+            trellis::identity::secret::write_file(&file, &bytes, 0o600)
+                .with_context(|| file.display().to_string())?;
+            println!(
+                "saved {} resources at raft index {} to {}",
+                v["resources"].as_u64().unwrap_or(0),
+                v["appliedIndex"].as_u64().unwrap_or(0),
+                file.display()
+            );
+        }
+        SnapshotCommand::Restore { file } => {
+            let bytes = std::fs::read(&file).with_context(|| file.display().to_string())?;
+            let v: Value = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: not JSON", file.display()))?;
+            let out = ep.call("PUT", "/v1/snapshot", Some(&v)).await?;
+            println!(
+                "restored {} resources from {}",
+                out["resources"].as_u64().unwrap_or(0),
+                file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum KeysCommand {
     /// Create an access key for the API (the secret is printed once).
     ///

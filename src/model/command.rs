@@ -56,6 +56,11 @@ pub enum Command {
     Registry(RegistryUpdate),
     /// The mesh CA, join tokens and access keys.
     Security(SecurityCommand),
+    /// Replaces the whole state with a backup (`trellis snapshot restore`): the
+    /// [`StateSnapshot`](super::state::StateSnapshot) as JSON, checked before it is proposed.
+    Restore {
+        snapshot_json: String,
+    },
 }
 
 impl Command {
@@ -70,6 +75,7 @@ impl Command {
             Command::SetQuotas(_) => "SetQuotas".into(),
             Command::Registry(_) => "Registry".into(),
             Command::Security(c) => c.operation().into(),
+            Command::Restore { .. } => "RestoreSnapshot".into(),
         }
     }
 }

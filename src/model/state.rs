@@ -366,6 +366,15 @@ impl MeshState {
                 self.security
                     .apply(c, |mesh, role| resources.contains_key(&role.key(mesh)))
             }
+            Command::Restore { snapshot_json } => {
+                let snap: StateSnapshot = serde_json::from_str(snapshot_json).map_err(|e| {
+                    ApiError::bad_request(format!("snapshot: not a trellis state: {e}"))
+                })?;
+                let mut restored = MeshState::from_snapshot(snap);
+                restored.continue_generation(self);
+                *self = restored;
+                Ok(json!({ "resources": self.resources.len() }))
+            }
         }
     }
 

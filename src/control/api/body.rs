@@ -15,9 +15,26 @@ use crate::model::ApiError;
 /// App Mesh request bodies are small; anything above this is refused before parsing.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// A backup restored through `PUT /v1/snapshot` may be this large.
+pub const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
+
+/// The body limit of a request to `path`: 1 MiB (App Mesh's), except for a snapshot.
+pub fn limit_for(path: &str) -> usize {
+    if path == "/v1/snapshot" {
+        MAX_SNAPSHOT_BYTES
+    } else {
+        MAX_BODY_BYTES
+    }
+}
+
 /// Reads the whole body, refusing more than [`MAX_BODY_BYTES`].
 pub async fn read(body: Body) -> Result<Bytes, HttpError> {
-    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
+    read_up_to(body, MAX_BODY_BYTES).await
+}
+
+/// Reads the whole body, refusing more than `limit` bytes.
+pub async fn read_up_to(body: Body, limit: usize) -> Result<Bytes, HttpError> {
+    let limited = http_body_util::Limited::new(body, limit);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e)
@@ -27,7 +44,7 @@ pub async fn read(body: Body) -> Result<Bytes, HttpError> {
             Err(HttpError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "BadRequestException",
-                format!("request body exceeds the limit of {MAX_BODY_BYTES} bytes (1 MiB)"),
+                format!("request body exceeds the limit of {limit} bytes"),
             ))
         }
         Err(e) => {

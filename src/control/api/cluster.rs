@@ -49,6 +49,49 @@ pub async fn faults(State(s): Shared, body: axum::body::Bytes) -> Result<Respons
     Ok(json_ok(json!({"cut": f.cut})))
 }
 
+/// What a backup file holds.
+const SNAPSHOT_FORMAT: &str = "trellis-snapshot/1";
+
+/// `GET /v1/snapshot`: a consistent point-in-time copy of the whole state (resources, VIPs,
+/// registry, quotas, the CA and every secret), as of a linearizable read.
+pub async fn snapshot_save(State(s): Shared) -> Result<Response, HttpError> {
+    s.consensus.linearize().await?;
+    let (index, state) = (
+        *s.consensus.applied_index().borrow(),
+        s.consensus.read(|st| st.snapshot()),
+    );
+    Ok(json_ok(json!({
+        "format": SNAPSHOT_FORMAT,
+        "appliedIndex": index,
+        "resources": state.resources.len(),
+        "state": state,
+    })))
+}
+
+/// `PUT /v1/snapshot`: replaces the whole state with a backup, through raft.
+pub async fn snapshot_restore(State(s): Shared, req: Request<Body>) -> Result<Response, HttpError> {
+    let bytes = super::body::read_up_to(req.into_body(), super::body::MAX_SNAPSHOT_BYTES).await?;
+    let mut backup: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("snapshot: not JSON: {e}")))?;
+    if backup["format"] != SNAPSHOT_FORMAT {
+        return Err(ApiError::bad_request(format!(
+            "snapshot: format {} is not {SNAPSHOT_FORMAT:?}",
+            backup["format"]
+        ))
+        .into());
+    }
+    // Parsed here, so a broken file is refused with its reason before anything is proposed.
+    let state: crate::model::state::StateSnapshot = serde_json::from_value(backup["state"].take())
+        .map_err(|e| ApiError::bad_request(format!("snapshot: state: {e}")))?;
+    let snapshot_json = serde_json::to_string(&state)
+        .map_err(|e| ApiError::bad_request(format!("snapshot: state: {e}")))?;
+    let out = s
+        .consensus
+        .write(crate::model::Command::Restore { snapshot_json })
+        .await??;
+    Ok(json_ok(out))
+}
+
 /// Linearizable App Mesh reads unless the caller asks for stale ones.
 pub async fn consistent_reads(
     State(s): Shared,

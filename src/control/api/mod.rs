@@ -145,6 +145,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/members", get(cluster::members))
         .route("/v1/members/{id}", axum::routing::delete(cluster::remove))
         .route("/v1/debug/faults", put(cluster::faults))
+        .route(
+            "/v1/snapshot",
+            get(cluster::snapshot_save).put(cluster::snapshot_restore),
+        )
         .route("/v1/ca", get(admin::ca_show))
         .route("/v1/ca/rotate", axum::routing::post(admin::ca_rotate))
         .route(
