@@ -460,3 +460,88 @@ fn snapshot_save_and_restore_move_every_resource_into_a_new_cluster() {
     );
     assert_eq!(mesh_names(&target, 1, "").len(), 2);
 }
+
+/// This node's own raft view (`node` in `/v1/members`).
+fn node_info(c: &Cluster, i: usize) -> serde_json::Value {
+    c.get(i, "/v1/members").json()["node"].clone()
+}
+
+/// `per_worker` UpdateMesh calls on each of `meshes`, one worker per mesh, all at once.
+fn update_meshes(c: &Cluster, i: usize, meshes: &[String], per_worker: usize) {
+    use http_body_util::{BodyExt, Full};
+    let base = c.url(i, "/v20190125/meshes");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let workers = meshes.iter().map(|m| {
+            let client = client.clone();
+            let url = format!("{base}/{m}");
+            tokio::spawn(async move {
+                for n in 0..per_worker {
+                    let filter = if n % 2 == 0 { "ALLOW_ALL" } else { "DROP_ALL" };
+                    let body = json!({"spec": {"egressFilter": {"type": filter}}}).to_string();
+                    let req = http::Request::put(&url)
+                        .header("content-type", "application/json")
+                        .body(Full::new(bytes::Bytes::from(body)))
+                        .unwrap();
+                    let resp = client.request(req).await.unwrap();
+                    let status = resp.status();
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                }
+            })
+        });
+        for w in futures_util::future::join_all(workers).await {
+            w.unwrap();
+        }
+    });
+}
+
+#[test]
+fn a_node_down_for_10000_writes_rejoins_through_a_snapshot() {
+    let _serial = serial();
+    let mut c = Cluster::configure_extra(38, 3, 3, false, "snapshot_every = 1000\n");
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    c.wait_serving(Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || c.leader().is_some()));
+    let leader = c.leader().unwrap();
+    let meshes: Vec<String> = (0..8).map(|k| format!("w{k}")).collect();
+    for m in &meshes {
+        write_through(&c, leader, m, Duration::from_secs(5));
+    }
+    let down = (leader + 1) % 3;
+    let last_seen = node_info(&c, down)["last_log_index"].as_u64().unwrap();
+    c.kill(down);
+
+    update_meshes(&c, leader, &meshes, 1250);
+    let leader_info = node_info(&c, leader);
+    assert!(
+        leader_info["purged_index"].as_u64().unwrap() > last_seen,
+        "the entries the node lacks must be compacted away: {leader_info}, node had {last_seen}"
+    );
+
+    c.spawn(down);
+    c.wait_serving(Duration::from_secs(30));
+    let target = node_info(&c, leader)["last_log_index"].as_u64().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            node_info(&c, down)["applied_index"].as_u64().unwrap_or(0) >= target
+        }),
+        "the node never caught up: {}",
+        node_info(&c, down)
+    );
+    let info = node_info(&c, down);
+    assert!(
+        info["snapshot_index"].as_u64().unwrap() > last_seen,
+        "it caught up through a snapshot: {info}"
+    );
+    // Its stale reads (its own state, no read-index) carry every update.
+    for m in &meshes {
+        let got = c.get(down, &format!("/v20190125/meshes/{m}?stale"));
+        assert_eq!(got.json()["metadata"]["version"], 1251, "{m}: {got:?}");
+    }
+}

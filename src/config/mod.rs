@@ -93,6 +93,9 @@ pub struct ControlConfig {
     /// Lifetime of proxy certificates, in seconds (proxies renew at two thirds). Default
     /// 86400 (24 h).
     pub proxy_cert_seconds: u64,
+    /// Build a raft snapshot (and compact the log behind it) every this many entries; a node
+    /// that falls further behind catches up from a snapshot. Default 5000.
+    pub snapshot_every: u64,
 }
 
 /// How API callers are authenticated.
@@ -129,6 +132,7 @@ impl Default for ControlConfig {
             auth: AuthMode::Sigv4,
             sigv4_max_skew_seconds: 300,
             proxy_cert_seconds: 86400,
+            snapshot_every: 5000,
         }
     }
 }
@@ -223,6 +227,12 @@ impl ControlConfig {
             problems.push(format!(
                 "dns_ttl: must be at most 3600 seconds, got {}",
                 self.dns_ttl
+            ));
+        }
+        if !(100..=1_000_000).contains(&self.snapshot_every) {
+            problems.push(format!(
+                "snapshot_every: must be between 100 and 1000000 entries, got {}",
+                self.snapshot_every
             ));
         }
         if self.node_id == 0 {

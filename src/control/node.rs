@@ -152,7 +152,11 @@ impl ControlNode {
             cfg.node_id,
             &advertise,
             store,
-            RaftSettings::default(),
+            RaftSettings {
+                snapshot_every: cfg.snapshot_every,
+                logs_kept_after_snapshot: (cfg.snapshot_every / 5).max(50),
+                ..RaftSettings::default()
+            },
             clustered,
             peer_tls.as_ref(),
         )

@@ -54,6 +54,11 @@ impl Cluster {
     /// With `tls`: a cluster CA made by `trellis ca create`, `tls = true` and the CA files in
     /// every config; the API is then https.
     pub fn configure_with(net: u8, n: u64, expect: usize, tls: bool) -> Cluster {
+        Self::configure_extra(net, n, expect, tls, "")
+    }
+
+    /// Like `configure_with`, with more top-level `control.toml` lines.
+    pub fn configure_extra(net: u8, n: u64, expect: usize, tls: bool, extra: &str) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("trellis-cluster-")
             .tempdir()
@@ -92,7 +97,7 @@ impl Cluster {
                 let toml = format!(
                     "node_id = {id}\ndata_dir = \"{data}\"\napi_addr = \"{api}\"\n\
                      grpc_addr = \"{grpc}\"\ndns_addr = \"{ip}:0\"\n{tls_toml}auth = \"none\"\n\
-                     bootstrap_expect = {expect}\nretry_join = [{peers}]\n\
+                     bootstrap_expect = {expect}\nretry_join = [{peers}]\n{extra}\
                      log = \"info,openraft=warn,sled=warn\"\n[quotas]\nmeshes = 1000\n",
                     data = dir.path().join(format!("n{id}")).display(),
                     ip = api.ip(),

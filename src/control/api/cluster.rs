@@ -18,7 +18,11 @@ use crate::model::ApiError;
 /// `GET /v1/members`.
 pub async fn members(State(s): Shared) -> Response {
     let members = s.consensus.members().await;
-    json_ok(json!({"nodeId": s.consensus.node_id(), "members": members}))
+    json_ok(json!({
+        "nodeId": s.consensus.node_id(),
+        "node": s.consensus.node_info(),
+        "members": members,
+    }))
 }
 
 /// `DELETE /v1/members/{id}`.

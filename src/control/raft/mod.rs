@@ -144,6 +144,11 @@ pub struct NodeInfo {
     pub term: u64,
     pub last_log_index: u64,
     pub applied_index: u64,
+    /// The last entry of this node's latest snapshot (built here or installed from the
+    /// leader).
+    pub snapshot_index: u64,
+    /// Entries up to here are gone from this node's log (compacted behind a snapshot).
+    pub purged_index: u64,
     pub leader: Option<u64>,
     /// The cluster as this node knows it: id → (address, voter); empty before it belongs to
     /// one.
@@ -505,6 +510,8 @@ impl Consensus {
             term: m.current_term,
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            purged_index: m.purged.map_or(0, |l| l.index),
             leader: m.current_leader,
             members,
         }
