@@ -545,3 +545,44 @@ fn a_node_down_for_10000_writes_rejoins_through_a_snapshot() {
         assert_eq!(got.json()["metadata"]["version"], 1251, "{m}: {got:?}");
     }
 }
+
+#[test]
+fn autopilot_removes_a_dead_voter_but_never_below_the_minimum() {
+    let _serial = serial();
+    let mut c = Cluster::configure_extra(
+        39,
+        4,
+        4,
+        false,
+        "autopilot_dead_voter_seconds = 2\nautopilot_min_voters = 3\n",
+    );
+    for i in 0..4 {
+        c.spawn(i);
+    }
+    c.wait_serving(Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || c.leader().is_some()));
+    let leader = c.leader().unwrap();
+    let first = (leader + 1) % 4;
+    let second = (leader + 2) % 4;
+    c.kill(first);
+    // Four voters, one dead for 2 s: it goes, three remain.
+    assert!(
+        wait_until(Duration::from_secs(15), || c.members(leader).len() == 3),
+        "{:?}",
+        c.members(leader)
+    );
+    let ids: Vec<u64> = c
+        .members(leader)
+        .iter()
+        .filter_map(|m| m["id"].as_u64())
+        .collect();
+    assert!(!ids.contains(&c.nodes[first].id), "{ids:?}");
+    write_through(&c, leader, "three-voters", Duration::from_secs(5));
+    // Another dies: removing it would leave two, below the minimum of three. It stays (and
+    // two of three still make a quorum).
+    c.kill(second);
+    std::thread::sleep(Duration::from_secs(5));
+    let members = c.members(leader);
+    assert_eq!(members.len(), 3, "{members:?}");
+    write_through(&c, leader, "still-three", Duration::from_secs(5));
+}

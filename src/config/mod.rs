@@ -96,6 +96,12 @@ pub struct ControlConfig {
     /// Build a raft snapshot (and compact the log behind it) every this many entries; a node
     /// that falls further behind catches up from a snapshot. Default 5000.
     pub snapshot_every: u64,
+    /// Remove a voter that has not answered the leader for this many seconds (Consul
+    /// autopilot's dead-server cleanup); 0 (the default) leaves it to `trellis members
+    /// remove`.
+    pub autopilot_dead_voter_seconds: u64,
+    /// Autopilot never shrinks the cluster below this many voters. Default 3.
+    pub autopilot_min_voters: usize,
 }
 
 /// How API callers are authenticated.
@@ -133,6 +139,8 @@ impl Default for ControlConfig {
             sigv4_max_skew_seconds: 300,
             proxy_cert_seconds: 86400,
             snapshot_every: 5000,
+            autopilot_dead_voter_seconds: 0,
+            autopilot_min_voters: 3,
         }
     }
 }
@@ -234,6 +242,9 @@ impl ControlConfig {
                 "snapshot_every: must be between 100 and 1000000 entries, got {}",
                 self.snapshot_every
             ));
+        }
+        if self.autopilot_min_voters == 0 {
+            problems.push("autopilot_min_voters: must be at least 1".to_string());
         }
         if self.node_id == 0 {
             problems.push("node_id: must be at least 1".to_string());

@@ -15,7 +15,9 @@ use super::api::{self, ApiState, AuthSettings};
 use super::ca::{self, CaError};
 use super::certs::Certs;
 use super::dns::{DnsError, DnsServer};
-use super::raft::{ClusterService, Consensus, Membership, PeerTls, RaftSettings, StartError};
+use super::raft::{
+    Autopilot, ClusterService, Consensus, Membership, PeerTls, RaftSettings, StartError,
+};
 use super::store::Store;
 use super::xds::Xds;
 use crate::config::{AuthMode, ControlConfig};
@@ -187,6 +189,12 @@ impl ControlNode {
                 )?);
             }
             consensus.form(&membership).await?;
+        }
+        if cfg.autopilot_dead_voter_seconds > 0 {
+            consensus.start_autopilot(Autopilot {
+                dead_after: Duration::from_secs(cfg.autopilot_dead_voter_seconds),
+                min_voters: cfg.autopilot_min_voters,
+            });
         }
         if consensus.read(|s| s.quotas() != &cfg.quotas) {
             let out = consensus

@@ -5,6 +5,7 @@
 //! Layout follows openraft's examples: `log_store` (the raft log on `Store`), `state_machine`
 //! (applies commands, builds and installs snapshots), `network` (RPCs to peers).
 
+mod autopilot;
 mod forming;
 mod log_store;
 mod network;
@@ -25,6 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::control::store::Store;
 use crate::model::{Command, MeshState, Outcome};
 
+pub use autopilot::Autopilot;
 pub use network::Faults;
 pub use peers::PeerTls;
 pub use service::ClusterService;
@@ -260,6 +262,11 @@ impl Consensus {
             c.wait_for_leader(Duration::from_secs(30)).await?;
         }
         Ok(c)
+    }
+
+    /// Starts dead-voter cleanup (it acts only while this node leads).
+    pub fn start_autopilot(&self, settings: Autopilot) {
+        tokio::spawn(autopilot::run(self.clone(), settings));
     }
 
     /// Forms or joins the cluster `membership` describes, then waits for a leader. Returns at
