@@ -586,3 +586,26 @@ fn autopilot_removes_a_dead_voter_but_never_below_the_minimum() {
     assert_eq!(members.len(), 3, "{members:?}");
     write_through(&c, leader, "still-three", Duration::from_secs(5));
 }
+
+#[test]
+fn a_leader_stopped_with_sigterm_hands_leadership_over() {
+    let _serial = serial();
+    let mut c = Cluster::start(40, 3);
+    c.wait_serving(Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || c.leader().is_some()));
+    write_through(&c, 0, "before", Duration::from_secs(5));
+    let leader = c.leader().unwrap();
+    let other = (leader + 1) % 3;
+    c.signal(leader, "TERM");
+    let t = Instant::now();
+    let took = write_through(&c, other, "after", Duration::from_secs(10));
+    let code = c.stop(leader);
+    println!("SIGTERM to a write through another node: {took:?}");
+    assert_eq!(code, Some(0), "{}", c.log(leader));
+    assert!(
+        c.log(leader).contains("handed leadership over"),
+        "{}",
+        c.log(leader)
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}

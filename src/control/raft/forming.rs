@@ -124,8 +124,11 @@ async fn round(c: &Consensus, m: &Membership, peers: &[String]) {
     }
 }
 
-/// Asks the most up-to-date voter to start an election now, so the cluster does not wait an
-/// election timeout for this leader's heartbeats to stop (Raft's TimeoutNow).
+/// Hands leadership to the most up-to-date voter (Raft's TimeoutNow). openraft 0.9's
+/// followers refuse any vote for a leader lease (`election_timeout_max`) after the last
+/// heartbeat they saw, so the leader stops its heartbeats, lets the lease run out, and then asks
+/// the voter to stand at once: the cluster has a leader about one lease after the stop, where
+/// a leader that vanished leaves it a lease plus a randomized election timeout.
 pub async fn transfer_leadership(c: &Consensus) {
     let (last, target) = {
         let metrics = c.raft.metrics();
@@ -157,6 +160,9 @@ pub async fn transfer_leadership(c: &Consensus) {
     let Some(addr) = c.addr_of(target) else {
         return;
     };
+    c.raft.runtime_config().heartbeat(false);
+    let lease = Duration::from_millis(c.raft.config().election_timeout_max);
+    tokio::time::sleep(lease + Duration::from_millis(20)).await;
     match c
         .peers
         .call(
