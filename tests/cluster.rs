@@ -609,3 +609,91 @@ fn a_leader_stopped_with_sigterm_hands_leadership_over() {
     );
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
+
+fn dig(dns: std::net::SocketAddr, name: &str) -> Vec<String> {
+    let out = std::process::Command::new("dig")
+        .args([
+            &format!("@{}", dns.ip()),
+            "-p",
+            &dns.port().to_string(),
+            name,
+            "A",
+            "+short",
+            "+time=2",
+            "+tries=1",
+        ])
+        .output()
+        .expect("dig is installed (Debian: dnsutils)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_node_answers_dns_and_serves_proxies() {
+    let _serial = serial();
+    let c = Cluster::start(42, 3);
+    c.wait_serving(Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || c.leader().is_some()));
+    let leader = c.leader().unwrap();
+    let follower = (leader + 1) % 3;
+    let third = (leader + 2) % 3;
+    let p = "/v20190125/meshes/demo";
+    for (path, body) in [
+        ("/v20190125/meshes", json!({"meshName": "demo"})),
+        (
+            &format!("{p}/virtualNodes") as &str,
+            json!({"virtualNodeName": "red", "spec": {
+                "listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
+                "serviceDiscovery": {"dns": {"hostname": "red.demo.local"}}}}),
+        ),
+        (
+            &format!("{p}/virtualServices"),
+            json!({"virtualServiceName": "color.demo.local",
+                "spec": {"provider": {"virtualNode": {"virtualNodeName": "red"}}}}),
+        ),
+    ] {
+        assert_eq!(c.put(follower, path, &body).status, 200);
+    }
+    // Every node answers the service's VIP from its own replica of the state.
+    let vips: Vec<Vec<String>> = (0..3)
+        .map(|i| {
+            let mut got = Vec::new();
+            wait_until(Duration::from_secs(5), || {
+                got = dig(c.nodes[i].dns, "color.demo.local");
+                !got.is_empty()
+            });
+            got
+        })
+        .collect();
+    assert!(
+        vips[0].len() == 1 && vips[0][0].starts_with("127.77."),
+        "{vips:?}"
+    );
+    assert!(vips.iter().all(|v| *v == vips[0]), "{vips:?}");
+
+    // A proxy that talks to a follower gets its config there, and its registration (a write
+    // the follower forwards) shows in every node's DNS.
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = common::proxy::Proxy::start(
+        c.nodes[follower].grpc,
+        "demo",
+        ["--virtual-node", "red"],
+        dir.path(),
+        "127.0.42.50",
+    );
+    proxy.wait_ready(Duration::from_secs(20));
+    for i in [leader, third, follower] {
+        assert!(
+            wait_until(Duration::from_secs(10), || dig(
+                c.nodes[i].dns,
+                "red.demo.local"
+            ) == vec![
+                "127.0.42.50".to_string()
+            ]),
+            "node {} never answered the registered instance",
+            i + 1
+        );
+    }
+}

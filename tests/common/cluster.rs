@@ -17,6 +17,7 @@ pub struct ClusterNode {
     pub id: u64,
     pub api: SocketAddr,
     pub grpc: SocketAddr,
+    pub dns: SocketAddr,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -63,15 +64,14 @@ impl Cluster {
             .prefix("trellis-cluster-")
             .tempdir()
             .unwrap();
-        let addrs: Vec<(SocketAddr, SocketAddr)> = (1..=n)
+        let addrs: Vec<(SocketAddr, SocketAddr, SocketAddr)> = (1..=n)
             .map(|i| {
                 let ip = format!("127.0.{net}.{i}");
-                let api = SocketAddr::new(ip.parse().unwrap(), free_port(&ip));
-                let grpc = SocketAddr::new(ip.parse().unwrap(), free_port(&ip));
-                (api, grpc)
+                let port = || SocketAddr::new(ip.parse().unwrap(), free_port(&ip));
+                (port(), port(), port())
             })
             .collect();
-        let peers: Vec<String> = addrs.iter().map(|(_, g)| format!("\"{g}\"")).collect();
+        let peers: Vec<String> = addrs.iter().map(|(_, g, _)| format!("\"{g}\"")).collect();
         let ca_dir = dir.path().join("ca");
         let tls_toml = if tls {
             let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
@@ -91,16 +91,15 @@ impl Cluster {
         let nodes = addrs
             .iter()
             .enumerate()
-            .map(|(i, (api, grpc))| {
+            .map(|(i, (api, grpc, dns))| {
                 let id = i as u64 + 1;
                 let config = dir.path().join(format!("n{id}.toml"));
                 let toml = format!(
                     "node_id = {id}\ndata_dir = \"{data}\"\napi_addr = \"{api}\"\n\
-                     grpc_addr = \"{grpc}\"\ndns_addr = \"{ip}:0\"\n{tls_toml}auth = \"none\"\n\
+                     grpc_addr = \"{grpc}\"\ndns_addr = \"{dns}\"\n{tls_toml}auth = \"none\"\n\
                      bootstrap_expect = {expect}\nretry_join = [{peers}]\n{extra}\
                      log = \"info,openraft=warn,sled=warn\"\n[quotas]\nmeshes = 1000\n",
                     data = dir.path().join(format!("n{id}")).display(),
-                    ip = api.ip(),
                     peers = peers.join(", ")
                 );
                 std::fs::write(&config, toml).unwrap();
@@ -108,6 +107,7 @@ impl Cluster {
                     id,
                     api: *api,
                     grpc: *grpc,
+                    dns: *dns,
                     config,
                     log: dir.path().join(format!("n{id}.log")),
                     child: None,
