@@ -96,7 +96,8 @@ fn three_nodes_form_serve_from_any_node_and_replace_a_dead_leader() {
     c.kill(leader);
     let other = (leader + 1) % 3;
     let took = write_through(&c, other, "after-kill", Duration::from_secs(10));
-    assert!(took < Duration::from_secs(3), "a new leader took {took:?}");
+    // Usually about 1.2 s; see the fault test for the distribution.
+    assert!(took < Duration::from_secs(6), "a new leader took {took:?}");
     written.push("after-kill".into());
     written.sort();
     let new_leader = c.leader().expect("the survivors agree on a leader");

@@ -103,8 +103,12 @@ pub struct RaftSettings {
 impl Default for RaftSettings {
     fn default() -> Self {
         Self {
-            heartbeat_interval: Duration::from_millis(150),
-            election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+            // openraft 0.9 starts an election only after its leader lease
+            // (election_timeout_max) plus this node's randomized timeout have passed without a
+            // heartbeat, so 300–600 ms detects a dead leader in 0.9–1.2 s while heartbeats
+            // would have to stall for 0.9 s to set off a needless one.
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
             snapshot_every: 5000,
             logs_kept_after_snapshot: 1000,
         }
@@ -152,6 +156,8 @@ pub struct NodeInfo {
     /// Entries up to here are gone from this node's log (compacted behind a snapshot).
     pub purged_index: u64,
     pub leader: Option<u64>,
+    /// When this node last became leader (Unix ms; 0: never).
+    pub leader_since_ms: u64,
     /// The cluster as this node knows it: id → (address, voter); empty before it belongs to
     /// one.
     pub members: BTreeMap<u64, (String, bool)>,
@@ -185,6 +191,8 @@ pub struct Consensus {
     proposer: tokio::task::AbortHandle,
     peers: Peers,
     faults: Faults,
+    /// When this node last became leader (Unix ms; 0: never), for election timings.
+    leader_since: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How long a write or read waits for a leader before answering 503.
@@ -247,6 +255,8 @@ impl Consensus {
         }
         let (proposals, rx) = mpsc::channel(4 * proposer::MAX_BATCH);
         let proposer = tokio::spawn(proposer::run(raft.clone(), rx)).abort_handle();
+        let leader_since = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(watch_leadership(raft.metrics(), leader_since.clone()));
         let c = Self {
             node_id,
             addr: addr.to_string(),
@@ -257,6 +267,7 @@ impl Consensus {
             proposer,
             peers,
             faults,
+            leader_since,
         };
         if !clustered {
             c.wait_for_leader(Duration::from_secs(30)).await?;
@@ -520,6 +531,7 @@ impl Consensus {
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             purged_index: m.purged.map_or(0, |l| l.index),
             leader: m.current_leader,
+            leader_since_ms: self.leader_since.load(std::sync::atomic::Ordering::Relaxed),
             members,
         }
     }
@@ -655,6 +667,27 @@ impl Consensus {
         }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+/// Records when this node becomes leader; ends with raft.
+async fn watch_leadership(
+    mut metrics: watch::Receiver<openraft::RaftMetrics<u64, BasicNode>>,
+    since: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut leading = false;
+    loop {
+        let now_leading = metrics.borrow().state == ServerState::Leader;
+        if now_leading && !leading {
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            since.store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
+        leading = now_leading;
+        if metrics.changed().await.is_err() {
+            return;
         }
     }
 }
