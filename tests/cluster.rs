@@ -612,23 +612,7 @@ fn a_leader_stopped_with_sigterm_hands_leadership_over() {
 }
 
 fn dig(dns: std::net::SocketAddr, name: &str) -> Vec<String> {
-    let out = std::process::Command::new("dig")
-        .args([
-            &format!("@{}", dns.ip()),
-            "-p",
-            &dns.port().to_string(),
-            name,
-            "A",
-            "+short",
-            "+time=2",
-            "+tries=1",
-        ])
-        .output()
-        .expect("dig is installed (Debian: dnsutils)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    common::dig_short(dns, name, "A")
 }
 
 #[test]

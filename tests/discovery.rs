@@ -191,26 +191,7 @@ fn dig_short(node: &DevNode, name: &str) -> Vec<String> {
 }
 
 fn dig_short_type(node: &DevNode, name: &str, qtype: &str) -> Vec<String> {
-    let dns = node.dns_addr();
-    let out = std::process::Command::new("dig")
-        .args([
-            &format!("@{}", dns.ip()),
-            "-p",
-            &dns.port().to_string(),
-            name,
-            qtype,
-            "+short",
-            "+time=2",
-            "+tries=1",
-        ])
-        .output()
-        .unwrap();
-    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    v.sort();
-    v
+    common::dig_short(node.dns_addr(), name, qtype)
 }
 
 #[test]

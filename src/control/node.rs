@@ -175,21 +175,20 @@ impl ControlNode {
         // A clustered node serves raft before it belongs to a cluster: its peers must reach
         // it to form one. A lone node without CA files serves once its own new CA has issued
         // it a certificate.
-        let mut services = Some((grpc, xds, certs));
-        let mut grpc_server = None;
-        if clustered {
-            if let Some((grpc, xds, certs)) = services.take() {
-                grpc_server = Some(GrpcServer::spawn(
-                    grpc,
-                    early_tls.as_ref(),
-                    &cfg.trust_domain,
-                    xds,
-                    certs,
-                    &consensus,
-                )?);
-            }
+        let grpc = if clustered {
+            let server = GrpcServer::spawn(
+                grpc,
+                early_tls.as_ref(),
+                &cfg.trust_domain,
+                xds,
+                certs,
+                &consensus,
+            )?;
             consensus.form(&membership).await?;
-        }
+            Grpc::Serving(server)
+        } else {
+            Grpc::Waiting(Box::new((grpc, xds, certs)))
+        };
         if cfg.autopilot_dead_voter_seconds > 0 {
             consensus.start_autopilot(Autopilot {
                 dead_after: Duration::from_secs(cfg.autopilot_dead_voter_seconds),
@@ -232,18 +231,20 @@ impl ControlNode {
             }
             None => None,
         };
-        if let Some((grpc, xds, certs)) = services.take() {
-            grpc_server = Some(GrpcServer::spawn(
-                grpc,
-                tls.as_ref(),
-                &cfg.trust_domain,
-                xds,
-                certs,
-                &consensus,
-            )?);
-        }
-        let grpc =
-            grpc_server.ok_or_else(|| NodeError::Tls("the gRPC server did not start".into()))?;
+        let grpc = match grpc {
+            Grpc::Serving(server) => server,
+            Grpc::Waiting(waiting) => {
+                let (listener, xds, certs) = *waiting;
+                GrpcServer::spawn(
+                    listener,
+                    tls.as_ref(),
+                    &cfg.trust_domain,
+                    xds,
+                    certs,
+                    &consensus,
+                )?
+            }
+        };
         Ok(Self {
             consensus,
             api_addr,
@@ -300,6 +301,13 @@ impl ControlNode {
         self.consensus.shutdown().await;
         res.map_err(NodeError::Serve)
     }
+}
+
+/// The gRPC listener during start-up: served at once by a clustered node (its peers need raft
+/// to form the cluster), or waiting for the certificate a lone node's new CA issues it.
+enum Grpc {
+    Serving(GrpcServer),
+    Waiting(Box<(TcpListener, Xds, Certs)>),
 }
 
 /// The gRPC server (raft and cluster RPCs, proxy config streams, certificates), running.

@@ -500,6 +500,29 @@ pub fn aws_binary() -> PathBuf {
 
 /// Polls `f` (with a short, growing pause) until it returns true or `timeout` passes; returns
 /// whether it became true.
+/// `dig @dns name qtype +short`: the answers, sorted (none when it failed).
+pub fn dig_short(dns: std::net::SocketAddr, name: &str, qtype: &str) -> Vec<String> {
+    let out = Command::new("dig")
+        .args([
+            &format!("@{}", dns.ip()),
+            "-p",
+            &dns.port().to_string(),
+            name,
+            qtype,
+            "+short",
+            "+time=2",
+            "+tries=1",
+        ])
+        .output()
+        .expect("dig is installed (Debian: dnsutils)");
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(10);

@@ -10,7 +10,6 @@ use openraft::ChangeMembers;
 use tokio::time::Instant;
 
 use super::Consensus;
-use super::peers::Rpc;
 
 /// When to remove a dead voter.
 #[derive(Debug, Clone, Copy)]
@@ -47,16 +46,7 @@ pub async fn run(c: Consensus, settings: Autopilot) {
         };
         let now = Instant::now();
         for (id, addr) in &voters {
-            let answered = c
-                .peers
-                .call(
-                    addr,
-                    Rpc::Hello,
-                    b"null".to_vec(),
-                    Duration::from_millis(500),
-                )
-                .await
-                .is_ok();
+            let answered = c.hello(addr, Duration::from_millis(500)).await.is_some();
             // A voter first seen now gets the whole grace period.
             let seen = last_answer.entry(*id).or_insert(now);
             if answered {

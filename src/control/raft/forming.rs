@@ -60,19 +60,9 @@ pub async fn form(c: &Consensus, m: &Membership) -> Result<(), StartError> {
 /// have met and this one has the lowest id.
 async fn round(c: &Consensus, m: &Membership, peers: &[String]) {
     let asks = peers.iter().map(|addr| async move {
-        let answer = c
-            .peers
-            .call(addr, Rpc::Hello, b"null".to_vec(), Duration::from_secs(1))
-            .await;
-        match answer {
-            Ok(b) => serde_json::from_slice::<NodeInfo>(&b)
-                .ok()
-                .map(|i| (addr, i)),
-            Err(e) => {
-                tracing::debug!(error = %e, "peer not reachable yet");
-                None
-            }
-        }
+        c.hello(addr, Duration::from_secs(1))
+            .await
+            .map(|i| (addr, i))
     });
     let infos: Vec<(&String, NodeInfo)> = futures_util::future::join_all(asks)
         .await

@@ -325,16 +325,37 @@ impl Consensus {
     /// and returns its answer. A follower forwards the command to the leader; without a leader
     /// it waits up to [`LEADER_WAIT`] for one.
     pub async fn write(&self, cmd: Command) -> Result<Outcome, WriteError> {
+        self.on_leader(
+            || self.write_here(cmd.clone()),
+            |leader| self.forward_write(leader, &cmd),
+        )
+        .await
+    }
+
+    /// Runs `here` on this node, or `there` with the leader's id where another node leads.
+    /// Through an election (no leader, or one that just stepped down) it tries again for up
+    /// to [`LEADER_WAIT`], then answers `NoLeader`. Every operation that only the leader may
+    /// perform goes through here: writes, read-index, joins and removals.
+    async fn on_leader<T, Here, There>(
+        &self,
+        here: impl Fn() -> Here,
+        there: impl Fn(u64) -> There,
+    ) -> Result<T, WriteError>
+    where
+        Here: std::future::Future<Output = Result<T, WriteError>>,
+        There: std::future::Future<Output = Result<T, WriteError>>,
+    {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
-            let err = match self.write_here(cmd.clone()).await {
+            let err = match here().await {
+                Ok(v) => return Ok(v),
                 Err(WriteError::NotLeader {
                     leader: Some(leader),
-                }) if leader != self.node_id => match self.forward_write(leader, &cmd).await {
-                    Ok(out) => return Ok(out),
+                }) if leader != self.node_id => match there(leader).await {
+                    Ok(v) => return Ok(v),
                     Err(e) => e,
                 },
-                other => return other,
+                Err(e) => e,
             };
             match err {
                 WriteError::NoLeader | WriteError::NotLeader { .. }
@@ -346,6 +367,19 @@ impl Consensus {
                 e => return Err(e),
             }
         }
+    }
+
+    /// `Ok` on the leader; else where the leader is, as an error.
+    fn lead_here(&self) -> Result<(), WriteError> {
+        if self.is_leader() {
+            return Ok(());
+        }
+        Err(match self.raft.metrics().borrow().current_leader {
+            Some(leader) => WriteError::NotLeader {
+                leader: Some(leader),
+            },
+            None => WriteError::NoLeader,
+        })
     }
 
     /// Proposes `cmd` here; `NotLeader` when this node does not lead.
@@ -361,7 +395,8 @@ impl Consensus {
 
     async fn forward_write(&self, leader: u64, cmd: &Command) -> Result<Outcome, WriteError> {
         let body = serde_json::to_vec(cmd).map_err(|e| WriteError::Fatal(e.to_string()))?;
-        self.call_leader(leader, Rpc::Forward, body).await
+        self.call_leader(leader, Rpc::Forward, body, FORWARD_TIMEOUT)
+            .await
     }
 
     /// Calls `rpc` on the leader. Not delivered: `NoLeader` (retry); the callee no longer
@@ -371,9 +406,10 @@ impl Consensus {
         leader: u64,
         rpc: Rpc,
         body: Vec<u8>,
+        timeout: Duration,
     ) -> Result<T, WriteError> {
         let addr = self.addr_of(leader).ok_or(WriteError::NoLeader)?;
-        match self.peers.call(&addr, rpc, body, FORWARD_TIMEOUT).await {
+        match self.peers.call(&addr, rpc, body, timeout).await {
             Ok(answer) => {
                 serde_json::from_slice(&answer).map_err(|e| WriteError::Fatal(e.to_string()))
             }
@@ -391,28 +427,12 @@ impl Consensus {
     /// index; this node waits to apply up to it). A read after this sees every write
     /// acknowledged before it started.
     pub async fn linearize(&self) -> Result<(), WriteError> {
-        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
-        let index = loop {
-            let err = match self.read_index_here().await {
-                Ok(i) => break i,
-                Err(WriteError::NotLeader {
-                    leader: Some(leader),
-                }) if leader != self.node_id => match self.forward_read_index(leader).await {
-                    Ok(i) => break i,
-                    Err(e) => e,
-                },
-                Err(e) => e,
-            };
-            match err {
-                WriteError::NoLeader | WriteError::NotLeader { .. }
-                    if tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                WriteError::NotLeader { .. } => return Err(WriteError::NoLeader),
-                e => return Err(e),
-            }
-        };
+        let index = self
+            .on_leader(
+                || self.read_index_here(),
+                |leader| self.forward_read_index(leader),
+            )
+            .await?;
         let mut applied = self.applied_index.clone();
         let reached = tokio::time::timeout(LEADER_WAIT, applied.wait_for(|i| *i >= index)).await;
         match reached {
@@ -447,7 +467,7 @@ impl Consensus {
     async fn forward_read_index(&self, leader: u64) -> Result<u64, WriteError> {
         // A read has no side effect: whatever went wrong, the caller may ask again.
         match self
-            .call_leader(leader, Rpc::ReadIndex, b"null".to_vec())
+            .call_leader(leader, Rpc::ReadIndex, b"null".to_vec(), FORWARD_TIMEOUT)
             .await
         {
             Err(WriteError::Unknown(e)) => {
@@ -461,21 +481,16 @@ impl Consensus {
     /// On the leader: adds `join` as a learner, waits for it to catch up, then makes it a
     /// voter. Elsewhere: passes the request to the leader.
     async fn admit(&self, join: JoinRequest) -> Result<(), WriteError> {
-        if !self.is_leader() {
-            let leader = self.raft.metrics().borrow().current_leader;
-            let Some(addr) = leader
-                .filter(|l| *l != self.node_id)
-                .and_then(|l| self.addr_of(l))
-            else {
-                return Err(WriteError::NoLeader);
-            };
-            let body = serde_json::to_vec(&join).map_err(|e| WriteError::Fatal(e.to_string()))?;
-            return match self.peers.call(&addr, Rpc::Join, body, JOIN_TIMEOUT).await {
-                Ok(_) => Ok(()),
-                Err(e) if e.not_delivered() => Err(WriteError::NoLeader),
-                Err(e) => Err(WriteError::Unknown(e.to_string())),
-            };
-        }
+        let body = serde_json::to_vec(&join).map_err(|e| WriteError::Fatal(e.to_string()))?;
+        self.on_leader(
+            || self.admit_here(&join),
+            |leader| self.call_leader(leader, Rpc::Join, body.clone(), JOIN_TIMEOUT),
+        )
+        .await
+    }
+
+    async fn admit_here(&self, join: &JoinRequest) -> Result<(), WriteError> {
+        self.lead_here()?;
         let voter = self
             .raft
             .metrics()
@@ -536,6 +551,21 @@ impl Consensus {
         }
     }
 
+    /// Asks the node at `addr` who it is; `None` when it does not answer within `timeout`.
+    async fn hello(&self, addr: &str, timeout: Duration) -> Option<NodeInfo> {
+        match self
+            .peers
+            .call(addr, Rpc::Hello, b"null".to_vec(), timeout)
+            .await
+        {
+            Ok(b) => serde_json::from_slice(&b).ok(),
+            Err(e) => {
+                tracing::debug!(error = %e, "no answer to Hello");
+                None
+            }
+        }
+    }
+
     /// Every member with its role, term, last log index, lag behind the leader and health;
     /// each is asked over the network (1 s), so a dead one shows as unreachable.
     pub async fn members(&self) -> Vec<Member> {
@@ -547,13 +577,7 @@ impl Consensus {
                 if id == self.node_id {
                     return (id, Some(me.clone()));
                 }
-                let info = self
-                    .peers
-                    .call(&addr, Rpc::Hello, b"null".to_vec(), Duration::from_secs(1))
-                    .await
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<NodeInfo>(&b).ok());
-                (id, info)
+                (id, self.hello(&addr, Duration::from_secs(1)).await)
             }
         });
         let answers: BTreeMap<u64, Option<NodeInfo>> = futures_util::future::join_all(asks)
@@ -600,49 +624,22 @@ impl Consensus {
     /// Takes node `id` out of the cluster (on the leader, or forwarded to it).
     pub async fn remove_member(&self, id: u64) -> Result<(), WriteError> {
         let body = serde_json::to_vec(&id).map_err(|e| WriteError::Fatal(e.to_string()))?;
-        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
-        loop {
-            let leader = self.raft.metrics().borrow().current_leader;
-            let attempt = match leader {
-                Some(l) if l == self.node_id => {
-                    let change = ChangeMembers::RemoveVoters([id].into());
-                    return self
-                        .raft
-                        .change_membership(change, false)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| WriteError::Fatal(e.to_string()));
-                }
-                Some(l) => match self.addr_of(l) {
-                    Some(addr) => {
-                        self.peers
-                            .call(&addr, Rpc::Remove, body.clone(), JOIN_TIMEOUT)
-                            .await
-                    }
-                    None => Err(peers::CallError::Unreachable {
-                        addr: String::new(),
-                        message: "leader address unknown".into(),
-                    }),
-                },
-                None => Err(peers::CallError::Unreachable {
-                    addr: String::new(),
-                    message: "no leader".into(),
-                }),
-            };
-            match attempt {
-                Ok(_) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(WriteError::Unknown(e.to_string()));
-                }
-                Err(peers::CallError::Status { code, message, .. })
-                    if code != tonic::Code::Unavailable
-                        && code != tonic::Code::FailedPrecondition =>
-                {
-                    return Err(WriteError::Fatal(message));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
+        self.on_leader(
+            || self.remove_here(id),
+            |leader| self.call_leader(leader, Rpc::Remove, body.clone(), JOIN_TIMEOUT),
+        )
+        .await
+    }
+
+    /// On the leader: takes node `id` out of the cluster.
+    async fn remove_here(&self, id: u64) -> Result<(), WriteError> {
+        self.lead_here()?;
+        let change = ChangeMembers::RemoveVoters([id].into());
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| WriteError::Fatal(e.to_string()))
     }
 
     /// Reads the applied state (this node's; call [`Consensus::linearize`] first for a read

@@ -4,9 +4,6 @@
 //! must present a control-node certificate of this cluster (`spiffe://<td>/control/<id>`):
 //! a proxy's certificate, or none, is refused.
 
-use std::collections::BTreeSet;
-
-use openraft::ChangeMembers;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -142,16 +139,11 @@ impl Cluster for ClusterService {
     async fn remove(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
         self.check_caller(&req)?;
         let id: u64 = decode(req)?;
-        if !self.consensus.is_leader() {
-            return Err(write_status(WriteError::NotLeader { leader: None }));
-        }
-        let change = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
         self.consensus
-            .raft
-            .change_membership(change, false)
+            .remove_here(id)
             .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        encode(&())
+            .map_err(write_status)
+            .and_then(|()| encode(&()))
     }
 
     async fn timeout_now(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
