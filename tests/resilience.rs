@@ -235,14 +235,7 @@ fn a_failing_health_check_takes_an_instance_out_of_traffic() {
     let start = |vn: &str, ip: &str| proxy(&dev, dir.path(), vn, ip, &[]);
     let _greens = [start("green", "127.0.0.171"), start("green", "127.0.0.172")];
     let client = start("client", "127.0.0.173");
-    client.wait_ready(Duration::from_secs(20));
-    assert!(
-        wait_until(Duration::from_secs(15), || client.endpoints(Some("green"))
-            == 2),
-        "{:?}",
-        client.cached()
-    );
-    let (_, out) = client.listening();
+    let out = ready_with_endpoints(&client, "green", 2);
     let names: std::collections::BTreeSet<String> =
         (0..10).filter_map(|_| get(out, "/", &[]).name()).collect();
     assert_eq!(names.len(), 2, "{names:?}");
@@ -266,6 +259,17 @@ fn a_failing_health_check_takes_an_instance_out_of_traffic() {
     assert_eq!(green1.served() - before, 20);
 }
 
+/// Waits until `client` is ready and knows `n` endpoints of `vn`; its explicit listener.
+fn ready_with_endpoints(client: &Proxy, vn: &str, n: usize) -> SocketAddr {
+    client.wait_ready(Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(15), || client.endpoints(Some(vn)) == n),
+        "{:?}",
+        client.cached()
+    );
+    client.listening().1
+}
+
 #[test]
 fn p2c_over_ewma_sends_little_to_a_slow_instance() {
     let dev = DevNode::start();
@@ -282,14 +286,7 @@ fn p2c_over_ewma_sends_little_to_a_slow_instance() {
         start("teal", "127.0.0.182", &[]),
     ];
     let client = start("client", "127.0.0.183", &["--balancer", "p2c-ewma"]);
-    client.wait_ready(Duration::from_secs(20));
-    assert!(
-        wait_until(Duration::from_secs(15), || client.endpoints(Some("teal"))
-            == 2),
-        "{:?}",
-        client.cached()
-    );
-    let (_, out) = client.listening();
+    let out = ready_with_endpoints(&client, "teal", 2);
     assert!(wait_until(Duration::from_secs(10), || get(out, "/", &[])
         .status
         == 200));
