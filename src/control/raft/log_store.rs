@@ -1,5 +1,5 @@
-//! openraft's log storage on the sled `Store`: entries and the vote as JSON, fsynced before
-//! openraft is told they are durable.
+//! openraft's log storage on the `Store`: entries (in its log files) and the vote (in sled),
+//! as JSON, fsynced before openraft is told they are durable.
 #![allow(clippy::result_large_err)] // openraft's StorageError is large; these are its own signatures.
 
 use std::fmt::Debug;

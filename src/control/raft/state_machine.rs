@@ -29,10 +29,13 @@ pub struct StateMachine {
     store: Store,
     applied: Arc<RwLock<Applied>>,
     applied_tx: watch::Sender<u64>,
-    /// Serializes snapshot writes: openraft builds snapshots on a task of their own while an
-    /// installed one may arrive, and the older must never overwrite the newer.
-    snapshot_writer: Arc<tokio::sync::Mutex<()>>,
+    snapshot_writer: SnapshotWriter,
 }
+
+/// Serializes snapshot writes: openraft builds snapshots on a task of their own while an
+/// installed one may arrive, and the older must never overwrite the newer. Holds the last log
+/// id of the stored snapshot, so the check needs no read of it.
+type SnapshotWriter = Arc<tokio::sync::Mutex<Option<LogId<u64>>>>;
 
 type Shared = (StateMachine, Arc<RwLock<Applied>>, watch::Receiver<u64>);
 
@@ -40,11 +43,13 @@ impl StateMachine {
     /// Opens the state machine, restoring the last persisted snapshot.
     pub fn open(store: Store) -> Result<Shared, StoreError> {
         let mut applied = Applied::default();
+        let mut stored = None;
         if let Some(bytes) = store.get_meta(keys::SNAPSHOT)? {
             let (meta, data) = decode(&bytes).map_err(StoreError::Corrupt)?;
             let snap: StateSnapshot =
                 serde_json::from_slice(&data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             applied.last_applied = meta.last_log_id;
+            stored = meta.last_log_id;
             applied.membership = meta.last_membership;
             applied.state = MeshState::from_snapshot(snap);
         }
@@ -56,7 +61,7 @@ impl StateMachine {
                 store,
                 applied: applied.clone(),
                 applied_tx: tx,
-                snapshot_writer: Default::default(),
+                snapshot_writer: Arc::new(tokio::sync::Mutex::new(stored)),
             },
             applied,
             rx,
@@ -75,7 +80,7 @@ impl StateMachine {
 /// Stores `meta` + `data` as the snapshot unless the stored one is newer.
 async fn persist(
     store: &Store,
-    writer: &tokio::sync::Mutex<()>,
+    writer: &SnapshotWriter,
     meta: &SnapshotMeta<u64, BasicNode>,
     data: &[u8],
 ) -> Result<(), StorageError<u64>> {
@@ -85,11 +90,8 @@ async fn persist(
             &std::io::Error::other(e.to_string()),
         )
     };
-    let _one_writer = writer.lock().await;
-    if let Some(stored) = store.get_meta(keys::SNAPSHOT).map_err(|e| err(&e))?
-        && let Ok((old, _)) = decode(&stored)
-        && old.last_log_id > meta.last_log_id
-    {
+    let mut stored = writer.lock().await;
+    if *stored > meta.last_log_id {
         return Ok(());
     }
     let bytes = encode(meta, data).map_err(|e| err(&e))?;
@@ -97,6 +99,7 @@ async fn persist(
         .put_meta(keys::SNAPSHOT, bytes)
         .await
         .map_err(|e| err(&e))?;
+    *stored = meta.last_log_id;
     Ok(())
 }
 
@@ -218,7 +221,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 pub struct SnapshotBuilder {
     store: Store,
     applied: Arc<RwLock<Applied>>,
-    snapshot_writer: Arc<tokio::sync::Mutex<()>>,
+    snapshot_writer: SnapshotWriter,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {

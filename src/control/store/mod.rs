@@ -1,10 +1,14 @@
-//! The durable storage of a control node, on sled: the raft log (entries by index, big-endian so
-//! sled's byte order is index order) and a small metadata tree (vote, committed id, purge mark,
-//! the latest state-machine snapshot). It stores opaque bytes; `control::raft` decides what they
-//! mean. This is the only module that knows sled.
+//! The durable storage of a control node: the raft log in write-ahead segment files
+//! ([`wal`]) and a small metadata tree in sled (vote, committed id, purge mark, the latest
+//! state-machine snapshot). It stores opaque bytes; `control::raft` decides what they mean.
+//! This is the only module that knows sled or the log's files.
 
+mod wal;
+
+use std::fs::File;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A failed storage operation.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +27,8 @@ pub mod keys {
     pub const COMMITTED: &str = "committed";
     pub const LAST_PURGED: &str = "last_purged";
     pub const SNAPSHOT: &str = "snapshot";
+    /// The store's own: the last index purged from the log files (u64, big-endian).
+    pub(super) const LOG_PURGED: &str = "log_purged_upto";
 }
 
 /// Called once the entries of one `append` are on disk (or could not be made durable).
@@ -32,10 +38,10 @@ pub type OnDurable = Box<dyn FnOnce(Result<(), String>) + Send>;
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
-    log: sled::Tree,
+    log: Arc<Mutex<wal::Wal>>,
     meta: sled::Tree,
-    /// Appends waiting for the group commit, in log order.
-    durable: tokio::sync::mpsc::UnboundedSender<(sled::Db, OnDurable)>,
+    /// Appends waiting for the group commit, in log order, each with the file to sync.
+    durable: tokio::sync::mpsc::UnboundedSender<(Arc<File>, OnDurable)>,
 }
 
 // === impl Store ===
@@ -44,8 +50,12 @@ impl Store {
     /// Opens (or creates) the store under `dir`. Only one process may hold it open.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = open_db(dir)?;
-        let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
+        let mut log = wal::Wal::open(&dir.join("log"))?;
+        migrate_sled_log(&db, &mut log)?;
+        if let Some(mark) = meta.get(keys::LOG_PURGED)? {
+            log.purge_upto(index_of(&mark)?)?;
+        }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("trellis-log-flush".into())
@@ -53,7 +63,7 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(format!("starting the log flusher: {e}")))?;
         Ok(Self {
             db,
-            log,
+            log: Arc::new(Mutex::new(log)),
             meta,
             durable: tx,
         })
@@ -67,73 +77,57 @@ impl Store {
         entries: Vec<(u64, Vec<u8>)>,
         on_durable: OnDurable,
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (index, bytes) in entries {
-            batch.insert(&index.to_be_bytes(), bytes);
-        }
-        self.log.apply_batch(batch)?;
-        if let Err(e) = self.durable.send((self.db.clone(), on_durable)) {
+        let file = self.wal().append(&entries)?;
+        if let Err(e) = self.durable.send((file, on_durable)) {
             ((e.0).1)(Err("the store is closed".into()));
         }
         Ok(())
     }
 
+    fn wal(&self) -> MutexGuard<'_, wal::Wal> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The entries whose index is in `range`, in order.
     pub fn entries(&self, range: impl RangeBounds<u64>) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let start = match range.start_bound() {
-            Bound::Included(i) => Bound::Included(i.to_be_bytes()),
-            Bound::Excluded(i) => Bound::Excluded(i.to_be_bytes()),
-            Bound::Unbounded => Bound::Unbounded,
+        let from = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
         };
-        let end = match range.end_bound() {
-            Bound::Included(i) => Bound::Included(i.to_be_bytes()),
-            Bound::Excluded(i) => Bound::Excluded(i.to_be_bytes()),
-            Bound::Unbounded => Bound::Unbounded,
+        let to = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
         };
-        self.log
-            .range::<[u8; 8], _>((start, end))
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((index_of(&k)?, v.to_vec()))
-            })
-            .collect()
+        self.wal().read(from, to)
     }
 
     /// The last entry, if the log holds any.
     pub fn last_entry(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        match self.log.last()? {
-            Some((k, v)) => Ok(Some((index_of(&k)?, v.to_vec()))),
+        let wal = self.wal();
+        match wal.last_index() {
+            Some(i) => Ok(wal.read(i, i + 1)?.pop()),
             None => Ok(None),
         }
     }
 
     /// Deletes entries with index `>= from` (a conflicting suffix) and waits for disk.
     pub async fn truncate_from(&self, from: u64) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(from.to_be_bytes()..) {
-            let (k, _) = kv?;
-            batch.remove(k);
-        }
-        self.log.apply_batch(batch)?;
-        self.db.flush_async().await?;
-        Ok(())
+        self.wal().truncate_from(from)
     }
 
-    /// Deletes entries with index `<= upto` (compacted into a snapshot).
+    /// Deletes entries with index `<= upto` (compacted into a snapshot). The mark is kept
+    /// first: entries left behind in a kept segment stay purged after a restart.
     pub async fn purge_upto(&self, upto: u64) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(..=upto.to_be_bytes()) {
-            let (k, _) = kv?;
-            batch.remove(k);
-        }
-        self.log.apply_batch(batch)?;
+        self.meta.insert(keys::LOG_PURGED, &upto.to_be_bytes())?;
         self.db.flush_async().await?;
-        Ok(())
+        self.wal().purge_upto(upto)
     }
 
     /// How many entries the log holds.
     pub fn log_len(&self) -> usize {
-        self.log.len()
+        self.wal().len()
     }
 
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -154,22 +148,56 @@ impl Store {
     }
 }
 
-/// Flushes once for every run of appends queued behind the previous flush, then reports each
-/// of them durable, in order. A thread of its own: a synchronous flush here costs far less CPU
-/// than sled's `flush_async`, which hands every flush to its I/O thread pool. Each request
-/// carries the database, so an idle flusher holds no reference to it (a closed store can be
-/// reopened at once); the thread ends when the last `Store` clone is dropped.
-fn group_commit(mut rx: tokio::sync::mpsc::UnboundedReceiver<(sled::Db, OnDurable)>) {
-    while let Some((db, first)) = rx.blocking_recv() {
+/// Syncs once for every run of appends queued behind the previous sync (`fdatasync` of the
+/// files they went to), then reports each of them durable, in order. A thread of its own, so
+/// the runtime never waits on the disk. It ends when the last `Store` clone is dropped.
+fn group_commit(mut rx: tokio::sync::mpsc::UnboundedReceiver<(Arc<File>, OnDurable)>) {
+    while let Some((file, first)) = rx.blocking_recv() {
+        let mut files = vec![file];
         let mut waiting = vec![first];
-        while let Ok((_, more)) = rx.try_recv() {
+        while let Ok((file, more)) = rx.try_recv() {
+            if !files.iter().any(|f| Arc::ptr_eq(f, &file)) {
+                files.push(file);
+            }
             waiting.push(more);
         }
-        let res = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        let res = files
+            .iter()
+            .try_for_each(|f| f.sync_data())
+            .map_err(|e| format!("syncing the raft log: {e}"));
+        drop(files);
         for done in waiting {
             done(res.clone());
         }
     }
+}
+
+/// Moves a log kept in sled's `log` tree (before the log had files of its own) into the
+/// files, once.
+fn migrate_sled_log(db: &sled::Db, wal: &mut wal::Wal) -> Result<(), StoreError> {
+    if !db.tree_names().iter().any(|n| n.as_ref() == b"log") {
+        return Ok(());
+    }
+    let old = db.open_tree("log")?;
+    if wal.len() == 0 && !old.is_empty() {
+        let entries = old
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((index_of(&k)?, v.to_vec()))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        wal.append(&entries)?
+            .sync_data()
+            .map_err(|e| StoreError::Corrupt(format!("syncing the migrated raft log: {e}")))?;
+        tracing::info!(
+            entries = entries.len(),
+            "moved the raft log from sled into log files"
+        );
+    }
+    db.drop_tree("log")?;
+    db.flush()?;
+    Ok(())
 }
 
 /// How long `open` waits for a lock still held by a store that is closing: raft's background
@@ -234,5 +262,27 @@ mod tests {
         assert_eq!(s.entries(255..=256).unwrap()[1].1, b"256");
         assert_eq!(s.last_entry().unwrap().unwrap().0, 289);
         assert_eq!(s.get_meta(keys::VOTE).unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_log_kept_in_sled_moves_into_the_files_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = open_db(dir.path()).unwrap();
+            let old = db.open_tree("log").unwrap();
+            for i in 5..=9u64 {
+                old.insert(i.to_be_bytes(), i.to_string().as_bytes())
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        for _ in 0..2 {
+            let s = Store::open(dir.path()).unwrap();
+            let all = s.entries(..).unwrap();
+            assert_eq!(all.len(), 5);
+            assert_eq!(all[0], (5, b"5".to_vec()));
+            assert_eq!(s.last_entry().unwrap().unwrap().0, 9);
+            assert!(!s.db.tree_names().iter().any(|n| n.as_ref() == b"log"));
+        }
     }
 }
