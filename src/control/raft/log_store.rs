@@ -84,6 +84,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             None => last_purged,
         };
+        // A purge past the end of the log leaves no entry behind its mark.
+        let last = last.max(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,

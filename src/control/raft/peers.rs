@@ -134,10 +134,16 @@ impl Peers {
         match answer {
             Ok(r) => Ok(r.into_inner().json),
             Err(s) => {
-                // tonic reports a failed connect as Unavailable with a transport source.
+                // tonic reports a failed connect as Unavailable with a transport source, and
+                // its deadline as Cancelled with one too. A call past its deadline may have
+                // been delivered: that is no unreachable peer (openraft backs off from one for
+                // half a second, and a forwarded write must not be sent again).
+                let mut chain =
+                    std::iter::successors(std::error::Error::source(&s), |e| e.source());
                 let transport = std::error::Error::source(&s)
                     .is_some_and(|e| e.is::<tonic::transport::Error>());
-                if transport {
+                let timed_out = chain.any(|e| e.is::<tonic::TimeoutExpired>());
+                if transport && !timed_out {
                     Err(CallError::Unreachable {
                         addr: addr.to_string(),
                         message: s.message().to_string(),

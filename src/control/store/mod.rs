@@ -51,10 +51,14 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = open_db(dir)?;
         let meta = db.open_tree("meta")?;
-        let mut log = wal::Wal::open(&dir.join("log"))?;
+        let purged = match meta.get(keys::LOG_PURGED)? {
+            Some(mark) => Some(index_of(&mark)?),
+            None => None,
+        };
+        let mut log = wal::Wal::open(&dir.join("log"), purged)?;
         migrate_sled_log(&db, &mut log)?;
-        if let Some(mark) = meta.get(keys::LOG_PURGED)? {
-            log.purge_upto(index_of(&mark)?)?;
+        if let Some(mark) = purged {
+            log.purge_upto(mark)?;
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         std::thread::Builder::new()
@@ -77,7 +81,10 @@ impl Store {
         entries: Vec<(u64, Vec<u8>)>,
         on_durable: OnDurable,
     ) -> Result<(), StoreError> {
-        let file = self.wal().append(&entries)?;
+        let Some(file) = self.wal().append(&entries)? else {
+            on_durable(Ok(()));
+            return Ok(());
+        };
         if let Err(e) = self.durable.send((file, on_durable)) {
             ((e.0).1)(Err("the store is closed".into()));
         }
@@ -173,23 +180,24 @@ fn group_commit(mut rx: tokio::sync::mpsc::UnboundedReceiver<(Arc<File>, OnDurab
 }
 
 /// Moves a log kept in sled's `log` tree (before the log had files of its own) into the
-/// files, once.
+/// files. The tree goes only once the files hold all of it, so a crash midway resumes where
+/// the files end.
 fn migrate_sled_log(db: &sled::Db, wal: &mut wal::Wal) -> Result<(), StoreError> {
     if !db.tree_names().iter().any(|n| n.as_ref() == b"log") {
         return Ok(());
     }
     let old = db.open_tree("log")?;
-    if wal.len() == 0 && !old.is_empty() {
-        let entries = old
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((index_of(&k)?, v.to_vec()))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        wal.append(&entries)?
-            .sync_data()
-            .map_err(|e| StoreError::Corrupt(format!("syncing the migrated raft log: {e}")))?;
+    let from = wal.last_index().map_or(0, |i| i + 1);
+    let entries = old
+        .range(from.to_be_bytes()..)
+        .map(|kv| {
+            let (k, v) = kv?;
+            Ok((index_of(&k)?, v.to_vec()))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    if let Some(file) = wal.append(&entries)? {
+        file.sync_data()
+            .map_err(|e| StoreError::Corrupt(format!("syncing the moved raft log: {e}")))?;
         tracing::info!(
             entries = entries.len(),
             "moved the raft log from sled into log files"
@@ -265,7 +273,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_log_kept_in_sled_moves_into_the_files_once() {
+    async fn a_log_kept_in_sled_moves_into_the_files_once_and_resumes_after_a_crash() {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = open_db(dir.path()).unwrap();
@@ -276,6 +284,11 @@ mod tests {
             }
             db.flush().unwrap();
         }
+        // A crash midway through an earlier move left 5..=6 in the files.
+        let mut wal = wal::Wal::open(&dir.path().join("log"), None).unwrap();
+        wal.append(&[(5, b"5".to_vec()), (6, b"6".to_vec())])
+            .unwrap();
+        drop(wal);
         for _ in 0..2 {
             let s = Store::open(dir.path()).unwrap();
             let all = s.entries(..).unwrap();

@@ -9,7 +9,7 @@
 //! A crash can tear only the tail of the last segment: opening truncates it at the first
 //! record that does not check out. A bad record anywhere else is corruption and refuses to open.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -39,9 +39,9 @@ pub(super) struct Wal {
     dir: PathBuf,
     /// Segments by the index they were created for, in log order.
     segments: BTreeMap<u64, Segment>,
-    /// The index of `locs[0]`.
-    first: u64,
-    locs: VecDeque<Loc>,
+    /// Where each entry lies, by index. Indexes only ever increase along the files; they
+    /// need not be consecutive (openraft's storage suite writes gaps).
+    locs: BTreeMap<u64, Loc>,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
@@ -49,9 +49,17 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
 }
 
 impl Wal {
-    /// Opens the log under `dir` (created if missing), checking every record.
-    pub(super) fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
+    /// Opens the log under `dir` (created if missing), checking every record. Records at or
+    /// below `purged` are redundant (a purge whose segment deletions a crash interrupted).
+    pub(super) fn open(dir: &Path, purged: Option<u64>) -> Result<Self, StoreError> {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
+            if let Some(parent) = dir.parent() {
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| io("syncing", parent, e))?;
+            }
+        }
         let mut names: Vec<u64> = std::fs::read_dir(dir)
             .map_err(|e| io("listing", dir, e))?
             .filter_map(|d| {
@@ -63,12 +71,11 @@ impl Wal {
         let mut wal = Self {
             dir: dir.to_path_buf(),
             segments: BTreeMap::new(),
-            first: 0,
-            locs: VecDeque::new(),
+            locs: BTreeMap::new(),
         };
         let count = names.len();
         for (i, name) in names.into_iter().enumerate() {
-            wal.load(name, i + 1 == count)?;
+            wal.load(name, i + 1 == count, purged)?;
         }
         Ok(wal)
     }
@@ -77,8 +84,9 @@ impl Wal {
         self.dir.join(format!("{name:020}.wal"))
     }
 
-    /// Indexes one segment; a torn tail is cut off when `last`.
-    fn load(&mut self, name: u64, last: bool) -> Result<(), StoreError> {
+    /// Indexes one segment; a torn tail is cut off when `last`. A whole record out of order
+    /// is corruption, never a tail to cut: it was durable once.
+    fn load(&mut self, name: u64, last: bool, purged: Option<u64>) -> Result<(), StoreError> {
         let path = self.segment_path(name);
         let file = OpenOptions::new()
             .read(true)
@@ -89,25 +97,36 @@ impl Wal {
         let mut at = 0usize;
         while at < bytes.len() {
             match record_at(&bytes, at) {
-                Some((index, len)) if self.next_index().is_none_or(|n| n == index) => {
-                    if self.locs.is_empty() {
-                        self.first = index;
-                    }
-                    self.locs.push_back(Loc {
-                        segment: name,
-                        offset: (at + HEADER) as u64,
-                        len,
-                    });
+                Some((index, len)) if purged.is_some_and(|p| index <= p) => {
                     at += HEADER + len as usize;
                 }
-                _ if last => {
+                Some((index, len)) => {
+                    if let Some(last) = self.last_index()
+                        && index <= last
+                    {
+                        return Err(StoreError::Corrupt(format!(
+                            "{}: log entry {index} at byte {at} follows entry {last}",
+                            path.display()
+                        )));
+                    }
+                    self.locs.insert(
+                        index,
+                        Loc {
+                            segment: name,
+                            offset: (at + HEADER) as u64,
+                            len,
+                        },
+                    );
+                    at += HEADER + len as usize;
+                }
+                None if last => {
                     tracing::warn!(segment = %path.display(), offset = at, "cutting a torn log tail");
                     file.set_len(at as u64)
                         .and_then(|()| file.sync_all())
                         .map_err(|e| io("truncating", &path, e))?;
                     break;
                 }
-                _ => {
+                None => {
                     return Err(StoreError::Corrupt(format!(
                         "{}: bad log record at byte {at}",
                         path.display()
@@ -127,24 +146,30 @@ impl Wal {
         Ok(())
     }
 
-    fn next_index(&self) -> Option<u64> {
-        (!self.locs.is_empty()).then(|| self.first + self.locs.len() as u64)
-    }
-
     pub(super) fn len(&self) -> usize {
         self.locs.len()
     }
 
-    /// Writes the entries (which must continue the log) and returns the file to sync for them.
-    pub(super) fn append(&mut self, entries: &[(u64, Vec<u8>)]) -> Result<Arc<File>, StoreError> {
+    /// Writes the entries (which must continue the log) and returns the file to sync for
+    /// them (none for no entries).
+    pub(super) fn append(
+        &mut self,
+        entries: &[(u64, Vec<u8>)],
+    ) -> Result<Option<Arc<File>>, StoreError> {
         let Some((first, _)) = entries.first() else {
-            return self.current();
+            return Ok(None);
         };
-        if let Some(next) = self.next_index()
-            && *first != next
+        if let Some(back) = entries.windows(2).find(|w| w[1].0 <= w[0].0) {
+            return Err(StoreError::Corrupt(format!(
+                "appending log entry {} after {}",
+                back[1].0, back[0].0
+            )));
+        }
+        if let Some(last) = self.last_index()
+            && *first <= last
         {
             return Err(StoreError::Corrupt(format!(
-                "append at index {first}, but the log ends before {next}"
+                "appending log entry {first}, but the log already ends at {last}"
             )));
         }
         let roll = self
@@ -163,11 +188,14 @@ impl Wal {
         for (index, payload) in entries {
             let len = u32::try_from(payload.len())
                 .map_err(|_| StoreError::Corrupt(format!("log entry {index} over 4 GiB")))?;
-            locs.push(Loc {
-                segment: name,
-                offset: segment.len + (buf.len() + HEADER) as u64,
-                len,
-            });
+            locs.push((
+                *index,
+                Loc {
+                    segment: name,
+                    offset: segment.len + (buf.len() + HEADER) as u64,
+                    len,
+                },
+            ));
             let mut crc = crc32fast::Hasher::new();
             crc.update(&index.to_le_bytes());
             crc.update(payload);
@@ -178,23 +206,16 @@ impl Wal {
         }
         // At the segment's logical end, which a truncation may have moved back.
         let file = segment.file.clone();
-        file.write_all_at(&buf, segment.len)
-            .map_err(|e| io("writing", &segment.path, e))?;
+        if let Err(e) = file.write_all_at(&buf, segment.len) {
+            // A partial record past the end would be junk inside the log once it grows.
+            let _ = file.set_len(segment.len);
+            return Err(io("writing", &segment.path, e));
+        }
         if let Some(s) = self.segments.get_mut(&name) {
             s.len += buf.len() as u64;
         }
-        if self.locs.is_empty() {
-            self.first = *first;
-        }
         self.locs.extend(locs);
-        Ok(file)
-    }
-
-    fn current(&self) -> Result<Arc<File>, StoreError> {
-        self.segments
-            .last_key_value()
-            .map(|(_, s)| s.file.clone())
-            .ok_or_else(|| StoreError::Corrupt("no log segment".into()))
+        Ok(Some(file))
     }
 
     /// Starts a new segment for entries from `first`; the previous one is synced first, so
@@ -207,8 +228,7 @@ impl Wal {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&path)
             .map_err(|e| io("creating", &path, e))?;
         self.sync_dir()?;
@@ -229,43 +249,38 @@ impl Wal {
             .map_err(|e| io("syncing", &self.dir, e))
     }
 
-    /// Reads entries `from..to` (clamped to the log).
+    /// Reads entries `from..to`.
     pub(super) fn read(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let from = from.max(self.first);
-        let to = to.min(self.next_index().unwrap_or(0));
-        let mut out = Vec::with_capacity(to.saturating_sub(from) as usize);
-        for index in from..to {
-            let loc = self.locs[(index - self.first) as usize];
-            let segment = self
-                .segments
-                .get(&loc.segment)
-                .ok_or_else(|| StoreError::Corrupt(format!("log segment {}", loc.segment)))?;
-            let mut payload = vec![0; loc.len as usize];
-            segment
-                .file
-                .read_exact_at(&mut payload, loc.offset)
-                .map_err(|e| io("reading", &segment.path, e))?;
-            out.push((index, payload));
+        if from >= to {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        self.locs
+            .range(from..to)
+            .map(|(&index, loc)| {
+                let segment = self
+                    .segments
+                    .get(&loc.segment)
+                    .ok_or_else(|| StoreError::Corrupt(format!("log segment {}", loc.segment)))?;
+                let mut payload = vec![0; loc.len as usize];
+                segment
+                    .file
+                    .read_exact_at(&mut payload, loc.offset)
+                    .map_err(|e| io("reading", &segment.path, e))?;
+                Ok((index, payload))
+            })
+            .collect()
     }
 
     pub(super) fn last_index(&self) -> Option<u64> {
-        self.next_index().map(|n| n - 1)
+        self.locs.last_key_value().map(|(i, _)| *i)
     }
 
     /// Deletes entries `>= from` and waits for the disk.
     pub(super) fn truncate_from(&mut self, from: u64) -> Result<(), StoreError> {
-        let Some(next) = self.next_index() else {
+        let removed = self.locs.split_off(&from);
+        let Some((_, &cut)) = removed.first_key_value() else {
             return Ok(());
         };
-        if from >= next {
-            return Ok(());
-        }
-        let keep = from.saturating_sub(self.first) as usize;
-        let cut = self.locs.get(keep).copied();
-        self.locs.truncate(keep);
-        let Some(cut) = cut else { return Ok(()) };
         let later: Vec<u64> = self
             .segments
             .range(cut.segment + 1..)
@@ -288,21 +303,14 @@ impl Wal {
 
     /// Forgets entries `<= upto` and deletes the segments that held only those.
     pub(super) fn purge_upto(&mut self, upto: u64) -> Result<(), StoreError> {
-        while !self.locs.is_empty() && self.first <= upto {
-            self.locs.pop_front();
-            self.first += 1;
-        }
-        if self.locs.is_empty() {
-            self.first = upto + 1;
-        }
-        let keep_from = self.locs.front().map(|l| l.segment);
-        let last = self.segments.last_key_value().map(|(k, _)| *k);
-        let dead: Vec<u64> = self
-            .segments
-            .keys()
-            .copied()
-            .filter(|k| Some(*k) != last && keep_from.is_none_or(|f| *k < f))
-            .collect();
+        self.locs = self.locs.split_off(&upto.saturating_add(1));
+        let keep_from = self.locs.first_key_value().map(|(_, l)| l.segment);
+        // With nothing left, every segment goes, the last too: entries after a purge past the
+        // end of the log start a segment of their own, never continue an old one.
+        let dead: Vec<u64> = match keep_from {
+            Some(f) => self.segments.range(..f).map(|(k, _)| *k).collect(),
+            None => self.segments.keys().copied().collect(),
+        };
         if dead.is_empty() {
             return Ok(());
         }
@@ -341,7 +349,7 @@ mod tests {
     fn a_torn_tail_is_cut_and_the_log_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut w = Wal::open(dir.path()).unwrap();
+            let mut w = Wal::open(dir.path(), None).unwrap();
             w.append(&entries(1..=10)).unwrap();
         }
         // A crash in the middle of writing entry 11.
@@ -350,12 +358,12 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(&[7, 0, 0, 0, 1, 2]).unwrap();
         drop(f);
-        let mut w = Wal::open(dir.path()).unwrap();
+        let mut w = Wal::open(dir.path(), None).unwrap();
         assert_eq!(w.last_index(), Some(10));
         assert_eq!(std::fs::metadata(&seg).unwrap().len(), whole);
         w.append(&entries(11..=12)).unwrap();
         drop(w);
-        let w = Wal::open(dir.path()).unwrap();
+        let w = Wal::open(dir.path(), None).unwrap();
         assert_eq!(w.read(10, 13).unwrap()[2].1, b"entry 12");
     }
 
@@ -363,7 +371,7 @@ mod tests {
     fn a_bad_record_before_the_tail_refuses_to_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut w = Wal::open(dir.path()).unwrap();
+            let mut w = Wal::open(dir.path(), None).unwrap();
             w.append(&entries(1..=10)).unwrap();
             w.roll(11).unwrap();
             w.append(&entries(11..=12)).unwrap();
@@ -372,14 +380,14 @@ mod tests {
         let mut bytes = std::fs::read(&seg).unwrap();
         bytes[HEADER + 2] ^= 0xff;
         std::fs::write(&seg, bytes).unwrap();
-        let e = Wal::open(dir.path()).err().unwrap().to_string();
+        let e = Wal::open(dir.path(), None).err().unwrap().to_string();
         assert!(e.contains("bad log record at byte 0"), "{e}");
     }
 
     #[test]
     fn segments_roll_truncate_and_purge() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = Wal::open(dir.path()).unwrap();
+        let mut w = Wal::open(dir.path(), None).unwrap();
         for chunk in 0..5u64 {
             w.append(&entries(chunk * 10 + 1..=chunk * 10 + 10))
                 .unwrap();
@@ -399,14 +407,60 @@ mod tests {
         assert_eq!(w.segments.len(), 1);
         assert_eq!(w.read(0, 100).unwrap().first().unwrap().0, 23);
         drop(w);
-        let w = Wal::open(dir.path()).unwrap();
+        let w = Wal::open(dir.path(), Some(22)).unwrap();
         let all = w.read(0, 100).unwrap();
         assert_eq!(
             all.first().unwrap().0,
-            21,
-            "a purged prefix in a kept segment is reread"
+            23,
+            "the purged prefix of a kept segment is skipped"
         );
         assert_eq!(all.last().unwrap(), &(26, b"entry 26".to_vec()));
         assert!(all.windows(2).all(|p| p[0].0 + 1 == p[1].0));
+    }
+
+    #[test]
+    fn a_purge_past_the_end_starts_the_log_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Wal::open(dir.path(), None).unwrap();
+        w.append(&entries(1..=50)).unwrap();
+        w.purge_upto(1000).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(w.append(&entries(1001..=1005)).unwrap().is_some());
+        drop(w);
+        let w = Wal::open(dir.path(), Some(1000)).unwrap();
+        assert_eq!(w.read(0, u64::MAX).unwrap().len(), 5);
+        assert_eq!(w.last_index(), Some(1005));
+    }
+
+    #[test]
+    fn a_whole_record_out_of_order_is_corruption_not_a_tail() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        Wal::open(a.path(), None)
+            .unwrap()
+            .append(&entries(1..=3))
+            .unwrap();
+        Wal::open(b.path(), None)
+            .unwrap()
+            .append(&entries(10..=12))
+            .unwrap();
+        std::fs::copy(
+            a.path().join(format!("{:020}.wal", 1)),
+            b.path().join(format!("{:020}.wal", 20)),
+        )
+        .unwrap();
+        let e = Wal::open(b.path(), None).err().unwrap().to_string();
+        assert!(e.contains("log entry 1 at byte 0 follows entry 12"), "{e}");
+        let mut w = Wal::open(a.path(), None).unwrap();
+        let e = w
+            .append(&[(14, vec![]), (13, vec![])])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("appending log entry 13 after 14"), "{e}");
+        let e = w.append(&[(3, vec![])]).err().unwrap().to_string();
+        assert!(
+            e.contains("appending log entry 3, but the log already ends at 3"),
+            "{e}"
+        );
     }
 }
