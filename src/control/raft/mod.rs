@@ -109,7 +109,7 @@ impl Default for RaftSettings {
             // would have to stall for 0.9 s to set off a needless one.
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
-            snapshot_every: 5000,
+            snapshot_every: 20_000,
             logs_kept_after_snapshot: 1000,
         }
     }
@@ -799,7 +799,13 @@ mod tests {
             before = node.read(|s| s.snapshot().resources);
             node.shutdown().await;
         }
-        let store = Store::open(dir.path()).unwrap();
+        // Off this (single) thread: the last snapshot build may still hold the store for a
+        // moment, and `open` waits for its lock by sleeping.
+        let path = dir.path().to_path_buf();
+        let store = tokio::task::spawn_blocking(move || Store::open(&path))
+            .await
+            .unwrap()
+            .unwrap();
         let node = Consensus::start(1, "127.0.0.1:0", store, settings, false, None)
             .await
             .unwrap();

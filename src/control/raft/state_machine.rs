@@ -249,8 +249,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 state,
             )
         };
-        let data =
-            serde_json::to_vec(&state).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        // Off the runtime's workers: a large mesh takes a while to write out, and heartbeats
+        // must not wait for it.
+        let data = tokio::task::spawn_blocking(move || serde_json::to_vec(&state))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &std::io::Error::other(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         persist(&self.store, &self.snapshot_writer, &meta, &data).await?;
         Ok(Snapshot {
             meta,

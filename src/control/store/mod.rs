@@ -141,9 +141,14 @@ impl Store {
         Ok(self.meta.get(key)?.map(|v| v.to_vec()))
     }
 
-    /// Stores a metadata value and waits until it is on disk.
+    /// Stores a metadata value and waits until it is on disk. sled writes a large value (a
+    /// snapshot) to a file of its own at once, so that happens off the runtime's workers.
     pub async fn put_meta(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.meta.insert(key, value)?;
+        let meta = self.meta.clone();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || meta.insert(key, value))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("storing metadata: {e}")))??;
         self.db.flush_async().await?;
         Ok(())
     }
