@@ -27,17 +27,22 @@ pub fn limit(body: Body, idle: Option<Duration>) -> Body {
         Some(idle) if !body.is_end_stream() => IdleBody {
             inner: body,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: None,
+            stale: false,
         }
         .boxed(),
         _ => body,
     }
 }
 
+/// The timer is armed only when the body first makes its reader wait, and re-armed lazily
+/// after frames: most bodies arrive whole with their head and never need one.
 struct IdleBody {
     inner: Body,
     idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// A frame came since the timer was armed.
+    stale: bool,
 }
 
 impl HttpBody for IdleBody {
@@ -52,11 +57,21 @@ impl HttpBody for IdleBody {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.timer.as_mut().reset(Instant::now() + this.idle);
+                this.stale = true;
                 Poll::Ready(frame)
             }
             Poll::Pending => {
-                ready!(this.timer.as_mut().poll(cx));
+                let timer = match &mut this.timer {
+                    Some(t) => {
+                        if this.stale {
+                            t.as_mut().reset(Instant::now() + this.idle);
+                        }
+                        t
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep(this.idle))),
+                };
+                this.stale = false;
+                ready!(timer.as_mut().poll(cx));
                 tracing::info!(idle = ?this.idle, "stream reset: idle timeout");
                 Poll::Ready(Some(Err(IdleTimeout(this.idle).into())))
             }
