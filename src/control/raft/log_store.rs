@@ -153,10 +153,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
-        // The purge mark goes first: a crash in between leaves entries that are merely redundant.
-        self.write_meta(keys::LAST_PURGED, &log_id).await?;
+        let mark = serde_json::to_vec(&log_id).map_err(|e| StorageIOError::write(&e))?;
         self.store
-            .purge_upto(log_id.index)
+            .purge_upto(log_id.index, mark)
             .await
             .map_err(|e| StorageIOError::write_logs(&e).into())
     }

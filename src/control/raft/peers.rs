@@ -138,11 +138,10 @@ impl Peers {
                 // its deadline as Cancelled with one too. A call past its deadline may have
                 // been delivered: that is no unreachable peer (openraft backs off from one for
                 // half a second, and a forwarded write must not be sent again).
-                let mut chain =
-                    std::iter::successors(std::error::Error::source(&s), |e| e.source());
-                let transport = std::error::Error::source(&s)
-                    .is_some_and(|e| e.is::<tonic::transport::Error>());
-                let timed_out = chain.any(|e| e.is::<tonic::TimeoutExpired>());
+                let source = std::error::Error::source(&s);
+                let transport = source.is_some_and(|e| e.is::<tonic::transport::Error>());
+                let timed_out = std::iter::successors(source, |e| e.source())
+                    .any(|e| e.is::<tonic::TimeoutExpired>());
                 if transport && !timed_out {
                     Err(CallError::Unreachable {
                         addr: addr.to_string(),

@@ -124,10 +124,14 @@ impl Store {
         self.wal().truncate_from(from)
     }
 
-    /// Deletes entries with index `<= upto` (compacted into a snapshot). The mark is kept
-    /// first: entries left behind in a kept segment stay purged after a restart.
-    pub async fn purge_upto(&self, upto: u64) -> Result<(), StoreError> {
-        self.meta.insert(keys::LOG_PURGED, &upto.to_be_bytes())?;
+    /// Deletes entries with index `<= upto` (compacted into a snapshot), storing `last_purged`
+    /// (raft's own mark) with the store's in one flush, before the files go: a crash in
+    /// between leaves entries that are merely redundant, and skipped on the next open.
+    pub async fn purge_upto(&self, upto: u64, last_purged: Vec<u8>) -> Result<(), StoreError> {
+        let mut marks = sled::Batch::default();
+        marks.insert(keys::LAST_PURGED, last_purged);
+        marks.insert(keys::LOG_PURGED, &upto.to_be_bytes());
+        self.meta.apply_batch(marks)?;
         self.db.flush_async().await?;
         self.wal().purge_upto(upto)
     }
@@ -264,7 +268,7 @@ mod tests {
                 .unwrap();
             rx.await.unwrap().unwrap();
             s.truncate_from(290).await.unwrap();
-            s.purge_upto(10).await.unwrap();
+            s.purge_upto(10, b"m".to_vec()).await.unwrap();
             s.put_meta(keys::VOTE, b"v".to_vec()).await.unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
