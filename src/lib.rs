@@ -5,6 +5,7 @@
 //! settings. See DESIGN.md §7 for the layout and the dependency rules between modules.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod control;
@@ -12,4 +13,5 @@ pub mod echo;
 pub mod identity;
 pub mod model;
 pub mod proxy;
+pub mod telemetry;
 pub mod wire;

@@ -125,6 +125,10 @@ enum Command {
         /// naming a backend virtual service. `off` disables it.
         #[arg(long, default_value = "127.0.0.1:15001")]
         outbound_addr: String,
+        /// The admin server (`/ready`, `/live`, `/metrics`, `/config`, `/clusters`); keep it
+        /// on loopback. `off` disables it.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin_addr: String,
         /// On SIGTERM, how long requests in flight may take to finish (the listeners close at
         /// once; the instance leaves the registry).
         #[arg(long, default_value = "10s", value_parser = admin::parse_duration)]
@@ -376,30 +380,41 @@ fn announce_admin_key(node: &ControlNode, cfg: &ControlConfig) {
 async fn run_proxy(
     mut settings: DiscoverySettings,
     identity: Option<proxy_identity::IdentitySettings>,
-    (inbound_addr, outbound_addr): (SocketAddr, Option<SocketAddr>),
+    (inbound_addr, outbound_addr, admin_addr): (SocketAddr, Option<SocketAddr>, Option<SocketAddr>),
     dataplane: trellis::proxy::dataplane::DataplaneSettings,
 ) -> ExitCode {
     init_logging("info");
     // Bound first: with port 0 the registered port is the one the kernel picked.
-    let inbound = match tokio::net::TcpListener::bind(inbound_addr).await {
+    async fn bind(flag: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ExitCode> {
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            eprintln!("trellis: {flag} {addr}: {e}");
+            ExitCode::from(1)
+        })
+    }
+    let inbound = match bind("--inbound-addr", inbound_addr).await {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("trellis: --inbound-addr {inbound_addr}: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
-    let outbound = match outbound_addr {
-        Some(a) => match tokio::net::TcpListener::bind(a).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                eprintln!("trellis: --outbound-addr {a}: {e}");
-                return ExitCode::from(1);
-            }
-        },
-        None => None,
-    };
+    let mut optional = Vec::new();
+    for (flag, addr) in [
+        ("--outbound-addr", outbound_addr),
+        ("--admin-addr", admin_addr),
+    ] {
+        optional.push(match addr {
+            Some(a) => match bind(flag, a).await {
+                Ok(l) => Some(l),
+                Err(code) => return code,
+            },
+            None => None,
+        });
+    }
+    let admin = optional.pop().flatten();
+    let outbound = optional.pop().flatten();
     let local =
         |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    if let Some(l) = &admin {
+        println!("trellis proxy admin: http://{}", local(l));
+    }
     // Scripts and tests read the bound addresses here (port 0 picks one).
     println!(
         "trellis proxy listening: inbound={} outbound={}",
@@ -431,6 +446,25 @@ async fn run_proxy(
         app_host,
         stopped.clone(),
     ));
+    let metrics = trellis::telemetry::proxy::ProxyMetrics::new(
+        &settings.mesh,
+        match &settings.role {
+            ProxyRole::VirtualNode(n) => ("virtual_node", n.as_str()),
+            ProxyRole::VirtualGateway(g) => ("virtual_gateway", g.as_str()),
+        },
+    );
+    let (routing, routing_rx) = tokio::sync::watch::channel(std::sync::Arc::default());
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
+    let readiness = tokio::spawn(trellis::proxy::admin::track_readiness(
+        applied.clone(),
+        settings.cert.clone(),
+        ready_tx,
+    ));
+    let admin_server = admin.map(|l| {
+        let router =
+            trellis::proxy::admin::router(metrics.clone(), applied.clone(), routing_rx, ready);
+        tokio::spawn(trellis::admin::serve(l, router, stopped.clone()))
+    });
     let peer_identity =
         std::sync::Arc::new(trellis::proxy::tls::PeerIdentity::new(cert_rx_for_data));
     let data = tokio::spawn(trellis::proxy::dataplane::run(
@@ -439,6 +473,7 @@ async fn run_proxy(
         peer_identity,
         applied.clone(),
         stopped.clone(),
+        trellis::proxy::dataplane::Reporting { metrics, routing },
     ));
     let discovery = tokio::spawn(discovery::run(settings, current, health, stopped));
     let announce = tokio::spawn(async move {
@@ -472,6 +507,10 @@ async fn run_proxy(
     let _ = discovery.await;
     let _ = checks.await;
     let _ = data.await;
+    if let Some(a) = admin_server {
+        let _ = a.await;
+    }
+    readiness.abort();
     announce.abort();
     code
 }
@@ -560,6 +599,7 @@ fn main() -> ExitCode {
             app_host,
             no_vip_listeners,
             outbound_addr,
+            admin_addr,
             retry_budget_ratio,
             retry_budget_min_per_second,
             gateway_host,
@@ -567,15 +607,20 @@ fn main() -> ExitCode {
             balancer,
             concurrency: _,
         } => {
-            let outbound_addr = match outbound_addr.as_str() {
-                "off" => None,
-                a => match a.parse::<SocketAddr>() {
-                    Ok(a) => Some(a),
-                    Err(e) => {
-                        eprintln!("trellis: --outbound-addr {a:?}: {e} (an ip:port, or off)");
-                        return ExitCode::from(2);
-                    }
-                },
+            let optional_addr = |flag: &str, a: &str| match a {
+                "off" => Ok(None),
+                a => a.parse::<SocketAddr>().map(Some).map_err(|e| {
+                    eprintln!("trellis: {flag} {a:?}: {e} (an ip:port, or off)");
+                    ExitCode::from(2)
+                }),
+            };
+            let outbound_addr = match optional_addr("--outbound-addr", &outbound_addr) {
+                Ok(a) => a,
+                Err(code) => return code,
+            };
+            let admin_addr = match optional_addr("--admin-addr", &admin_addr) {
+                Ok(a) => a,
+                Err(code) => return code,
             };
             if !(0.0..=10.0).contains(&retry_budget_ratio) {
                 eprintln!(
@@ -634,7 +679,7 @@ fn main() -> ExitCode {
             rt.block_on(run_proxy(
                 settings,
                 identity,
-                (inbound_addr, outbound_addr),
+                (inbound_addr, outbound_addr, admin_addr),
                 dataplane,
             ))
         }

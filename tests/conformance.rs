@@ -2536,3 +2536,50 @@ fn list_250_virtual_nodes_with_page_size_7() {
     let want: Vec<String> = (0..250).map(|i| format!("vn-{i:03}")).collect();
     assert_eq!(names, want, "each node exactly once, in name order");
 }
+
+#[test]
+fn access_log_formats_are_checked_when_a_spec_is_written() {
+    let node = DevNode::start();
+    node.aws_ok(&["create-mesh", "--mesh-name", "logs"]);
+    let create = |format: &str| {
+        node.aws_err(
+            &[
+                "create-virtual-node",
+                "--mesh-name",
+                "logs",
+                "--virtual-node-name",
+                "a",
+                "--spec",
+                &format!(r#"{{"logging": {{"accessLog": {{"file": {{"path": "/dev/stdout", "format": {format}}}}}}}}}"#),
+            ],
+            "BadRequestException",
+        )
+    };
+    let err = create(r#"{"text": "%START_TIME% %NOPE%\n"}"#);
+    assert!(
+        err.contains("spec.logging.accessLog.file.format.text")
+            && err.contains("unknown command operator %NOPE%")
+            && err.contains("at byte 13"),
+        "{err}"
+    );
+    let err = create(
+        r#"{"json": [{"key": "code", "value": "%RESPONSE_CODE%"}, {"key": "ua", "value": "%REQ%"}]}"#,
+    );
+    assert!(
+        err.contains("spec.logging.accessLog.file.format.json[1].value")
+            && err.contains("needs a header"),
+        "{err}"
+    );
+    // Nothing was stored; a good format is taken.
+    let listed = node.aws_ok(&["list-virtual-nodes", "--mesh-name", "logs"]);
+    assert_eq!(listed["virtualNodes"], json!([]));
+    node.aws_ok(&[
+        "create-virtual-node",
+        "--mesh-name",
+        "logs",
+        "--virtual-node-name",
+        "a",
+        "--spec",
+        r#"{"logging": {"accessLog": {"file": {"path": "/dev/stdout", "format": {"text": "%START_TIME(%s)% %REQ(:METHOD)% %RESPONSE_CODE% 100%%\n"}}}}}"#,
+    ]);
+}

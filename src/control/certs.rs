@@ -3,6 +3,7 @@
 //! PERMISSION_DENIED (token or certificate) or INVALID_ARGUMENT (request or CSR), with the
 //! reason.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
@@ -11,6 +12,7 @@ use super::ca;
 use super::raft::Consensus;
 use crate::model::proxy_config::ProxyRole;
 use crate::model::{ApiError, ErrorKind};
+use crate::telemetry::control::ControlMetrics;
 use crate::wire::identity::identity_server::{Identity, IdentityServer};
 use crate::wire::identity::{Certificate, IssueRequest, RenewRequest, issue_request};
 
@@ -21,13 +23,15 @@ const MAX_PEM: usize = 16 * 1024;
 pub struct Certs {
     consensus: Consensus,
     lifetime: Duration,
+    metrics: Arc<ControlMetrics>,
 }
 
 impl Certs {
-    pub fn new(consensus: Consensus, lifetime: Duration) -> Self {
+    pub fn new(consensus: Consensus, lifetime: Duration, metrics: Arc<ControlMetrics>) -> Self {
         Self {
             consensus,
             lifetime,
+            metrics,
         }
     }
 
@@ -87,6 +91,7 @@ impl Identity for Certs {
         .await
         .map_err(status)?;
         tracing::info!(mesh = %r.mesh, role = ?role, "issued a proxy certificate");
+        self.metrics.certificate_issued("proxy");
         Ok(answer(issued))
     }
 
@@ -101,6 +106,7 @@ impl Identity for Certs {
             self.lifetime,
         )
         .map_err(status)?;
+        self.metrics.certificate_issued("proxy_renewal");
         Ok(answer(issued))
     }
 }

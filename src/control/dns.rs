@@ -8,6 +8,7 @@
 //! resolver forwards only the mesh's domains here).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_server::Server;
@@ -22,6 +23,7 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::net::{TcpListener, UdpSocket};
 
 use super::raft::Consensus;
+use crate::telemetry::control::ControlMetrics;
 
 /// How long a TCP client may sit idle before the server drops it.
 const TCP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,6 +39,7 @@ pub struct DnsError {
 /// Answers queries from the control node's applied state.
 pub struct MeshDns {
     consensus: Consensus,
+    metrics: Arc<ControlMetrics>,
     /// TTL of every answer, in seconds: short, so clients follow changes.
     ttl: u32,
 }
@@ -49,11 +52,20 @@ pub struct DnsServer {
 
 impl DnsServer {
     /// Binds UDP and TCP on `addr` (with port 0, both on the same free port) and serves.
-    pub async fn start(addr: SocketAddr, consensus: Consensus, ttl: u32) -> Result<Self, DnsError> {
+    pub async fn start(
+        addr: SocketAddr,
+        consensus: Consensus,
+        ttl: u32,
+        metrics: Arc<ControlMetrics>,
+    ) -> Result<Self, DnsError> {
         let err = |source| DnsError { addr, source };
         let (udp, tcp) = bind_pair(addr).await.map_err(err)?;
         let bound = udp.local_addr().map_err(err)?;
-        let mut server = Server::new(MeshDns { consensus, ttl });
+        let mut server = Server::new(MeshDns {
+            consensus,
+            ttl,
+            metrics,
+        });
         server.register_socket(udp);
         server.register_listener(tcp, TCP_TIMEOUT, 64);
         Ok(Self {
@@ -214,8 +226,16 @@ impl RequestHandler for MeshDns {
     async fn handle_request<R: ResponseHandler, T: Time>(
         &self,
         request: &Request,
-        mut response: R,
+        response: R,
     ) -> ResponseInfo {
+        let info = self.answer(request, response).await;
+        self.metrics.dns_query(&format!("{:?}", info.response_code));
+        info
+    }
+}
+
+impl MeshDns {
+    async fn answer<R: ResponseHandler>(&self, request: &Request, mut response: R) -> ResponseInfo {
         let failed = |code| {
             let mut metadata = Metadata::new(
                 request.metadata.id,

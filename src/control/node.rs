@@ -23,6 +23,7 @@ use super::xds::Xds;
 use crate::config::{AuthMode, ControlConfig};
 use crate::identity::tls;
 use crate::model::{Command, Owner};
+use crate::telemetry::control::ControlMetrics;
 
 /// Why a node could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,7 @@ pub struct ControlNode {
     auth: Option<AuthSettings>,
     /// The admin key created at this start (bootstrap), to show once.
     pub admin_key: Option<(String, String)>,
+    metrics: Arc<ControlMetrics>,
 }
 
 impl ControlNode {
@@ -163,14 +165,17 @@ impl ControlNode {
             peer_tls.as_ref(),
         )
         .await?;
+        let metrics = ControlMetrics::new(cfg.node_id);
         let xds = Xds::new(
             consensus.clone(),
             std::time::Duration::from_secs(u64::from(cfg.lease_seconds)),
             cfg.tls,
+            metrics.clone(),
         );
         let certs = Certs::new(
             consensus.clone(),
             Duration::from_secs(cfg.proxy_cert_seconds),
+            metrics.clone(),
         );
         // A clustered node serves raft before it belongs to a cluster: its peers must reach
         // it to form one. A lone node without CA files serves once its own new CA has issued
@@ -212,7 +217,13 @@ impl ControlNode {
             region: cfg.region.clone(),
             account: cfg.account_id.clone(),
         };
-        let dns = DnsServer::start(cfg.dns_addr, consensus.clone(), cfg.dns_ttl).await?;
+        let dns = DnsServer::start(
+            cfg.dns_addr,
+            consensus.clone(),
+            cfg.dns_ttl,
+            metrics.clone(),
+        )
+        .await?;
         let auth = (cfg.auth == AuthMode::Sigv4).then(|| AuthSettings {
             region: cfg.region.clone(),
             max_skew: Duration::from_secs(cfg.sigv4_max_skew_seconds),
@@ -222,6 +233,7 @@ impl ControlNode {
             None if cfg.tls => {
                 let (chain_pem, key_pem) =
                     ca::node_certificate(&consensus, cfg.node_id, &names, &ips)?;
+                metrics.certificate_issued("node");
                 let bundle_pem = consensus.read(|s| s.security().bundle_pem());
                 Some(NodeTls {
                     chain_pem,
@@ -257,6 +269,7 @@ impl ControlNode {
             tls,
             auth,
             admin_key,
+            metrics,
         })
     }
 
@@ -276,6 +289,7 @@ impl ControlNode {
             owner: self.owner,
             proxies: self.grpc.proxies.clone(),
             auth: self.auth.clone(),
+            metrics: self.metrics.clone(),
         });
         let app = api::router(state);
         let res = match &self.tls {

@@ -23,6 +23,7 @@ use crate::model::compile::compile;
 use crate::model::proxy_config::ProxyRole;
 use crate::model::registry::{Instance, RegistryUpdate};
 use crate::model::state::MeshState;
+use crate::telemetry::control::ControlMetrics;
 use crate::wire::discovery::discovery_server::{Discovery, DiscoveryServer};
 use crate::wire::discovery::{
     Config, ControlMessage, Hello, ProxyMessage, control_message, proxy_message,
@@ -79,6 +80,7 @@ pub struct Xds {
     configs: ConfigCache,
     /// Streams must come with the proxy's certificate (mTLS) naming the Hello's node.
     require_certificate: bool,
+    metrics: Arc<ControlMetrics>,
 }
 
 /// The last compiled config of each (mesh, role), by state generation.
@@ -125,7 +127,12 @@ impl ConfigCache {
 
 impl Xds {
     /// Starts the registry batcher; `lease` is how long a registration lasts unrenewed.
-    pub fn new(consensus: Consensus, lease: Duration, require_certificate: bool) -> Self {
+    pub fn new(
+        consensus: Consensus,
+        lease: Duration,
+        require_certificate: bool,
+        metrics: Arc<ControlMetrics>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(registry_batcher(consensus.clone(), rx, lease));
         Self {
@@ -135,6 +142,7 @@ impl Xds {
             lease,
             configs: ConfigCache::default(),
             require_certificate,
+            metrics,
         }
     }
 
@@ -296,9 +304,12 @@ async fn session(
     let mut applied = xds.consensus.applied_index();
     let mut last_sent: Option<Arc<Vec<u8>>> = None;
     let mut compiled_at: Option<u64> = None;
+    // The version sent and not yet acknowledged, with when this stream saw its change.
+    let mut awaiting_ack: Option<(u64, std::time::Instant)> = None;
     let lease_seconds = xds.lease.as_secs().max(1) as u32;
     loop {
         let version = *applied.borrow_and_update();
+        let seen = std::time::Instant::now();
         // Lease renewals move the raft index but change no config: skip the recompile.
         let generation = xds.consensus.read(|s| s.generation());
         if compiled_at != Some(generation) {
@@ -326,6 +337,7 @@ async fn session(
                     }
                     xds.update(&id, |p| p.version_sent = version);
                     last_sent = Some(json);
+                    awaiting_ack.get_or_insert((version, seen));
                 }
                 Ok(_) => {}
                 Err(message) => {
@@ -339,10 +351,16 @@ async fn session(
             changed = applied.changed() => if changed.is_err() { break },
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => match m.kind {
-                    Some(proxy_message::Kind::Ack(a)) => xds.update(&id, |p| {
-                        p.version_acked = a.version;
-                        p.last_nack = None;
-                    }),
+                    Some(proxy_message::Kind::Ack(a)) => {
+                        if let Some((v, since)) = awaiting_ack && a.version >= v {
+                            xds.metrics.config_pushed(since.elapsed());
+                            awaiting_ack = None;
+                        }
+                        xds.update(&id, |p| {
+                            p.version_acked = a.version;
+                            p.last_nack = None;
+                        })
+                    }
                     Some(proxy_message::Kind::Nack(n)) => {
                         tracing::warn!(proxy = %id, version = n.version, reason = %n.reason, "proxy refused a config");
                         xds.update(&id, |p| p.last_nack = Some(format!("version {}: {}", n.version, n.reason)));

@@ -2,6 +2,7 @@
 //! field-path validation, App Mesh's cross-field rules, ARNs, quotas, the replicated commands and
 //! the state machine that applies them. Everything else in trellis builds on these types.
 
+pub mod access_log;
 pub mod command;
 pub mod compile;
 pub mod error;

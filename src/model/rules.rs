@@ -135,6 +135,13 @@ fn access_log_file(path: &str, format: Option<&LoggingFormat>, v: &mut Validator
         );
     }
     if let Some(LoggingFormat {
+        text: Some(text), ..
+    }) = format
+        && let Err(e) = super::access_log::parse(text)
+    {
+        v.field("format", |v| v.error_at("text", e.to_string()));
+    }
+    if let Some(LoggingFormat {
         json: Some(items), ..
     }) = format
     {
@@ -149,6 +156,9 @@ fn access_log_file(path: &str, format: Option<&LoggingFormat>, v: &mut Validator
                         v.index(i, |v| {
                             v.error_at("key", format!("duplicate key {:?}", item.key))
                         });
+                    }
+                    if let Err(e) = super::access_log::parse(&item.value) {
+                        v.index(i, |v| v.error_at("value", e.to_string()));
                     }
                 }
             })

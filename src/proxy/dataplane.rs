@@ -36,6 +36,10 @@ use super::tls::{PeerIdentity, PeerTls};
 use super::upstream::{Body, Upstreams};
 use crate::model::proxy_config::{OutboundService, ProxyConfig, ProxyRole};
 use crate::model::shapes::{EgressFilterType, ListenerTlsMode, PortProtocol};
+use crate::telemetry::proxy::{
+    ConnectionGuard, Direction, Edge, EdgeStats, ListenerKind, ProxyMetrics,
+};
+use prometheus_client::metrics::gauge::Gauge;
 
 /// One port of a backend virtual service.
 pub struct OutboundPort {
@@ -46,6 +50,8 @@ pub struct OutboundPort {
     /// One per route of `table`, same order.
     pub targets: Vec<RouteTargets>,
     pub budget: Arc<RetryBudget>,
+    /// Requests that matched no route (or found no target).
+    pub unrouted: Arc<EdgeStats>,
 }
 
 /// A route's weighted targets, resolved to their clusters when the config is built so a
@@ -54,6 +60,8 @@ pub struct RouteTargets {
     pub picker: WeightedPicker,
     /// Per target; `None` when the config has no cluster for it.
     pub clusters: Vec<Option<Arc<Cluster>>>,
+    /// Per target.
+    pub stats: Vec<Arc<EdgeStats>>,
 }
 
 /// Where a weighted target leads, as this caller reaches it.
@@ -113,7 +121,12 @@ impl Routing {
         previous: &Routing,
         budget: BudgetSettings,
         balancer: Balancer,
+        metrics: &ProxyMetrics,
     ) -> Result<Routing, RoutingError> {
+        let direction = match config.role {
+            ProxyRole::VirtualGateway(_) => Direction::Gateway,
+            ProxyRole::VirtualNode(_) => Direction::Outbound,
+        };
         let mut r = Routing {
             mesh: config.mesh.clone(),
             role: Some(config.role.clone()),
@@ -150,7 +163,8 @@ impl Routing {
                         outlier,
                         balancer,
                         old,
-                    ),
+                    )
+                    .counting_ejections(metrics.ejections(&c.virtual_node, c.port)),
                     tls: tls_choice(config, c, policy),
                 }),
             );
@@ -158,6 +172,16 @@ impl Routing {
         for svc in &config.outbound {
             for l in &svc.listeners {
                 let table = RouteTable::new(&l.routes)?;
+                let edge = |route: &str, target: &str| {
+                    metrics.edge(Edge {
+                        direction,
+                        port: l.port,
+                        virtual_service: svc.virtual_service.clone(),
+                        route: route.to_string(),
+                        target_virtual_node: target.to_string(),
+                        caller: String::new(),
+                    })
+                };
                 let targets = table
                     .routes()
                     .map(|route| RouteTargets {
@@ -166,6 +190,11 @@ impl Routing {
                             .targets
                             .iter()
                             .map(|t| r.clusters.get(&(t.virtual_node.clone(), t.port)).cloned())
+                            .collect(),
+                        stats: route
+                            .targets
+                            .iter()
+                            .map(|t| edge(&route.name, &t.virtual_node))
                             .collect(),
                     })
                     .collect();
@@ -182,6 +211,7 @@ impl Routing {
                     table,
                     targets,
                     budget,
+                    unrouted: edge("", ""),
                 });
                 if let Some(vip) = svc.vip {
                     r.outbound
@@ -194,8 +224,10 @@ impl Routing {
             r.gateway.insert(l.port, GatewayPort::new(l)?);
         }
         for l in &config.inbound {
-            r.inbound
-                .insert(l.port, InboundPort::new(l, previous.inbound.get(&l.port)));
+            r.inbound.insert(
+                l.port,
+                InboundPort::new(l, previous.inbound.get(&l.port), config, metrics),
+            );
         }
         Ok(r)
     }
@@ -220,6 +252,27 @@ impl Routing {
                 .map(|p| (SocketAddr::new(gateway_host, *p), Kind::Gateway(*p))),
         );
         out
+    }
+
+    /// Every target's hosts, for the admin server's `/clusters`.
+    pub fn clusters_view(&self) -> serde_json::Value {
+        let mut clusters: Vec<_> = self
+            .clusters
+            .values()
+            .map(|c| {
+                serde_json::json!({
+                    "name": c.name,
+                    "tls": match &c.tls {
+                        PeerTlsChoice::Plain => "plaintext",
+                        PeerTlsChoice::Mtls { required: true, .. } => "mtls",
+                        PeerTlsChoice::Mtls { required: false, .. } => "mtls-when-possible",
+                    },
+                    "hosts": c.endpoints.view(),
+                })
+            })
+            .collect();
+        clusters.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        serde_json::json!({ "clusters": clusters })
     }
 
     /// A backend by the name and port a request carries (`Host`), or by its VIP.
@@ -308,6 +361,9 @@ pub struct DataplaneSettings {
 
 pub struct Shared {
     pub routing: watch::Receiver<Arc<Routing>>,
+    pub metrics: Arc<ProxyMetrics>,
+    /// Inbound requests that name no listener of this node.
+    pub unrouted_inbound: Arc<EdgeStats>,
     pub upstreams: Upstreams,
     pub settings: DataplaneSettings,
     pub drain: Drain,
@@ -362,6 +418,13 @@ pub struct Listeners {
     pub outbound: Option<TcpListener>,
 }
 
+/// What the data plane reports to the admin server: its metrics, and the routing in force
+/// (for `/clusters`).
+pub struct Reporting {
+    pub metrics: Arc<ProxyMetrics>,
+    pub routing: watch::Sender<Arc<Routing>>,
+}
+
 /// Serves the listeners and the VIP listeners of each config in force until `stop`.
 pub async fn run(
     settings: DataplaneSettings,
@@ -369,10 +432,23 @@ pub async fn run(
     identity: Arc<PeerIdentity>,
     mut config: watch::Receiver<Option<Arc<AppliedConfig>>>,
     mut stop: watch::Receiver<bool>,
+    reporting: Reporting,
 ) {
-    let (routing_tx, routing) = watch::channel(Arc::new(Routing::default()));
+    let Reporting {
+        metrics,
+        routing: routing_tx,
+    } = reporting;
     let shared = Arc::new(Shared {
-        routing,
+        routing: routing_tx.subscribe(),
+        unrouted_inbound: metrics.edge(Edge {
+            direction: Direction::Inbound,
+            port: 0,
+            virtual_service: String::new(),
+            route: String::new(),
+            target_virtual_node: String::new(),
+            caller: String::new(),
+        }),
+        metrics,
         upstreams: Upstreams::new(identity),
         settings,
         drain: Drain::default(),
@@ -381,7 +457,8 @@ pub async fn run(
         vec![tokio::spawn(inbound::serve(shared.clone(), listeners.inbound)).abort_handle()];
     if let Some(l) = listeners.outbound {
         let s = shared.clone();
-        let task = tokio::spawn(serve(shared.drain.clone(), l, move |req| {
+        let connections = shared.metrics.connections(ListenerKind::Outbound);
+        let task = tokio::spawn(serve(shared.drain.clone(), l, connections, move |req| {
             let s = s.clone();
             async move { Ok::<_, Infallible>(outbound::explicit(&s, req).await) }
         }));
@@ -397,6 +474,7 @@ pub async fn run(
                 &previous,
                 shared.settings.budget,
                 shared.settings.balancer,
+                &shared.metrics,
             ) {
                 Ok(r) => {
                     let wanted =
@@ -406,6 +484,7 @@ pub async fn run(
                         inbound::client_roots(&applied.config),
                     );
                     routing_tx.send_replace(Arc::new(r));
+                    shared.metrics.set_config_version(applied.version);
                     reconcile(&shared, &mut vips, &wanted).await;
                 }
                 // `discovery::check` refuses such configs; a cached one may still be bad.
@@ -460,10 +539,20 @@ async fn reconcile(
                 let local = *addr;
                 let task = match *kind {
                     Kind::Tcp => tokio::spawn(outbound::serve_tcp(shared, listener, local)),
-                    Kind::Http => tokio::spawn(serve(shared.drain.clone(), listener, move |req| {
-                        let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(outbound::vip(&shared, local, req).await) }
-                    })),
+                    Kind::Http => {
+                        let connections = shared.metrics.connections(ListenerKind::Vip);
+                        tokio::spawn(serve(
+                            shared.drain.clone(),
+                            listener,
+                            connections,
+                            move |req| {
+                                let shared = shared.clone();
+                                async move {
+                                    Ok::<_, Infallible>(outbound::vip(&shared, local, req).await)
+                                }
+                            },
+                        ))
+                    }
                     Kind::Gateway(port) => tokio::spawn(gateway_tls::serve(shared, listener, port)),
                 };
                 vips.insert(*addr, task.abort_handle());
@@ -504,15 +593,21 @@ pub async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, SocketAdd
     }
 }
 
-/// Accepts connections and serves each (HTTP/1.1 or h2c) in its own task.
-pub async fn serve<F, Fut>(drain: Drain, listener: TcpListener, handler: F)
+/// Accepts connections and serves each (HTTP/1.1 or h2c) in its own task, counted on
+/// `connections` while open.
+pub async fn serve<F, Fut>(drain: Drain, listener: TcpListener, connections: Gauge, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     loop {
         let (tcp, _) = accept(&listener).await;
-        tokio::spawn(serve_plain(drain.clone(), tcp, handler.clone()));
+        let open = ConnectionGuard::new(connections.clone());
+        let served = serve_plain(drain.clone(), tcp, handler.clone());
+        tokio::spawn(async move {
+            served.await;
+            drop(open);
+        });
     }
 }
 

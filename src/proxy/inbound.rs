@@ -7,6 +7,7 @@
 //! virtual service that routes here among its backends), its connection pool (503 when full),
 //! then the app.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,11 +22,16 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::dataplane::{Shared, http_builder};
 use super::guard;
 use super::idle;
+use super::stats;
 use super::tls::{self, Caller};
 use super::tunnel;
-use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError, boxed};
-use crate::model::proxy_config::{InboundListener, ProxyConfig, Timeouts};
+use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError, boxed, incoming};
+use crate::model::proxy_config::{InboundListener, ProxyConfig, ProxyRole, Timeouts};
 use crate::model::shapes::{ListenerTlsMode, PortProtocol, VirtualNodeConnectionPool};
+use crate::telemetry::proxy::{
+    ConnectionGuard, Direction, Edge, EdgeStats, ListenerKind, ProxyMetrics,
+};
+use prometheus_client::metrics::counter::Counter;
 
 /// One of the node's listeners, as the inbound side applies it.
 pub struct InboundPort {
@@ -35,10 +41,29 @@ pub struct InboundPort {
     /// The caller's certificate must carry one of these SANs (empty: any).
     pub client_sans: Vec<String>,
     pub pool: Option<Arc<Pool>>,
+    /// Per allowed caller; `others` for plaintext callers and refused ones (a bounded label).
+    callers: HashMap<ProxyRole, Arc<EdgeStats>>,
+    others: Arc<EdgeStats>,
+    overflows: Counter,
 }
 
 impl InboundPort {
-    pub fn new(l: &InboundListener, previous: Option<&InboundPort>) -> Self {
+    pub fn new(
+        l: &InboundListener,
+        previous: Option<&InboundPort>,
+        config: &ProxyConfig,
+        metrics: &ProxyMetrics,
+    ) -> Self {
+        let edge = |caller: String| {
+            metrics.edge(Edge {
+                direction: Direction::Inbound,
+                port: l.port,
+                virtual_service: String::new(),
+                route: String::new(),
+                target_virtual_node: String::new(),
+                caller,
+            })
+        };
         let limits = l.connection_pool.as_ref().map(PoolLimits::from);
         // The counters carry over while the limits stay.
         let pool = limits.map(|limits| match previous.and_then(|p| p.pool.as_ref()) {
@@ -57,7 +82,23 @@ impl InboundPort {
                 .map(|s| s.r#match.exact.clone())
                 .unwrap_or_default(),
             pool,
+            callers: config
+                .allowed_callers
+                .iter()
+                .map(|c| (c.clone(), edge(c.resource_name())))
+                .collect(),
+            others: edge(String::new()),
+            overflows: metrics.pool_overflows(l.port),
         }
+    }
+
+    /// The counters of requests from `caller`.
+    fn stats(&self, caller: &Caller) -> &Arc<EdgeStats> {
+        caller
+            .role
+            .as_ref()
+            .and_then(|(_, role)| self.callers.get(role))
+            .unwrap_or(&self.others)
     }
 }
 
@@ -152,9 +193,15 @@ impl Pool {
 
 /// Accepts peers' connections until aborted.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let connections = shared.metrics.connections(ListenerKind::Inbound);
     loop {
         let (tcp, from) = super::dataplane::accept(&listener).await;
-        tokio::spawn(connection(shared.clone(), tcp, from));
+        let open = ConnectionGuard::new(connections.clone());
+        let served = connection(shared.clone(), tcp, from);
+        tokio::spawn(async move {
+            served.await;
+            drop(open);
+        });
     }
 }
 
@@ -183,6 +230,9 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr) {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(%from, error = %e, "mTLS handshake refused");
+            shared
+                .metrics
+                .tls_handshake_failed(Direction::Inbound, stats::tls_failure_reason(&e));
             return;
         }
     };
@@ -206,53 +256,71 @@ where
     drain.serve(conn).await;
 }
 
-async fn request(
+async fn request(shared: &Shared, caller: &Caller, req: Request<Incoming>) -> http::Response<Body> {
+    let started = std::time::Instant::now();
+    let routing = shared.routing.borrow().clone();
+    let (resp, stats) = to_app(shared, &routing, caller, req).await;
+    let stats = stats.unwrap_or_else(|| shared.unrouted_inbound.clone());
+    stats.answered(resp.status().as_u16(), started.elapsed());
+    resp.map(|body| stats::count_body(body, &stats.response_bytes))
+}
+
+/// The phases of an inbound request; the counters of its listener and caller, once known.
+async fn to_app(
     shared: &Shared,
+    routing: &super::dataplane::Routing,
     caller: &Caller,
     mut req: Request<Incoming>,
-) -> http::Response<Body> {
+) -> (http::Response<Body>, Option<Arc<EdgeStats>>) {
     let port = req
         .headers_mut()
         .remove(TARGET_PORT)
         .and_then(|v| v.to_str().ok().and_then(|s| s.parse::<u16>().ok()));
     let Some(port) = port else {
-        return UpstreamError::BadRequest(format!("missing or invalid {TARGET_PORT}")).response();
+        let e = UpstreamError::BadRequest(format!("missing or invalid {TARGET_PORT}"));
+        return (e.response(), None);
     };
-    let routing = shared.routing.borrow().clone();
     let Some(listener) = routing.inbound.get(&port) else {
-        return UpstreamError::NoEndpoint(format!("this node has no listener on port {port}"))
-            .response();
+        let e = UpstreamError::NoEndpoint(format!("this node has no listener on port {port}"));
+        return (e.response(), None);
     };
-    if let Err(e) = admit(shared, &routing, listener, port, caller) {
+    let stats = listener.stats(caller).clone();
+    if let Err(e) = admit(shared, routing, listener, port, caller) {
         tracing::info!(caller = %caller.describe(), port, error = %e, "inbound request refused");
-        return e.response();
+        return (e.response(), Some(stats));
     }
     let slot = match &listener.pool {
         Some(pool) => match pool.admit().await {
             Ok(p) => Some(p),
-            Err(e) => return e.response(),
+            Err(e) => {
+                listener.overflows.inc();
+                return (e.response(), Some(stats));
+            }
         },
         None => None,
     };
     let addr = SocketAddr::new(shared.settings.app_host, port);
     if tunnel::is_upgrade(&req) {
-        return upgrade_to_app(listener, addr, req, slot)
+        let resp = upgrade_to_app(listener, addr, req, slot)
             .await
             .unwrap_or_else(|e| e.response());
+        return (resp, Some(stats));
     }
     if listener.protocol == PortProtocol::Tcp {
-        return UpstreamError::BadRequest(format!(
+        let e = UpstreamError::BadRequest(format!(
             "port {port} is a TCP listener: only tunnels reach it"
-        ))
-        .response();
+        ));
+        return (e.response(), Some(stats));
     }
     let h2 = matches!(listener.protocol, PortProtocol::Http2 | PortProtocol::Grpc);
-    shared
+    let req = req.map(|b| stats::count_body(incoming(b), &stats.request_bytes));
+    let resp = shared
         .upstreams
-        .send(Hop::App { addr, h2 }, req.map(boxed))
+        .send(Hop::App { addr, h2 }, req)
         .await
         .map(|resp| resp.map(|body| idle::limit(body, listener.timeouts.idle())))
-        .unwrap_or_else(|e| e.response())
+        .unwrap_or_else(|e| e.response());
+    (resp, Some(stats))
 }
 
 /// A TCP tunnel (to a `tcp` listener) or an upgrade such as WebSocket (on an `http` one), on

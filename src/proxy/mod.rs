@@ -1,9 +1,11 @@
 //! The data-plane proxy for one virtual node or virtual gateway: `discovery` (its only link to
-//! the control plane), `identity` (its certificate), `health` (the local app's checks), and the
+//! the control plane), `identity` (its certificate), `health` (the local app's checks), `admin`
+//! (its admin server) and `stats` (its metrics on the request path), and the
 //! request path: `dataplane` (listeners and the compiled routing), `outbound` (route, target,
 //! retries), `inbound` (mTLS, access, pools), `tunnel` (upgrades, TCP, CONNECT), `route`,
 //! `balance`, `outlier`, `retry`, `tls` and `upstream` (connection pools).
 
+pub mod admin;
 pub mod balance;
 pub mod dataplane;
 pub mod discovery;
@@ -20,6 +22,7 @@ pub mod outlier;
 pub mod replay;
 pub mod retry;
 pub mod route;
+pub mod stats;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;

@@ -23,11 +23,13 @@ use super::replay::Replayable;
 use super::retry::RetryBudget;
 use super::retry::{Outcome, retryable};
 use super::route::{RequestHead, SentScheme};
+use super::stats;
 use super::tls::PeerTls;
 use super::tunnel;
-use super::upstream::{Body, Hop, PeerStream, TARGET_PORT, UpstreamError, boxed, full};
+use super::upstream::{Body, Hop, PeerStream, TARGET_PORT, UpstreamError, boxed, full, incoming};
 use crate::model::proxy_config::{CompiledRoute, RetryPolicy, Target};
 use crate::model::shapes::{EgressFilterType, PortProtocol};
+use crate::telemetry::proxy::EdgeStats;
 
 /// A request to a backend's VIP:port.
 pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Incoming>) -> Response<Body> {
@@ -112,50 +114,67 @@ pub(crate) fn authority<B>(req: &Request<B>) -> Option<(String, u16)> {
     Some((a.host().to_string(), a.port_u16().unwrap_or(80)))
 }
 
-/// One request to a backend port: route, target, attempts.
+/// One request to a backend port: route, target, attempts; counted on the edge it took.
 pub async fn forward(
     shared: &Shared,
     port: &OutboundPort,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let (resp, stats) = route_and_send(shared, port, req).await;
+    stats.answered(resp.status().as_u16(), started.elapsed());
+    resp.map(|body| stats::count_body(body, &stats.response_bytes))
+}
+
+async fn route_and_send(
+    shared: &Shared,
+    port: &OutboundPort,
+    mut req: Request<Incoming>,
+) -> (Response<Body>, Arc<EdgeStats>) {
     if port.protocol == PortProtocol::Tcp {
-        return UpstreamError::BadRequest(format!(
+        let e = UpstreamError::BadRequest(format!(
             "{}:{} is a TCP port: send a CONNECT, or connect to its VIP",
             port.service, port.port
-        ))
-        .response();
+        ));
+        return (e.response(), port.unrouted.clone());
     }
     let head = RequestHead::of(&req, port.port);
     let Some(i) = port.table.select_index(&head) else {
-        return UpstreamError::NoRoute.response();
+        return (UpstreamError::NoRoute.response(), port.unrouted.clone());
     };
     let (Some(route), Some(targets)) = (port.table.route(i), port.targets.get(i)) else {
-        return UpstreamError::NoRoute.response();
+        return (UpstreamError::NoRoute.response(), port.unrouted.clone());
     };
-    let (target, cluster) = match pick_target(route, targets) {
-        Ok(t) => t,
-        Err(e) => return e.response(),
+    let (target, cluster, stats) = match pick_target(route, targets) {
+        Ok((target, cluster, stats)) => (target, cluster, stats.clone()),
+        Err(e) => return (e.response(), port.unrouted.clone()),
     };
     if tunnel::is_upgrade(&req) {
         let downstream = hyper::upgrade::on(&mut req);
-        return upgrade(shared, cluster, target.port, route, req, downstream)
+        let resp = upgrade(shared, cluster, target.port, route, req, downstream)
             .await
             .unwrap_or_else(|e| e.response());
+        return (resp, stats);
     }
     port.budget.request();
     let limit = route.timeouts.per_request_ms;
-    let attempts = attempts(shared, port, route, cluster, target.port, req);
+    let req = req.map(|b| stats::count_body(incoming(b), &stats.request_bytes));
+    let attempts = attempts(shared, port, route, cluster, target.port, &stats, req);
     let result = if limit == 0 {
         attempts.await
     } else {
         tokio::time::timeout(Duration::from_millis(limit), attempts)
             .await
-            .unwrap_or(Err(UpstreamError::Timeout(limit)))
+            .unwrap_or_else(|_| {
+                stats.per_request_timeouts.inc();
+                Err(UpstreamError::Timeout(limit))
+            })
     };
-    match result {
+    let resp = match result {
         Ok(resp) => resp.map(|body| idle::limit(body, route.timeouts.idle())),
         Err(e) => e.response(),
-    }
+    };
+    (resp, stats)
 }
 
 async fn attempts(
@@ -164,7 +183,8 @@ async fn attempts(
     route: &CompiledRoute,
     cluster: &Arc<Cluster>,
     target_port: u16,
-    req: Request<Incoming>,
+    stats: &EdgeStats,
+    req: Request<Body>,
 ) -> Result<Response<Body>, UpstreamError> {
     let mut replay = Replayable::new(req, route.retry.max_retries > 0).await?;
     let tls = peer_tls(shared, cluster)?;
@@ -183,6 +203,7 @@ async fn attempts(
         &route.retry,
         &port.budget,
         &cluster.endpoints,
+        stats,
         can_replay,
         send,
     )
@@ -196,6 +217,7 @@ pub async fn retry_loop<F, Fut>(
     policy: &RetryPolicy,
     budget: &RetryBudget,
     endpoints: &EndpointSet,
+    stats: &EdgeStats,
     can_replay: impl Fn() -> bool,
     mut send: F,
 ) -> Result<Response<Body>, UpstreamError>
@@ -223,17 +245,22 @@ where
             0 => attempt.await,
             ms => tokio::time::timeout(Duration::from_millis(ms), attempt)
                 .await
-                .unwrap_or(Err(UpstreamError::Timeout(ms))),
+                .unwrap_or_else(|_| {
+                    stats.per_retry_timeouts.inc();
+                    Err(UpstreamError::Timeout(ms))
+                }),
         };
         let outcome = outcome(&result);
         endpoints.record(picked, outcome.is_server_error());
-        let again = n <= policy.max_retries
-            && retryable(policy, outcome)
-            && can_replay()
-            && budget.try_retry();
-        if !again {
+        let wanted = n <= policy.max_retries && retryable(policy, outcome) && can_replay();
+        if !wanted {
             return result;
         }
+        if !budget.try_retry() {
+            stats.budget_exhausted.inc();
+            return result;
+        }
+        stats.retries.inc();
         tracing::debug!(%addr, ?outcome, attempt = n, "retrying");
         tokio::time::sleep(backoff(n)).await;
         previous = Some(addr);
@@ -277,14 +304,20 @@ async fn upgrade(
     tunnel::upgrade(io, addr, req, downstream, route.timeouts.idle()).await
 }
 
-/// One of the route's weighted targets and its cluster.
+/// One of the route's weighted targets, its cluster and its counters.
 fn pick_target<'a>(
     route: &'a CompiledRoute,
     targets: &'a RouteTargets,
-) -> Result<(&'a Target, &'a Arc<Cluster>), UpstreamError> {
+) -> Result<(&'a Target, &'a Arc<Cluster>, &'a Arc<EdgeStats>), UpstreamError> {
     let t = targets.picker.pick();
-    match t.map(|t| (route.targets.get(t), targets.clusters.get(t))) {
-        Some((Some(target), Some(Some(cluster)))) => Ok((target, cluster)),
+    match t.map(|t| {
+        (
+            route.targets.get(t),
+            targets.clusters.get(t),
+            targets.stats.get(t),
+        )
+    }) {
+        Some((Some(target), Some(Some(cluster)), Some(stats))) => Ok((target, cluster, stats)),
         _ => Err(UpstreamError::NoEndpoint(format!("route {}", route.name))),
     }
 }
@@ -315,7 +348,7 @@ where
     let r = async {
         let route = port.table.route(0).ok_or(UpstreamError::NoRoute)?;
         let targets = port.targets.first().ok_or(UpstreamError::NoRoute)?;
-        let (target, cluster) = pick_target(route, targets)?;
+        let (target, cluster, _) = pick_target(route, targets)?;
         let (addr, io) = connect_one(shared, cluster).await?;
         let upstream = tunnel::open_tcp(io, addr, target.port).await?;
         Ok::<_, UpstreamError>((upstream, route.timeouts.idle()))
@@ -465,6 +498,7 @@ mod tests {
         policy: &RetryPolicy,
         budget: &RetryBudget,
         endpoints: &EndpointSet,
+        stats: &EdgeStats,
         answers: Vec<(u16, Duration)>,
     ) -> (u16, Vec<SocketAddr>) {
         let tried = Mutex::new(Vec::new());
@@ -473,6 +507,7 @@ mod tests {
             policy,
             budget,
             endpoints,
+            stats,
             || true,
             |addr, _| {
                 tried.lock().unwrap().push(addr);
@@ -494,25 +529,27 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retries_fire_on_the_policys_events_up_to_max_retries_on_other_hosts() {
+        let stats = EdgeStats::detached();
         let budget = RetryBudget::new(BudgetSettings::default());
         let set = hosts(3);
         let p = default_retry();
         let zero = Duration::ZERO;
         // 503 twice, then 200: three attempts, three different hosts.
-        let (code, tried) = run(&p, &budget, &set, vec![(503, zero), (503, zero)]).await;
+        let (code, tried) = run(&p, &budget, &set, &stats, vec![(503, zero), (503, zero)]).await;
         assert_eq!(code, 200);
         assert_eq!(tried.len(), 3);
         assert!(tried[0] != tried[1] && tried[1] != tried[2], "{tried:?}");
         // 503 three times: max_retries 2, the third answer stands.
-        let (code, tried) = run(&p, &budget, &set, vec![(503, zero); 5]).await;
+        let (code, tried) = run(&p, &budget, &set, &stats, vec![(503, zero); 5]).await;
         assert_eq!((code, tried.len()), (503, 3));
         // 500 is not in the default policy.
-        let (code, tried) = run(&p, &budget, &set, vec![(500, zero); 5]).await;
+        let (code, tried) = run(&p, &budget, &set, &stats, vec![(500, zero); 5]).await;
         assert_eq!((code, tried.len()), (500, 1));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_per_retry_timeout_bounds_each_attempt_and_the_last_answers_504() {
+        let stats = EdgeStats::detached();
         let budget = RetryBudget::new(BudgetSettings::default());
         let set = hosts(2);
         let mut p = default_retry();
@@ -521,7 +558,7 @@ mod tests {
         p.max_retries = 3;
         let slow = (200, Duration::from_secs(10));
         let start = tokio::time::Instant::now();
-        let (code, tried) = run(&p, &budget, &set, vec![slow; 4]).await;
+        let (code, tried) = run(&p, &budget, &set, &stats, vec![slow; 4]).await;
         assert_eq!((code, tried.len()), (504, 4));
         // Four 100 ms attempts plus back-offs of at most 50 + 100 + 200 ms.
         let took = start.elapsed();
@@ -530,24 +567,36 @@ mod tests {
             "{took:?}"
         );
         // A slow answer within the per-retry timeout is fine.
-        let (code, tried) = run(&p, &budget, &set, vec![(200, Duration::from_millis(99))]).await;
+        let (code, tried) = run(
+            &p,
+            &budget,
+            &set,
+            &stats,
+            vec![(200, Duration::from_millis(99))],
+        )
+        .await;
         assert_eq!((code, tried.len()), (200, 1));
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_per_request_timeout_covers_all_attempts() {
+        let stats = EdgeStats::detached();
         let budget = RetryBudget::new(BudgetSettings::default());
         let set = hosts(2);
         let mut p = default_retry();
         p.per_retry_timeout_ms = 0;
         let slow = vec![(503, Duration::from_millis(400)); 3];
-        let r =
-            tokio::time::timeout(Duration::from_millis(1000), run(&p, &budget, &set, slow)).await;
+        let r = tokio::time::timeout(
+            Duration::from_millis(1000),
+            run(&p, &budget, &set, &stats, slow),
+        )
+        .await;
         assert!(r.is_err(), "three 400 ms attempts cannot finish in 1 s");
     }
 
     #[tokio::test(start_paused = true)]
     async fn retries_stop_at_the_budget() {
+        let stats = EdgeStats::detached();
         let budget = RetryBudget::new(BudgetSettings {
             ratio: 0.2,
             min_per_second: 0,
@@ -555,20 +604,27 @@ mod tests {
         });
         let set = hosts(2);
         let p = default_retry();
-        let mut attempts = 0;
+        let (mut attempts, mut all_retried) = (0, 0);
         for _ in 0..100 {
             budget.request();
-            attempts += run(&p, &budget, &set, vec![(503, Duration::ZERO); 3])
+            let n = run(&p, &budget, &set, &stats, vec![(503, Duration::ZERO); 3])
                 .await
                 .1
                 .len();
+            attempts += n;
+            all_retried += u64::from(n == 3);
         }
         // 100 requests, 20 % of them as retries: 120 attempts, not 300.
         assert!((118..=120).contains(&attempts), "{attempts}");
+        // The metrics say the same: each retry counted; each request that wanted another
+        // retry (all did, up to 2) and was refused counted once as budget exhaustion.
+        assert_eq!(stats.retries.get() as usize, attempts - 100);
+        assert_eq!(stats.budget_exhausted.get(), 100 - all_retried);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_streamed_body_is_never_sent_twice() {
+        let stats = EdgeStats::detached();
         let budget = RetryBudget::new(BudgetSettings::default());
         let set = hosts(2);
         let calls = Mutex::new(0);
@@ -576,6 +632,7 @@ mod tests {
             &default_retry(),
             &budget,
             &set,
+            &stats,
             || false,
             |_, _| {
                 *calls.lock().unwrap() += 1;

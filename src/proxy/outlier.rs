@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
 use super::balance::{Balancer, PeakEwma, random_u64};
@@ -87,6 +88,17 @@ pub struct EndpointSet {
     next: AtomicUsize,
     outlier: Option<OutlierSettings>,
     balancer: Balancer,
+    ejections: Counter,
+}
+
+/// One host as `/clusters` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HostView {
+    pub address: SocketAddr,
+    pub ejected: bool,
+    pub times_ejected: u32,
+    pub consecutive_server_errors: u32,
+    pub active_requests: u32,
 }
 
 impl EndpointSet {
@@ -108,7 +120,29 @@ impl EndpointSet {
             next: AtomicUsize::new(0),
             outlier,
             balancer,
+            ejections: Counter::default(),
         }
+    }
+
+    /// Ejections are also counted on `counter` (the target's metric).
+    pub fn counting_ejections(mut self, counter: Counter) -> Self {
+        self.ejections = counter;
+        self
+    }
+
+    /// Each host's state now.
+    pub fn view(&self) -> Vec<HostView> {
+        let now = Instant::now();
+        self.hosts
+            .iter()
+            .map(|(addr, h)| HostView {
+                address: *addr,
+                ejected: self.ejected(h, now),
+                times_ejected: h.ejection.lock().unwrap_or_else(|e| e.into_inner()).times,
+                consecutive_server_errors: h.consecutive_errors.load(Ordering::Relaxed),
+                active_requests: h.in_flight.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -239,6 +273,7 @@ impl EndpointSet {
         if e.since.is_none() {
             e.since = Some(now);
             e.times += 1;
+            self.ejections.inc();
             tracing::info!(%addr, times = e.times, "host ejected (outlier detection)");
         }
     }

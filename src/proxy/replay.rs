@@ -10,10 +10,10 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Uri, Version};
-use http_body_util::{BodyExt, Limited, StreamBody};
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Body as _, Frame, SizeHint};
 
-use super::upstream::{Body, BoxError, TARGET_PORT, UpstreamError, boxed, full};
+use super::upstream::{Body, BoxError, TARGET_PORT, UpstreamError, full};
 
 /// Bodies up to this size are kept for a retry (Envoy's default buffer); a larger one is not
 /// retried.
@@ -35,11 +35,11 @@ enum Kept {
     Whole(Bytes),
     /// Streaming to the first attempt (until taken), copied as it goes.
     Teed {
-        body: Option<Incoming>,
+        body: Option<Body>,
         copy: Arc<Mutex<Copy>>,
     },
     /// Streaming, not kept (no retries planned).
-    Once(Option<Incoming>),
+    Once(Option<Body>),
 }
 
 #[derive(Default)]
@@ -53,7 +53,7 @@ struct Copy {
 
 impl Replayable {
     /// `keep`: retries are possible, so keep the body.
-    pub async fn new(req: Request<Incoming>, keep: bool) -> Result<Self, UpstreamError> {
+    pub async fn new(req: Request<Body>, keep: bool) -> Result<Self, UpstreamError> {
         let (parts, body) = req.into_parts();
         let kept = if body.is_end_stream() {
             Kept::Whole(Bytes::new())
@@ -64,12 +64,7 @@ impl Replayable {
             .exact()
             .is_some_and(|s| s <= MAX_REPLAY_BYTES)
         {
-            let bytes = Limited::new(body, MAX_REPLAY_BYTES as usize)
-                .collect()
-                .await
-                .map_err(|e| UpstreamError::BadRequest(format!("reading the request body: {e}")))?
-                .to_bytes();
-            Kept::Whole(bytes)
+            Kept::Whole(read_whole(body).await?)
         } else {
             Kept::Teed {
                 body: Some(body),
@@ -107,12 +102,13 @@ impl Replayable {
     pub fn attempt(&mut self, n: u32, target_port: u16) -> Option<Request<Body>> {
         let body = match &mut self.kept {
             Kept::Whole(b) => full(b.clone()),
-            Kept::Once(b) => boxed(b.take()?),
+            Kept::Once(b) => b.take()?,
             Kept::Teed { body, copy } => match body.take() {
-                Some(inner) => boxed(Tee {
+                Some(inner) => Tee {
                     inner,
                     copy: copy.clone(),
-                }),
+                }
+                .boxed(),
                 None => replay(&copy.lock().unwrap_or_else(|e| e.into_inner()))?,
             },
         };
@@ -145,20 +141,40 @@ fn replay(copy: &Copy) -> Option<Body> {
     Some(StreamBody::new(futures_util::stream::iter(frames)).boxed())
 }
 
+/// A body of declared size, read in full (never more than the replay limit). Not `Limited`:
+/// its `Into<BoxError>` bound on a boxed body trips rustc's higher-ranked Send check in the
+/// request path's futures.
+async fn read_whole(mut body: Body) -> Result<Bytes, UpstreamError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| UpstreamError::BadRequest(format!("reading the request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() + data.len()) as u64 > MAX_REPLAY_BYTES {
+                return Err(UpstreamError::BadRequest(
+                    "the request body is larger than its declared length".into(),
+                ));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
 /// The first attempt's body: passes frames on and copies them.
 struct Tee {
-    inner: Incoming,
+    inner: Body,
     copy: Arc<Mutex<Copy>>,
 }
 
 impl hyper::body::Body for Tee {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         let ended = self.inner.is_end_stream();
         let mut c = self.copy.lock().unwrap_or_else(|e| e.into_inner());

@@ -37,6 +37,12 @@ where
     body.map_err(Into::into).boxed()
 }
 
+/// A request body as it arrived, as a hop's [`Body`]. Not generic: inside the request path's
+/// futures, `boxed`'s `Into<BoxError>` bound trips rustc's higher-ranked Send check.
+pub fn incoming(body: hyper::body::Incoming) -> Body {
+    body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
+}
+
 /// The header that tells a peer's inbound listener which of its app's ports a request is for.
 pub const TARGET_PORT: &str = "x-trellis-target-port";
 

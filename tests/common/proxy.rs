@@ -69,6 +69,8 @@ impl Proxy {
                 &format!("{advertise}:0"),
                 "--outbound-addr",
                 &format!("{advertise}:0"),
+                "--admin-addr",
+                &format!("{advertise}:0"),
             ])
             .args(extra)
             .stdin(Stdio::null())
@@ -121,6 +123,22 @@ impl Proxy {
             found.is_some()
         });
         assert!(ok, "proxy never listened:\n{}", self.log());
+        found.unwrap()
+    }
+
+    /// The admin server's address (`/metrics`, `/ready`, `/clusters` …).
+    pub fn admin(&self) -> SocketAddr {
+        let mut found = None;
+        let ok = wait_until(Duration::from_secs(20), || {
+            found = self.stdout.lock().unwrap().iter().find_map(|l| {
+                l.strip_prefix("trellis proxy admin: http://")?
+                    .trim()
+                    .parse()
+                    .ok()
+            });
+            found.is_some()
+        });
+        assert!(ok, "no admin server:\n{}", self.log());
         found.unwrap()
     }
 

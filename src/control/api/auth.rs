@@ -33,8 +33,11 @@ pub async fn authenticate(State(s): Shared, req: Request<Body>, next: Next) -> R
         return next.run(req).await;
     };
     // Load balancers and systemd probe health without keys, and the trust bundle is public:
-    // it is how a client learns what to pin.
-    if req.method() == Method::GET && matches!(req.uri().path(), "/v1/health" | "/v1/ca") {
+    // it is how a client learns what to pin. Metrics name no mesh resource (operations,
+    // response codes, raft figures), and Prometheus scrapes without signing, as etcd's.
+    if req.method() == Method::GET
+        && matches!(req.uri().path(), "/v1/health" | "/v1/ca" | "/metrics")
+    {
         return next.run(req).await;
     }
     // SigV4 signs the path with dot segments resolved and empty ones dropped: one signature

@@ -35,6 +35,7 @@ use crate::control::raft::Consensus;
 use crate::model::resource::{Status, parse_arn};
 use crate::model::validate::Validator;
 use crate::model::{ApiError, Command, Owner, ResourceKey, ResourceKind};
+use crate::telemetry::control::{ControlMetrics, RaftFigures};
 
 /// What the API handlers share.
 pub struct ApiState {
@@ -45,6 +46,7 @@ pub struct ApiState {
     pub proxies: crate::control::xds::ProxyTable,
     /// SigV4 settings; `None`: every caller is admin (dev mode, loopback only).
     pub auth: Option<AuthSettings>,
+    pub metrics: Arc<ControlMetrics>,
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -141,6 +143,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v20190125/untag", put(untag_resource))
         .route("/v20190125/tags", get(list_tags))
         .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/proxies", get(proxies))
         .route("/v1/members", get(cluster::members))
         .route("/v1/members/{id}", axum::routing::delete(cluster::remove))
@@ -172,7 +175,83 @@ pub fn router(state: Arc<ApiState>) -> Router {
             auth::authenticate,
         ))
         .layer(axum::middleware::from_fn(request_id))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// Counts every request by its App Mesh operation (or admin path) and status, with latency.
+async fn observe(State(s): Shared, req: Request<Body>, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let op = operation(
+        req.method(),
+        req.extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map(|m| m.as_str()),
+    );
+    let resp = next.run(req).await;
+    s.metrics
+        .api_request(&op, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+/// The App Mesh operation a method and route template stand for (`CreateVirtualNode`,
+/// `ListMeshes` …); admin routes by method and template; `unmatched` for the rest, so the
+/// label stays bounded whatever clients send.
+fn operation(method: &Method, template: Option<&str>) -> String {
+    let Some(t) = template else {
+        return "unmatched".into();
+    };
+    for kind in ResourceKind::ALL {
+        let seg = kind.arn_segment();
+        let name = format!("{}{}", seg[..1].to_ascii_uppercase(), &seg[1..]);
+        let coll = collection_path(kind);
+        let is_item = if kind == ResourceKind::Mesh {
+            t == "/v20190125/meshes/{meshName}"
+        } else {
+            t.strip_prefix(coll) == Some("/{name}")
+        };
+        let op = match (t == coll, is_item, method.as_str()) {
+            (true, _, "GET") if kind == ResourceKind::Mesh => "ListMeshes".to_string(),
+            (true, _, "GET") => format!("List{name}s"),
+            (true, _, "PUT") => format!("Create{name}"),
+            (_, true, "GET") => format!("Describe{name}"),
+            (_, true, "PUT") => format!("Update{name}"),
+            (_, true, "DELETE") => format!("Delete{name}"),
+            _ => continue,
+        };
+        return op;
+    }
+    match t {
+        "/v20190125/tag" => "TagResource".into(),
+        "/v20190125/untag" => "UntagResource".into(),
+        "/v20190125/tags" => "ListTagsForResource".into(),
+        _ => format!("{method} {t}"),
+    }
+}
+
+/// The node's metrics, raft's figures and the connected proxies read now.
+async fn metrics(State(s): Shared) -> Response {
+    let info = s.consensus.node_info();
+    s.metrics.set_raft(RaftFigures {
+        term: info.term,
+        leader: info.leader.unwrap_or(0),
+        is_leader: info.leader == Some(info.node_id),
+        last_log_index: info.last_log_index,
+        committed_index: info.committed_index,
+        applied_index: info.applied_index,
+        members: info.members.len() as u64,
+    });
+    let proxies = s.proxies.lock().unwrap_or_else(|e| e.into_inner()).len();
+    s.metrics.set_proxies(proxies);
+    let text = crate::telemetry::encode(s.metrics.registry());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::telemetry::CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// Every answer carries `x-amzn-RequestId` (botocore copies it into ResponseMetadata).

@@ -4,6 +4,8 @@
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
@@ -16,11 +18,21 @@ use crate::control::store::{Store, keys};
 #[derive(Clone)]
 pub struct LogStore {
     store: Store,
+    /// The last commit index raft saved, for the node's metrics.
+    committed: Arc<AtomicU64>,
 }
 
 impl LogStore {
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            committed: Arc::default(),
+        }
+    }
+
+    /// The commit index as last saved (0 before the first).
+    pub fn committed(&self) -> Arc<AtomicU64> {
+        self.committed.clone()
     }
 
     fn read_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError<u64>> {
@@ -110,6 +122,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     ) -> Result<(), StorageError<u64>> {
         // A hint for faster recovery, not needed for safety: a lost value only means openraft
         // re-derives the commit point after the next election. So no fsync per commit.
+        if let Some(c) = committed {
+            self.committed.store(c.index, Ordering::Relaxed);
+        }
         let bytes = serde_json::to_vec(&committed).map_err(|e| StorageIOError::write(&e))?;
         self.store
             .put_meta_lazy(keys::COMMITTED, bytes)
@@ -117,9 +132,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
-        Ok(self
+        let committed = self
             .read_meta::<Option<LogId<u64>>>(keys::COMMITTED)?
-            .flatten())
+            .flatten();
+        if let Some(c) = committed {
+            self.committed.store(c.index, Ordering::Relaxed);
+        }
+        Ok(committed)
     }
 
     async fn append<I>(

@@ -150,6 +150,9 @@ pub struct NodeInfo {
     pub term: u64,
     pub last_log_index: u64,
     pub applied_index: u64,
+    /// The last entry this node knows committed (older nodes do not say: 0).
+    #[serde(default)]
+    pub committed_index: u64,
     /// The last entry of this node's latest snapshot (built here or installed from the
     /// leader).
     pub snapshot_index: u64,
@@ -193,6 +196,8 @@ pub struct Consensus {
     faults: Faults,
     /// When this node last became leader (Unix ms; 0: never), for election timings.
     leader_since: Arc<std::sync::atomic::AtomicU64>,
+    /// The commit index as raft last saved it (`LogStore::save_committed`).
+    committed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How long a write or read waits for a leader before answering 503.
@@ -234,6 +239,7 @@ impl Consensus {
         let (sm, applied, applied_index) = state_machine::StateMachine::open(store.clone())
             .map_err(|e| StartError::Storage(e.to_string()))?;
         let log = log_store::LogStore::new(store);
+        let committed = log.committed();
         let peers = Peers::new(tls);
         let faults = Faults::default();
         let network = network::Network {
@@ -268,6 +274,7 @@ impl Consensus {
             peers,
             faults,
             leader_since,
+            committed,
         };
         if !clustered {
             c.wait_for_leader(Duration::from_secs(30)).await?;
@@ -543,6 +550,7 @@ impl Consensus {
             term: m.current_term,
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map_or(0, |l| l.index),
+            committed_index: self.committed.load(std::sync::atomic::Ordering::Relaxed),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             purged_index: m.purged.map_or(0, |l| l.index),
             leader: m.current_leader,
