@@ -1,7 +1,8 @@
-//! Metrics end to end with the real binaries: after N requests through two proxies the
-//! counters and histogram counts of both (outbound at the caller, inbound at the target) moved
-//! by exactly N; `promtool check metrics` accepts the proxies' and the control node's
-//! `/metrics`; a real Prometheus scrapes a running mesh and answers the request rate back.
+//! Metrics and access logs end to end with the real binaries: after N requests through two
+//! proxies the counters and histogram counts of both (outbound at the caller, inbound at the
+//! target) moved by exactly N; `promtool check metrics` accepts the proxies' and the control
+//! node's `/metrics`; a real Prometheus scrapes a running mesh and answers the request rate
+//! back; access-log lines follow their text and JSON formats field for field.
 
 mod common;
 
@@ -450,5 +451,169 @@ fn a_real_prometheus_scrapes_the_mesh_and_answers_the_request_rate() {
         }),
         "{}",
         prom.log()
+    );
+}
+
+/// The lines of an access log with `tag` in them, once there are `n`.
+fn lines_with(path: &std::path::Path, tag: &str, n: usize) -> Vec<String> {
+    let mut found = Vec::new();
+    let ok = wait_until(Duration::from_secs(10), || {
+        found = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(tag))
+            .map(str::to_string)
+            .collect();
+        found.len() >= n
+    });
+    assert!(
+        ok,
+        "{n} lines with {tag:?} never came in {}:\n{}",
+        path.display(),
+        std::fs::read_to_string(path).unwrap_or_default()
+    );
+    found
+}
+
+#[test]
+fn access_log_lines_follow_their_formats_for_success_retry_timeout_and_refusal() {
+    let node = DevNode::start();
+    let logs = tempfile::tempdir().unwrap();
+    let client_log = logs.path().join("client.log");
+    let red_log = logs.path().join("red.log");
+    let text = "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %ROUTE_NAME% %UPSTREAM_CLUSTER% %REQ(X-CASE)%\n";
+    let client = json!({
+        "backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}],
+        "logging": {"accessLog": {"file": {"path": client_log, "format": {"text": text}}}}
+    });
+    mesh::color_mesh(&node, 1, 0, client);
+    put_red_with_json_log(&node, &red_log);
+    // Requests get 500 ms; App Mesh's default retry policy (2 retries on 503) applies.
+    node.http_ok(
+        "PUT",
+        "/v20190125/meshes/demo/virtualRouter/color/routes/color",
+        Some(&json!({"spec": {"httpRoute": {"match": {"prefix": "/"},
+            "action": {"weightedTargets": [{"virtualNode": "red", "weight": 1}]},
+            "timeout": {"perRequest": {"unit": "ms", "value": 500}}}}})),
+    );
+    let _app = Echo::start("127.0.0.135:9080", "red");
+    let dir = tempfile::tempdir().unwrap();
+    let red = proxy::with_certificate(
+        node.grpc_addr(),
+        node.api_url(),
+        "red",
+        "127.0.0.135",
+        dir.path(),
+        &[],
+    );
+    let client = proxy::with_certificate(
+        node.grpc_addr(),
+        node.api_url(),
+        "client",
+        "127.0.0.136",
+        dir.path(),
+        &[],
+    );
+    red.wait_ready(Duration::from_secs(20));
+    client.wait_ready(Duration::from_secs(20));
+    let out = client.listening().1;
+    let get = |case: &str, extra: &[&str]| {
+        let mut args = vec![
+            "-H".to_string(),
+            "Host: color.demo.local:9080".to_string(),
+            "-H".to_string(),
+            format!("x-case: {case}"),
+        ];
+        for e in extra {
+            args.extend(["-H".to_string(), e.to_string()]);
+        }
+        args.push(format!("http://{out}/color"));
+        curl(&args.iter().map(String::as_str).collect::<Vec<_>>()).status
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || get("warmup", &[]) == 200),
+        "the mesh never answered"
+    );
+
+    assert_eq!(get("success", &[]), 200);
+    assert_eq!(
+        lines_with(&client_log, "success", 1),
+        ["GET /color 200 - 1 color red:9080 success"]
+    );
+    assert_eq!(get("retry", &["x-echo-status: 503"]), 503);
+    assert_eq!(
+        lines_with(&client_log, " retry", 1),
+        ["GET /color 503 URX 3 color red:9080 retry"]
+    );
+    assert_eq!(get("timeout", &["x-echo-delay-ms: 3000"]), 504);
+    assert_eq!(
+        lines_with(&client_log, "timeout", 1),
+        ["GET /color 504 UT 1 color red:9080 timeout"]
+    );
+    // The egress filter (DROP_ALL) refuses what is not a backend.
+    let refused = curl(&[
+        "-H",
+        "x-case: egress",
+        "-H",
+        "Host: elsewhere.example:80",
+        &format!("http://{out}/x"),
+    ]);
+    assert_eq!(refused.status, 403);
+    assert_eq!(
+        lines_with(&client_log, "egress", 1),
+        ["GET /x 403 RBAC 0 - - egress"]
+    );
+
+    // The target's JSON lines, key for key: numbers stay numbers, missing values are null.
+    let json_lines = |case: &str, n: usize| -> Vec<serde_json::Value> {
+        lines_with(&red_log, &format!("\"case\":\"{case}\""), n)
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let ok = &json_lines("success", 1)[0];
+    assert_eq!(ok["code"], 200, "{ok}");
+    assert_eq!(ok["flags"], serde_json::Value::Null, "{ok}");
+    assert_eq!(ok["path"], "/color");
+    assert_eq!(ok["upstream"], "127.0.0.135:9080");
+    assert!(ok["sent"].as_u64().is_some_and(|n| n > 50), "{ok}");
+    let tries = json_lines("retry", 3);
+    assert_eq!(tries.len(), 3, "one line per attempt: {tries:?}");
+    assert!(tries.iter().all(|t| t["code"] == 503), "{tries:?}");
+    // The caller gave up after 500 ms: the target logs the stream its caller dropped.
+    let gone = &json_lines("timeout", 1)[0];
+    assert_eq!(gone["code"], 0, "{gone}");
+    assert_eq!(gone["flags"], "DC", "{gone}");
+    // Plaintext to an mTLS listener is refused at the target.
+    let plaintext = curl(&[
+        "-H",
+        "x-trellis-target-port: 9080",
+        "-H",
+        "x-case: plaintext",
+        &format!("http://{}/color", red.listening().0),
+    ]);
+    assert_eq!(plaintext.status, 403);
+    let denied = &json_lines("plaintext", 1)[0];
+    assert_eq!(denied["code"], 403, "{denied}");
+    assert_eq!(denied["flags"], "RBAC", "{denied}");
+}
+
+/// Virtual node red as `color_mesh` makes it, with a JSON access log at `path`.
+fn put_red_with_json_log(node: &DevNode, path: &std::path::Path) {
+    node.http_ok(
+        "PUT",
+        "/v20190125/meshes/demo/virtualNodes/red",
+        Some(&json!({"spec": {
+            "listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
+            "serviceDiscovery": {"dns": {"hostname": "red.demo.local"}},
+            "logging": {"accessLog": {"file": {"path": path, "format": {"json": [
+                {"key": "case", "value": "%REQ(X-CASE)%"},
+                {"key": "code", "value": "%RESPONSE_CODE%"},
+                {"key": "flags", "value": "%RESPONSE_FLAGS%"},
+                {"key": "path", "value": "%REQ(:PATH)%"},
+                {"key": "upstream", "value": "%UPSTREAM_HOST%"},
+                {"key": "sent", "value": "%BYTES_SENT%"}
+            ]}}}}
+        }})),
     );
 }

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use super::access::AccessLogger;
 use super::balance::Balancer;
 use super::balance::WeightedPicker;
 use super::discovery::AppliedConfig;
@@ -34,8 +35,9 @@ use super::retry::{BudgetSettings, RetryBudget};
 use super::route::{MatcherError, RouteTable};
 use super::tls::{PeerIdentity, PeerTls};
 use super::upstream::{Body, Upstreams};
-use crate::model::proxy_config::{OutboundService, ProxyConfig, ProxyRole};
+use crate::model::proxy_config::{AccessLog, OutboundService, ProxyConfig, ProxyRole};
 use crate::model::shapes::{EgressFilterType, ListenerTlsMode, PortProtocol};
+use crate::telemetry::access_log::{AccessLogFormat, AccessLogWriter};
 use crate::telemetry::proxy::{
     ConnectionGuard, Direction, Edge, EdgeStats, ListenerKind, ProxyMetrics,
 };
@@ -52,6 +54,7 @@ pub struct OutboundPort {
     pub budget: Arc<RetryBudget>,
     /// Requests that matched no route (or found no target).
     pub unrouted: Arc<EdgeStats>,
+    pub access_log: Option<Arc<AccessLogger>>,
 }
 
 /// A route's weighted targets, resolved to their clusters when the config is built so a
@@ -100,6 +103,8 @@ pub struct Routing {
     /// A virtual gateway's listeners by port.
     pub gateway: HashMap<u16, GatewayPort>,
     clusters: HashMap<(String, u16), Arc<Cluster>>,
+    /// The spec's `logging.accessLog`, if any.
+    pub access_log: Option<Arc<AccessLogger>>,
 }
 
 impl Routing {
@@ -110,6 +115,10 @@ impl Routing {
         }
         for l in config.gateway.iter().flat_map(|g| &g.listeners) {
             GatewayPort::new(l)?;
+        }
+        if let Some(al) = &config.access_log {
+            AccessLogFormat::new(al.format.as_ref())
+                .map_err(|e| RoutingError::AccessLog(format!("format: {e}")))?;
         }
         Ok(())
     }
@@ -127,11 +136,16 @@ impl Routing {
             ProxyRole::VirtualGateway(_) => Direction::Gateway,
             ProxyRole::VirtualNode(_) => Direction::Outbound,
         };
+        let access_log = match &config.access_log {
+            Some(al) => Some(Arc::new(access_logger(al, previous, metrics)?)),
+            None => None,
+        };
         let mut r = Routing {
             mesh: config.mesh.clone(),
             role: Some(config.role.clone()),
             egress: Some(config.egress_filter),
             allowed_callers: config.allowed_callers.iter().cloned().collect(),
+            access_log: access_log.clone(),
             ..Routing::default()
         };
         let policies: HashMap<(String, u16), &OutboundService> = config
@@ -212,6 +226,7 @@ impl Routing {
                     targets,
                     budget,
                     unrouted: edge("", ""),
+                    access_log: access_log.clone(),
                 });
                 if let Some(vip) = svc.vip {
                     r.outbound
@@ -226,7 +241,13 @@ impl Routing {
         for l in &config.inbound {
             r.inbound.insert(
                 l.port,
-                InboundPort::new(l, previous.inbound.get(&l.port), config, metrics),
+                InboundPort::new(
+                    l,
+                    previous.inbound.get(&l.port),
+                    config,
+                    metrics,
+                    access_log.clone(),
+                ),
             );
         }
         Ok(r)
@@ -285,6 +306,24 @@ impl Routing {
     }
 }
 
+/// The spec's access log; the writer (and its open file) carries over while the path stays.
+fn access_logger(
+    al: &AccessLog,
+    previous: &Routing,
+    metrics: &ProxyMetrics,
+) -> Result<AccessLogger, RoutingError> {
+    let format = AccessLogFormat::new(al.format.as_ref())
+        .map_err(|e| RoutingError::AccessLog(format!("format: {e}")))?;
+    let writer = match &previous.access_log {
+        Some(p) if p.writer.path() == al.path => p.writer.clone(),
+        _ => Arc::new(
+            AccessLogWriter::open(&al.path, metrics.access_log_dropped())
+                .map_err(|e| RoutingError::AccessLog(format!("{}: {e}", al.path)))?,
+        ),
+    };
+    Ok(AccessLogger { format, writer })
+}
+
 /// App Mesh's rules: a client policy that applies to the port enforces TLS (with its SAN and
 /// trust rules); a DISABLED target listener is plaintext; otherwise mesh mTLS.
 fn tls_choice(
@@ -341,6 +380,8 @@ pub enum RoutingError {
     Matcher(#[from] MatcherError),
     #[error(transparent)]
     GatewayTls(#[from] GatewayTlsError),
+    #[error("logging.accessLog.file: {0}")]
+    AccessLog(String),
 }
 
 /// How the data plane is placed on this host.

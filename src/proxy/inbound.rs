@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::access::{AccessLogger, Pending, Served};
 use super::dataplane::{Shared, http_builder};
 use super::guard;
 use super::idle;
@@ -45,6 +46,7 @@ pub struct InboundPort {
     callers: HashMap<ProxyRole, Arc<EdgeStats>>,
     others: Arc<EdgeStats>,
     overflows: Counter,
+    access_log: Option<Arc<AccessLogger>>,
 }
 
 impl InboundPort {
@@ -53,6 +55,7 @@ impl InboundPort {
         previous: Option<&InboundPort>,
         config: &ProxyConfig,
         metrics: &ProxyMetrics,
+        access_log: Option<Arc<AccessLogger>>,
     ) -> Self {
         let edge = |caller: String| {
             metrics.edge(Edge {
@@ -89,6 +92,7 @@ impl InboundPort {
                 .collect(),
             others: edge(String::new()),
             overflows: metrics.pool_overflows(l.port),
+            access_log,
         }
     }
 
@@ -259,11 +263,18 @@ where
 async fn request(shared: &Shared, caller: &Caller, req: Request<Incoming>) -> http::Response<Body> {
     let started = std::time::Instant::now();
     let routing = shared.routing.borrow().clone();
-    let (resp, stats) = to_app(shared, &routing, caller, req).await;
+    let (resp, stats, log) = to_app(shared, &routing, caller, req).await;
     let stats = stats.unwrap_or_else(|| shared.unrouted_inbound.clone());
     stats.answered(resp.status().as_u16(), started.elapsed());
-    resp.map(|body| stats::count_body(body, &stats.response_bytes))
+    let resp = resp.map(|body| stats::count_body(body, &stats.response_bytes));
+    match log {
+        Some((pending, served)) => pending.finish(resp, served),
+        None => resp,
+    }
 }
+
+/// An inbound request's access-log line in the making, and what was done with it.
+type InboundLog = Option<(Pending, Served)>;
 
 /// The phases of an inbound request; the counters of its listener and caller, once known.
 async fn to_app(
@@ -271,56 +282,80 @@ async fn to_app(
     routing: &super::dataplane::Routing,
     caller: &Caller,
     mut req: Request<Incoming>,
-) -> (http::Response<Body>, Option<Arc<EdgeStats>>) {
+) -> (http::Response<Body>, Option<Arc<EdgeStats>>, InboundLog) {
     let port = req
         .headers_mut()
         .remove(TARGET_PORT)
         .and_then(|v| v.to_str().ok().and_then(|s| s.parse::<u16>().ok()));
     let Some(port) = port else {
         let e = UpstreamError::BadRequest(format!("missing or invalid {TARGET_PORT}"));
-        return (e.response(), None);
+        return (e.response(), None, None);
     };
     let Some(listener) = routing.inbound.get(&port) else {
         let e = UpstreamError::NoEndpoint(format!("this node has no listener on port {port}"));
-        return (e.response(), None);
+        return (e.response(), None, None);
     };
     let stats = listener.stats(caller).clone();
+    let addr = SocketAddr::new(shared.settings.app_host, port);
+    let mut log = listener.access_log.as_ref().map(|l| {
+        let served = Served {
+            cluster: format!("app:{port}"),
+            upstream: Some(addr),
+            ..Served::default()
+        };
+        (l.begin(&req), served)
+    });
+    let failed = |e: UpstreamError, stats, mut log: InboundLog| {
+        if let Some((_, served)) = &mut log {
+            served.failed(&e);
+        }
+        (e.response(), Some(stats), log)
+    };
     if let Err(e) = admit(shared, routing, listener, port, caller) {
         tracing::info!(caller = %caller.describe(), port, error = %e, "inbound request refused");
-        return (e.response(), Some(stats));
+        return failed(e, stats, log);
     }
     let slot = match &listener.pool {
         Some(pool) => match pool.admit().await {
             Ok(p) => Some(p),
             Err(e) => {
                 listener.overflows.inc();
-                return (e.response(), Some(stats));
+                return failed(e, stats, log);
             }
         },
         None => None,
     };
-    let addr = SocketAddr::new(shared.settings.app_host, port);
+    if let Some((_, served)) = &mut log {
+        served.attempts = 1;
+    }
     if tunnel::is_upgrade(&req) {
-        let resp = upgrade_to_app(listener, addr, req, slot)
-            .await
-            .unwrap_or_else(|e| e.response());
-        return (resp, Some(stats));
+        return match upgrade_to_app(listener, addr, req, slot).await {
+            Ok(resp) => (resp, Some(stats), log),
+            Err(e) => failed(e, stats, log),
+        };
     }
     if listener.protocol == PortProtocol::Tcp {
         let e = UpstreamError::BadRequest(format!(
             "port {port} is a TCP listener: only tunnels reach it"
         ));
-        return (e.response(), Some(stats));
+        return failed(e, stats, log);
     }
     let h2 = matches!(listener.protocol, PortProtocol::Http2 | PortProtocol::Grpc);
-    let req = req.map(|b| stats::count_body(incoming(b), &stats.request_bytes));
-    let resp = shared
-        .upstreams
-        .send(Hop::App { addr, h2 }, req)
-        .await
-        .map(|resp| resp.map(|body| idle::limit(body, listener.timeouts.idle())))
-        .unwrap_or_else(|e| e.response());
-    (resp, Some(stats))
+    let req = req.map(|b| {
+        let body = stats::count_body(incoming(b), &stats.request_bytes);
+        match &log {
+            Some((pending, _)) => pending.request_body(body),
+            None => body,
+        }
+    });
+    match shared.upstreams.send(Hop::App { addr, h2 }, req).await {
+        Ok(resp) => (
+            resp.map(|body| idle::limit(body, listener.timeouts.idle())),
+            Some(stats),
+            log,
+        ),
+        Err(e) => failed(e, stats, log),
+    }
 }
 
 /// A TCP tunnel (to a `tcp` listener) or an upgrade such as WebSocket (on an `http` one), on

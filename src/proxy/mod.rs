@@ -1,10 +1,11 @@
 //! The data-plane proxy for one virtual node or virtual gateway: `discovery` (its only link to
 //! the control plane), `identity` (its certificate), `health` (the local app's checks), `admin`
-//! (its admin server) and `stats` (its metrics on the request path), and the
+//! (its admin server), `stats` and `access` (metrics and access logs on the request path), and the
 //! request path: `dataplane` (listeners and the compiled routing), `outbound` (route, target,
 //! retries), `inbound` (mTLS, access, pools), `tunnel` (upgrades, TCP, CONNECT), `route`,
 //! `balance`, `outlier`, `retry`, `tls` and `upstream` (connection pools).
 
+pub mod access;
 pub mod admin;
 pub mod balance;
 pub mod dataplane;

@@ -16,6 +16,7 @@ use super::balance::random_u64;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 
+use super::access::{Pending, Served};
 use super::dataplane::{Cluster, OutboundPort, PeerTlsChoice, RouteTargets, Shared};
 use super::idle;
 use super::outlier::EndpointSet;
@@ -29,6 +30,7 @@ use super::tunnel;
 use super::upstream::{Body, Hop, PeerStream, TARGET_PORT, UpstreamError, boxed, full, incoming};
 use crate::model::proxy_config::{CompiledRoute, RetryPolicy, Target};
 use crate::model::shapes::{EgressFilterType, PortProtocol};
+use crate::telemetry::access_log::ResponseFlag;
 use crate::telemetry::proxy::EdgeStats;
 
 /// A request to a backend's VIP:port.
@@ -86,7 +88,20 @@ pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
                 .await
                 .unwrap_or_else(|e| e.response())
         }
-        _ => egress_denied(&routing, &host, port),
+        _ => {
+            let log = routing.access_log.as_ref().map(|l| l.begin(&req));
+            let resp = egress_denied(&routing, &host, port);
+            match log {
+                Some(pending) => {
+                    let served = Served {
+                        flag: Some(ResponseFlag::Denied),
+                        ..Served::default()
+                    };
+                    pending.finish(resp, served)
+                }
+                None => resp,
+            }
+        }
     }
 }
 
@@ -121,70 +136,101 @@ pub async fn forward(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let started = std::time::Instant::now();
-    let (resp, stats) = route_and_send(shared, port, req).await;
+    let log = port.access_log.as_ref().map(|l| l.begin(&req));
+    let mut served = Served::default();
+    let (resp, stats) = route_and_send(shared, port, req, log.as_ref(), &mut served).await;
     stats.answered(resp.status().as_u16(), started.elapsed());
-    resp.map(|body| stats::count_body(body, &stats.response_bytes))
+    let resp = resp.map(|body| stats::count_body(body, &stats.response_bytes));
+    match log {
+        Some(pending) => pending.finish(resp, served),
+        None => resp,
+    }
 }
 
 async fn route_and_send(
     shared: &Shared,
     port: &OutboundPort,
     mut req: Request<Incoming>,
+    log: Option<&Pending>,
+    served: &mut Served,
 ) -> (Response<Body>, Arc<EdgeStats>) {
+    let failed = |e: UpstreamError, served: &mut Served| {
+        served.failed(&e);
+        e.response()
+    };
     if port.protocol == PortProtocol::Tcp {
         let e = UpstreamError::BadRequest(format!(
             "{}:{} is a TCP port: send a CONNECT, or connect to its VIP",
             port.service, port.port
         ));
-        return (e.response(), port.unrouted.clone());
+        return (failed(e, served), port.unrouted.clone());
     }
     let head = RequestHead::of(&req, port.port);
     let Some(i) = port.table.select_index(&head) else {
-        return (UpstreamError::NoRoute.response(), port.unrouted.clone());
+        return (
+            failed(UpstreamError::NoRoute, served),
+            port.unrouted.clone(),
+        );
     };
     let (Some(route), Some(targets)) = (port.table.route(i), port.targets.get(i)) else {
-        return (UpstreamError::NoRoute.response(), port.unrouted.clone());
+        return (
+            failed(UpstreamError::NoRoute, served),
+            port.unrouted.clone(),
+        );
     };
+    served.route.clone_from(&route.name);
     let (target, cluster, stats) = match pick_target(route, targets) {
         Ok((target, cluster, stats)) => (target, cluster, stats.clone()),
-        Err(e) => return (e.response(), port.unrouted.clone()),
+        Err(e) => return (failed(e, served), port.unrouted.clone()),
     };
+    served.cluster.clone_from(&cluster.name);
     if tunnel::is_upgrade(&req) {
         let downstream = hyper::upgrade::on(&mut req);
-        let resp = upgrade(shared, cluster, target.port, route, req, downstream)
-            .await
-            .unwrap_or_else(|e| e.response());
+        let resp = match upgrade(shared, cluster, target.port, route, req, downstream).await {
+            Ok(resp) => resp,
+            Err(e) => failed(e, served),
+        };
         return (resp, stats);
     }
     port.budget.request();
     let limit = route.timeouts.per_request_ms;
-    let req = req.map(|b| stats::count_body(incoming(b), &stats.request_bytes));
-    let attempts = attempts(shared, port, route, cluster, target.port, &stats, req);
-    let result = if limit == 0 {
-        attempts.await
-    } else {
-        tokio::time::timeout(Duration::from_millis(limit), attempts)
-            .await
-            .unwrap_or_else(|_| {
-                stats.per_request_timeouts.inc();
-                Err(UpstreamError::Timeout(limit))
-            })
+    let req = req.map(|b| {
+        let body = stats::count_body(incoming(b), &stats.request_bytes);
+        match log {
+            Some(pending) => pending.request_body(body),
+            None => body,
+        }
+    });
+    let result = {
+        let target = (cluster, target.port);
+        let attempts = attempts(shared, port, route, target, &stats, req, served);
+        if limit == 0 {
+            attempts.await
+        } else {
+            tokio::time::timeout(Duration::from_millis(limit), attempts)
+                .await
+                .unwrap_or_else(|_| {
+                    stats.per_request_timeouts.inc();
+                    Err(UpstreamError::Timeout(limit))
+                })
+        }
     };
     let resp = match result {
         Ok(resp) => resp.map(|body| idle::limit(body, route.timeouts.idle())),
-        Err(e) => e.response(),
+        Err(e) => failed(e, served),
     };
     (resp, stats)
 }
 
+/// The request's attempts at the target `(cluster, app port)`.
 async fn attempts(
     shared: &Shared,
     port: &OutboundPort,
     route: &CompiledRoute,
-    cluster: &Arc<Cluster>,
-    target_port: u16,
+    (cluster, target_port): (&Arc<Cluster>, u16),
     stats: &EdgeStats,
     req: Request<Body>,
+    served: &mut Served,
 ) -> Result<Response<Body>, UpstreamError> {
     let mut replay = Replayable::new(req, route.retry.max_retries > 0).await?;
     let tls = peer_tls(shared, cluster)?;
@@ -204,6 +250,7 @@ async fn attempts(
         &port.budget,
         &cluster.endpoints,
         stats,
+        served,
         can_replay,
         send,
     )
@@ -218,6 +265,7 @@ pub async fn retry_loop<F, Fut>(
     budget: &RetryBudget,
     endpoints: &EndpointSet,
     stats: &EdgeStats,
+    served: &mut Served,
     can_replay: impl Fn() -> bool,
     mut send: F,
 ) -> Result<Response<Body>, UpstreamError>
@@ -235,6 +283,8 @@ where
             )));
         };
         let addr = picked.addr;
+        served.upstream = Some(addr);
+        served.attempts = n;
         let Some(attempt) = send(addr, n) else {
             return Err(UpstreamError::Reset {
                 addr,
@@ -252,12 +302,17 @@ where
         };
         let outcome = outcome(&result);
         endpoints.record(picked, outcome.is_server_error());
-        let wanted = n <= policy.max_retries && retryable(policy, outcome) && can_replay();
+        let retryable = retryable(policy, outcome);
+        let wanted = n <= policy.max_retries && retryable && can_replay();
         if !wanted {
+            if retryable && n > policy.max_retries && policy.max_retries > 0 {
+                served.flag = Some(ResponseFlag::UpstreamRetryLimitExceeded);
+            }
             return result;
         }
         if !budget.try_retry() {
             stats.budget_exhausted.inc();
+            served.flag = Some(ResponseFlag::UpstreamRetryLimitExceeded);
             return result;
         }
         stats.retries.inc();
@@ -508,6 +563,7 @@ mod tests {
             budget,
             endpoints,
             stats,
+            &mut Served::default(),
             || true,
             |addr, _| {
                 tried.lock().unwrap().push(addr);
@@ -633,6 +689,7 @@ mod tests {
             &budget,
             &set,
             &stats,
+            &mut Served::default(),
             || false,
             |_, _| {
                 *calls.lock().unwrap() += 1;

@@ -37,6 +37,8 @@ pub enum ResponseFlag {
     Denied,
     /// DPE: the request was malformed.
     DownstreamProtocolError,
+    /// DC: the caller went away before the answer.
+    DownstreamConnectionTermination,
 }
 
 impl ResponseFlag {
@@ -51,6 +53,7 @@ impl ResponseFlag {
             Self::UpstreamRetryLimitExceeded => "URX",
             Self::Denied => "RBAC",
             Self::DownstreamProtocolError => "DPE",
+            Self::DownstreamConnectionTermination => "DC",
         }
     }
 }

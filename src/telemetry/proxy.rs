@@ -154,6 +154,7 @@ pub struct ProxyMetrics {
     connections: Family<ListenerLabels, Gauge>,
     bytes: Family<BytesLabels, Counter>,
     config_version: Gauge,
+    access_log_dropped: Counter,
 }
 
 impl ProxyMetrics {
@@ -180,6 +181,7 @@ impl ProxyMetrics {
             connections: Family::default(),
             bytes: Family::default(),
             config_version: Gauge::default(),
+            access_log_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -236,6 +238,11 @@ impl ProxyMetrics {
             "config_version",
             "The version of the config in force",
             m.config_version.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer was behind",
+            m.access_log_dropped.clone(),
         );
         Arc::new(Self { registry, ..m })
     }
@@ -301,6 +308,10 @@ impl ProxyMetrics {
     pub fn connections(&self, listener: ListenerKind) -> Gauge {
         self.connections
             .get_or_create_owned(&ListenerLabels { listener })
+    }
+
+    pub fn access_log_dropped(&self) -> Counter {
+        self.access_log_dropped.clone()
     }
 
     pub fn set_config_version(&self, version: u64) {
