@@ -129,6 +129,11 @@ enum Command {
         /// on loopback. `off` disables it.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin_addr: String,
+        /// Export a span per proxied request over OTLP/gRPC to this collector
+        /// (`http://127.0.0.1:4317`); the trace context requests carry (W3C traceparent, B3)
+        /// continues through the proxy. Without it, trace headers pass untouched.
+        #[arg(long, env = "TRELLIS_OTLP_ENDPOINT")]
+        otlp_endpoint: Option<String>,
         /// On SIGTERM, how long requests in flight may take to finish (the listeners close at
         /// once; the instance leaves the registry).
         #[arg(long, default_value = "10s", value_parser = admin::parse_duration)]
@@ -235,10 +240,14 @@ enum ConfigCommand {
 
 fn init_logging(filter: &str) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    // TRELLIS_LOG_FORMAT=json: one JSON object per line, for log shippers.
+    let _ = match std::env::var("TRELLIS_LOG_FORMAT").as_deref() {
+        Ok("json") => builder.json().try_init(),
+        _ => builder.try_init(),
+    };
 }
 
 async fn shutdown_signal() {
@@ -382,6 +391,7 @@ async fn run_proxy(
     identity: Option<proxy_identity::IdentitySettings>,
     (inbound_addr, outbound_addr, admin_addr): (SocketAddr, Option<SocketAddr>, Option<SocketAddr>),
     dataplane: trellis::proxy::dataplane::DataplaneSettings,
+    otlp_endpoint: Option<String>,
 ) -> ExitCode {
     init_logging("info");
     // Bound first: with port 0 the registered port is the one the kernel picked.
@@ -453,6 +463,31 @@ async fn run_proxy(
             ProxyRole::VirtualGateway(g) => ("virtual_gateway", g.as_str()),
         },
     );
+    let tracer = match otlp_endpoint {
+        Some(endpoint) => {
+            let (kind, name) = match &settings.role {
+                ProxyRole::VirtualNode(n) => ("appmesh.virtual_node", n.clone()),
+                ProxyRole::VirtualGateway(g) => ("appmesh.virtual_gateway", g.clone()),
+            };
+            let resource = vec![
+                ("service.name", format!("{}.{}", name, settings.mesh)),
+                ("appmesh.mesh", settings.mesh.clone()),
+                (kind, name),
+            ];
+            match trellis::telemetry::trace::Tracer::start(
+                &endpoint,
+                resource,
+                metrics.spans_dropped(),
+            ) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("trellis: --otlp-endpoint {endpoint:?}: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        None => None,
+    };
     let (routing, routing_rx) = tokio::sync::watch::channel(std::sync::Arc::default());
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
     let readiness = tokio::spawn(trellis::proxy::admin::track_readiness(
@@ -473,7 +508,11 @@ async fn run_proxy(
         peer_identity,
         applied.clone(),
         stopped.clone(),
-        trellis::proxy::dataplane::Reporting { metrics, routing },
+        trellis::proxy::dataplane::Reporting {
+            metrics,
+            routing,
+            tracer,
+        },
     ));
     let discovery = tokio::spawn(discovery::run(settings, current, health, stopped));
     let announce = tokio::spawn(async move {
@@ -600,6 +639,7 @@ fn main() -> ExitCode {
             no_vip_listeners,
             outbound_addr,
             admin_addr,
+            otlp_endpoint,
             retry_budget_ratio,
             retry_budget_min_per_second,
             gateway_host,
@@ -681,6 +721,7 @@ fn main() -> ExitCode {
                 identity,
                 (inbound_addr, outbound_addr, admin_addr),
                 dataplane,
+                otlp_endpoint,
             ))
         }
         Command::Proxies { conn, json } => client_result(rt.block_on(proxies(&conn, json))),

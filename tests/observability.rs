@@ -617,3 +617,200 @@ fn put_red_with_json_log(node: &DevNode, path: &std::path::Path) {
         }})),
     );
 }
+
+/// A test OTLP/gRPC receiver: keeps every span it is sent.
+mod otlp_receiver {
+    use std::sync::{Arc, Mutex};
+
+    use trellis::wire::otlp::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use trellis::wire::otlp::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use trellis::wire::otlp::trace::v1::Span;
+
+    /// A span with the string attributes of its resource.
+    pub type Received = (Vec<(String, String)>, Span);
+
+    #[derive(Clone, Default)]
+    pub struct Receiver(pub Arc<Mutex<Vec<Received>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Receiver {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            use trellis::wire::otlp::common::v1::any_value::Value;
+            for rs in req.into_inner().resource_spans {
+                let resource: Vec<(String, String)> = rs
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                        Value::StringValue(s) => Some((kv.key.clone(), s.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                for ss in rs.scope_spans {
+                    for s in ss.spans {
+                        self.0.lock().unwrap().push((resource.clone(), s));
+                    }
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    /// Serves on a port of its own in a thread; returns its address and the spans.
+    pub fn start() -> (std::net::SocketAddr, Receiver) {
+        let receiver = Receiver::default();
+        let served = receiver.clone();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(TraceServiceServer::new(served))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                    .await
+                    .unwrap();
+            });
+        });
+        (addr, receiver)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_trace_context_continues_through_both_proxies_and_spans_reach_an_otlp_receiver() {
+    let (otlp, received) = otlp_receiver::start();
+    let node = DevNode::start();
+    let client =
+        json!({"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}]});
+    mesh::color_mesh(&node, 1, 0, client);
+    let _app = Echo::start("127.0.0.137:9080", "red");
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://{otlp}");
+    let start = |vn: &str, ip: &str| {
+        proxy::with_certificate(
+            node.grpc_addr(),
+            node.api_url(),
+            vn,
+            ip,
+            dir.path(),
+            &["--otlp-endpoint", &endpoint],
+        )
+    };
+    let red = start("red", "127.0.0.137");
+    let client = start("client", "127.0.0.138");
+    red.wait_ready(Duration::from_secs(20));
+    client.wait_ready(Duration::from_secs(20));
+    let out = client.listening().1;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let callers_span = "00f067aa0ba902b7";
+    let get = || {
+        curl(&[
+            "-H",
+            "Host: color.demo.local:9080",
+            "-H",
+            &format!("traceparent: 00-{trace_id}-{callers_span}-01"),
+            &format!("http://{out}/color"),
+        ])
+    };
+    let mut got = get();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            got = get();
+            got.status == 200
+        }),
+        "{got:?}"
+    );
+    // The app sees the same trace, with a parent of the proxies' making, and a request id.
+    let headers = &got.json()["headers"];
+    let tp = headers["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "{headers}");
+    assert_eq!(parts[1], trace_id);
+    assert_ne!(parts[2], callers_span);
+    assert_eq!(parts[3], "01");
+    assert!(
+        headers["x-request-id"]
+            .as_str()
+            .is_some_and(|id| id.len() == 36),
+        "{headers}"
+    );
+
+    // Both proxies' spans of that request arrive: the client's continues the caller's span,
+    // the target's continues the client's, and the app's parent is the target's span.
+    let spans_of_trace =
+        || -> Vec<(Vec<(String, String)>, trellis::wire::otlp::trace::v1::Span)> {
+            received
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, s)| hex(&s.trace_id) == trace_id)
+                .cloned()
+                .collect()
+        };
+    let app_parent = parts[2].to_string();
+    let chain_arrived = || {
+        let spans = spans_of_trace();
+        spans
+            .iter()
+            .find(|(_, s)| hex(&s.span_id) == app_parent)
+            .is_some_and(|(_, inbound)| {
+                spans
+                    .iter()
+                    .any(|(_, s)| s.span_id == inbound.parent_span_id)
+            })
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), chain_arrived),
+        "spans: {:?}\nclient log:\n{}",
+        spans_of_trace(),
+        client.log()
+    );
+    let spans = spans_of_trace();
+    let inbound = spans
+        .iter()
+        .find(|(_, s)| hex(&s.span_id) == app_parent)
+        .unwrap_or_else(|| panic!("no span is the app's parent {app_parent}: {spans:?}"));
+    assert_eq!(inbound.1.kind, 2, "SERVER");
+    assert!(
+        inbound
+            .0
+            .contains(&("appmesh.virtual_node".into(), "red".into())),
+        "{:?}",
+        inbound.0
+    );
+    let outbound = spans
+        .iter()
+        .find(|(_, s)| s.span_id == inbound.1.parent_span_id)
+        .unwrap_or_else(|| panic!("the inbound span's parent is not the client's: {spans:?}"));
+    assert_eq!(outbound.1.kind, 3, "CLIENT");
+    assert!(
+        outbound
+            .0
+            .contains(&("appmesh.virtual_node".into(), "client".into()))
+    );
+    assert!(
+        spans
+            .iter()
+            .any(|(_, s)| s.kind == 3 && hex(&s.parent_span_id) == callers_span),
+        "no client span continues the caller's: {spans:?}"
+    );
+    assert!(outbound.1.end_time_unix_nano >= outbound.1.start_time_unix_nano);
+    assert_eq!(outbound.1.name, "GET color.demo.local:9080");
+}

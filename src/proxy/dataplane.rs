@@ -41,6 +41,7 @@ use crate::telemetry::access_log::{AccessLogFormat, AccessLogWriter};
 use crate::telemetry::proxy::{
     ConnectionGuard, Direction, Edge, EdgeStats, ListenerKind, ProxyMetrics,
 };
+use crate::telemetry::trace::Tracer;
 use prometheus_client::metrics::gauge::Gauge;
 
 /// One port of a backend virtual service.
@@ -405,6 +406,7 @@ pub struct Shared {
     pub metrics: Arc<ProxyMetrics>,
     /// Inbound requests that name no listener of this node.
     pub unrouted_inbound: Arc<EdgeStats>,
+    pub tracer: Option<Tracer>,
     pub upstreams: Upstreams,
     pub settings: DataplaneSettings,
     pub drain: Drain,
@@ -464,6 +466,8 @@ pub struct Listeners {
 pub struct Reporting {
     pub metrics: Arc<ProxyMetrics>,
     pub routing: watch::Sender<Arc<Routing>>,
+    /// Where spans go (OTLP), when tracing is on.
+    pub tracer: Option<Tracer>,
 }
 
 /// Serves the listeners and the VIP listeners of each config in force until `stop`.
@@ -478,8 +482,10 @@ pub async fn run(
     let Reporting {
         metrics,
         routing: routing_tx,
+        tracer,
     } = reporting;
     let shared = Arc::new(Shared {
+        tracer,
         routing: routing_tx.subscribe(),
         unrouted_inbound: metrics.edge(Edge {
             direction: Direction::Inbound,

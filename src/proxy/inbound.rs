@@ -32,6 +32,7 @@ use crate::model::shapes::{ListenerTlsMode, PortProtocol, VirtualNodeConnectionP
 use crate::telemetry::proxy::{
     ConnectionGuard, Direction, Edge, EdgeStats, ListenerKind, ProxyMetrics,
 };
+use crate::telemetry::trace::ActiveSpan;
 use prometheus_client::metrics::counter::Counter;
 
 /// One of the node's listeners, as the inbound side applies it.
@@ -260,12 +261,30 @@ where
     drain.serve(conn).await;
 }
 
-async fn request(shared: &Shared, caller: &Caller, req: Request<Incoming>) -> http::Response<Body> {
+async fn request(
+    shared: &Shared,
+    caller: &Caller,
+    mut req: Request<Incoming>,
+) -> http::Response<Body> {
     let started = std::time::Instant::now();
+    let span = shared
+        .tracer
+        .as_ref()
+        .and_then(|_| ActiveSpan::begin(&mut req));
     let routing = shared.routing.borrow().clone();
     let (resp, stats, log) = to_app(shared, &routing, caller, req).await;
     let stats = stats.unwrap_or_else(|| shared.unrouted_inbound.clone());
     stats.answered(resp.status().as_u16(), started.elapsed());
+    if let (Some(tracer), Some(span)) = (&shared.tracer, span) {
+        let me = routing
+            .role
+            .as_ref()
+            .map(|r| r.resource_name())
+            .unwrap_or_default();
+        let name = format!("{} {me} (inbound)", span.method);
+        let attributes = vec![("appmesh.caller", caller.describe())];
+        tracer.record(span.end(name, true, resp.status().as_u16(), attributes));
+    }
     let resp = resp.map(|body| stats::count_body(body, &stats.response_bytes));
     match log {
         Some((pending, served)) => pending.finish(resp, served),

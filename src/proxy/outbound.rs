@@ -32,6 +32,7 @@ use crate::model::proxy_config::{CompiledRoute, RetryPolicy, Target};
 use crate::model::shapes::{EgressFilterType, PortProtocol};
 use crate::telemetry::access_log::ResponseFlag;
 use crate::telemetry::proxy::EdgeStats;
+use crate::telemetry::trace::ActiveSpan;
 
 /// A request to a backend's VIP:port.
 pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Incoming>) -> Response<Body> {
@@ -136,10 +137,28 @@ pub async fn forward(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let started = std::time::Instant::now();
+    let mut req = req;
+    let span = shared
+        .tracer
+        .as_ref()
+        .and_then(|_| ActiveSpan::begin(&mut req));
     let log = port.access_log.as_ref().map(|l| l.begin(&req));
     let mut served = Served::default();
     let (resp, stats) = route_and_send(shared, port, req, log.as_ref(), &mut served).await;
     stats.answered(resp.status().as_u16(), started.elapsed());
+    if let (Some(tracer), Some(span)) = (&shared.tracer, span) {
+        let name = format!("{} {}:{}", span.method, port.service, port.port);
+        let attributes = vec![
+            ("appmesh.virtual_service", port.service.clone()),
+            ("appmesh.route", served.route.clone()),
+            ("appmesh.target", served.cluster.clone()),
+            (
+                "server.address",
+                served.upstream.map(|a| a.to_string()).unwrap_or_default(),
+            ),
+        ];
+        tracer.record(span.end(name, false, resp.status().as_u16(), attributes));
+    }
     let resp = resp.map(|body| stats::count_body(body, &stats.response_bytes));
     match log {
         Some(pending) => pending.finish(resp, served),

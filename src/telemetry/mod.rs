@@ -8,6 +8,7 @@
 pub mod access_log;
 pub mod control;
 pub mod proxy;
+pub mod trace;
 
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;

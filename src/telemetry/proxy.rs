@@ -155,6 +155,7 @@ pub struct ProxyMetrics {
     bytes: Family<BytesLabels, Counter>,
     config_version: Gauge,
     access_log_dropped: Counter,
+    spans_dropped: Counter,
 }
 
 impl ProxyMetrics {
@@ -182,6 +183,7 @@ impl ProxyMetrics {
             bytes: Family::default(),
             config_version: Gauge::default(),
             access_log_dropped: Counter::default(),
+            spans_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -243,6 +245,11 @@ impl ProxyMetrics {
             "access_log_dropped",
             "Access-log lines dropped because the writer was behind",
             m.access_log_dropped.clone(),
+        );
+        registry.register(
+            "spans_dropped",
+            "Trace spans dropped because the OTLP exporter was behind",
+            m.spans_dropped.clone(),
         );
         Arc::new(Self { registry, ..m })
     }
@@ -308,6 +315,10 @@ impl ProxyMetrics {
     pub fn connections(&self, listener: ListenerKind) -> Gauge {
         self.connections
             .get_or_create_owned(&ListenerLabels { listener })
+    }
+
+    pub fn spans_dropped(&self) -> Counter {
+        self.spans_dropped.clone()
     }
 
     pub fn access_log_dropped(&self) -> Counter {

@@ -24,6 +24,34 @@ pub mod health {
     tonic::include_proto!("grpc.health.v1");
 }
 
+/// OpenTelemetry's OTLP/gRPC trace export (the subset trellis sends), for spans of proxied
+/// requests.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod otlp {
+    pub mod common {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.common.v1");
+        }
+    }
+    pub mod resource {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.resource.v1");
+        }
+    }
+    pub mod trace {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.trace.v1");
+        }
+    }
+    pub mod collector {
+        pub mod trace {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+            }
+        }
+    }
+}
+
 use crate::model::proxy_config::{ProxyConfig, ProxyRole};
 
 /// A config message body could not be read.
