@@ -17,6 +17,8 @@ use trellis::proxy::identity as proxy_identity;
 
 #[path = "cli/admin.rs"]
 mod admin;
+#[path = "cli/top.rs"]
+mod top;
 
 #[derive(Parser)]
 #[command(
@@ -155,6 +157,23 @@ enum Command {
         /// drawn at random (peak-EWMA latency × requests in flight, Linkerd's balancer).
         #[arg(long, value_enum, default_value = "round-robin")]
         balancer: trellis::proxy::balance::Balancer,
+    },
+    /// Live traffic per virtual service and per edge (requests, rate, success rate, latency
+    /// percentiles), from the proxies connected to a control node.
+    ///
+    /// Example: trellis top --endpoint http://127.0.0.1:7070
+    Top {
+        #[command(flatten)]
+        conn: admin::Connection,
+        /// Print once and exit instead of refreshing.
+        #[arg(long)]
+        once: bool,
+        /// Print the JSON the API answers instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Time between refreshes.
+        #[arg(long, default_value = "2s", value_parser = admin::parse_duration)]
+        interval: u64,
     },
     /// List the proxies connected to a control node.
     ///
@@ -488,6 +507,7 @@ async fn run_proxy(
         }
         None => None,
     };
+    settings.traffic = Some(metrics.clone());
     let (routing, routing_rx) = tokio::sync::watch::channel(std::sync::Arc::default());
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
     let readiness = tokio::spawn(trellis::proxy::admin::track_readiness(
@@ -693,6 +713,7 @@ fn main() -> ExitCode {
                 data_dir: data_dir.clone(),
                 ca_bundle: ca_bundle.clone(),
                 cert: None,
+                traffic: None,
             };
             let identity = (ca_bundle.is_some() || token_file.is_some()).then(|| {
                 proxy_identity::IdentitySettings {
@@ -725,6 +746,17 @@ fn main() -> ExitCode {
             ))
         }
         Command::Proxies { conn, json } => client_result(rt.block_on(proxies(&conn, json))),
+        Command::Top {
+            conn,
+            once,
+            json,
+            interval,
+        } => client_result(rt.block_on(top::top(
+            &conn,
+            once,
+            json,
+            std::time::Duration::from_secs(interval.max(1)),
+        ))),
         Command::Ca { conn, command } => client_result(rt.block_on(admin::ca(&conn, command))),
         Command::Snapshot { conn, command } => {
             client_result(rt.block_on(admin::snapshot(&conn, command)))

@@ -134,6 +134,32 @@ fn counters_move_by_exactly_the_requests_sent_and_promtool_accepts_both_roles() 
     ];
     let ok = "status_class=\"2xx\"";
     let (c0, r0) = (scrape(&client_metrics), scrape(&red_metrics));
+    // `trellis top` agrees with the proxies' own counters (the warm-up included) ...
+    let top_requests = |json: &serde_json::Value, direction: &str| -> u64 {
+        json["edges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["direction"] == direction)
+            .map(|e| e["requests"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let all_outbound = |text: &str| {
+        sum(
+            text,
+            "trellis_proxy_requests_total",
+            &["direction=\"outbound\""],
+        ) as u64
+    };
+    let before = all_outbound(&c0);
+    let mut t0 = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            t0 = top(&m.node);
+            top_requests(&t0, "outbound") == before
+        }),
+        "trellis top {t0} never showed the client's {before} requests"
+    );
 
     const N: usize = 37;
     for _ in 0..N {
@@ -209,6 +235,33 @@ fn counters_move_by_exactly_the_requests_sent_and_promtool_accepts_both_roles() 
         0.0
     );
     assert!(sum(&c1, "trellis_proxy_config_version", &[]) > 0.0);
+
+    // ... and moves by exactly N, at the caller and at the target, per edge and per service.
+    let mut t1 = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            t1 = top(&m.node);
+            top_requests(&t1, "outbound") == before + N as u64
+        }),
+        "trellis top {t1} never reached {} outbound requests",
+        before + N as u64
+    );
+    assert_eq!(
+        top_requests(&t1, "inbound") - top_requests(&t0, "inbound"),
+        N as u64,
+        "{t1}"
+    );
+    let service = &t1["services"][0];
+    assert_eq!(service["virtualService"], "color.demo.local", "{t1}");
+    assert_eq!(service["requests"].as_u64(), Some(before + N as u64));
+    assert_eq!(service["successRate"].as_f64(), Some(1.0), "{t1}");
+    assert!(service["p99Ms"].as_f64().is_some_and(|p| p > 0.0), "{t1}");
+    let table = trellis_top_table(&m.node);
+    assert!(
+        table.contains("demo/color.demo.local")
+            && table.contains(&format!("{}", before + N as u64)),
+        "{table}"
+    );
 
     // A request no route matches: 404, counted with an empty route.
     m.node.http_ok(
@@ -335,6 +388,34 @@ fn counters_move_by_exactly_the_requests_sent_and_promtool_accepts_both_roles() 
         curl(&[&format!("http://{}/live", m.client.admin())]).status,
         200
     );
+}
+
+/// `trellis top --once --json` against the node.
+fn top(node: &DevNode) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["top", "--once", "--json", "--endpoint", node.api_url()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `trellis top --once`: the tables.
+fn trellis_top_table(node: &DevNode) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["top", "--once", "--endpoint", node.api_url()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A free TCP port on loopback (Prometheus cannot report the one it picks for port 0).

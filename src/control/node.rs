@@ -288,6 +288,7 @@ impl ControlNode {
             consensus: self.consensus.clone(),
             owner: self.owner,
             proxies: self.grpc.proxies.clone(),
+            traffic: self.grpc.traffic.clone(),
             auth: self.auth.clone(),
             metrics: self.metrics.clone(),
         });
@@ -327,6 +328,7 @@ enum Grpc {
 /// The gRPC server (raft and cluster RPCs, proxy config streams, certificates), running.
 struct GrpcServer {
     proxies: super::xds::ProxyTable,
+    traffic: super::traffic::TrafficTable,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -357,6 +359,7 @@ impl GrpcServer {
                 .map_err(|e| NodeError::Tls(e.to_string()))?;
         }
         let proxies = xds.proxies();
+        let traffic = xds.traffic();
         let trust_domain = tls.map(|_| trust_domain.to_string());
         let task = tokio::spawn(
             builder
@@ -372,6 +375,7 @@ impl GrpcServer {
         );
         Ok(Self {
             proxies,
+            traffic,
             stop,
             task,
         })

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::raft::Consensus;
+use super::traffic::{self, TrafficTable};
 use crate::model::Command;
 use crate::model::compile::compile;
 use crate::model::proxy_config::ProxyRole;
@@ -81,6 +82,7 @@ pub struct Xds {
     /// Streams must come with the proxy's certificate (mTLS) naming the Hello's node.
     require_certificate: bool,
     metrics: Arc<ControlMetrics>,
+    traffic: TrafficTable,
 }
 
 /// The last compiled config of each (mesh, role), by state generation.
@@ -143,11 +145,17 @@ impl Xds {
             configs: ConfigCache::default(),
             require_certificate,
             metrics,
+            traffic: TrafficTable::default(),
         }
     }
 
     pub fn proxies(&self) -> ProxyTable {
         self.proxies.clone()
+    }
+
+    /// The traffic summaries of the connected proxies.
+    pub fn traffic(&self) -> TrafficTable {
+        self.traffic.clone()
     }
 
     pub fn into_service(self) -> DiscoveryServer<Self> {
@@ -372,6 +380,9 @@ async fn session(
                             p.healthy = h.healthy;
                         });
                     }
+                    Some(proxy_message::Kind::Traffic(t)) => {
+                        traffic::record(&xds.traffic, &id, &hello.mesh, &role.resource_name(), t.edges);
+                    }
                     Some(proxy_message::Kind::Goodbye(_)) => {
                         let _ = xds.registry.send(RegistryChange::Remove(id.clone()));
                         break;
@@ -387,6 +398,10 @@ async fn session(
         }
     }
     xds.proxies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+    xds.traffic
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);

@@ -15,15 +15,19 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::identity::{self, ProxyCert};
 use crate::model::proxy_config::{ProxyConfig, ProxyRole};
+use crate::telemetry::proxy::ProxyMetrics;
 use crate::wire::discovery::discovery_client::DiscoveryClient;
 use crate::wire::discovery::{
-    Ack, Goodbye, Heartbeat, Hello, Nack, ProxyMessage, control_message, proxy_message,
+    Ack, EdgeTraffic, Goodbye, Heartbeat, Hello, Nack, ProxyMessage, Traffic, control_message,
+    proxy_message,
 };
 use crate::wire::{decode_config, role_to_hello};
 
 const CACHE_FILE: &str = "config.json";
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the proxy reports its traffic (when it changed) for `trellis top`.
+const TRAFFIC_EVERY: Duration = Duration::from_secs(2);
 
 /// Who this proxy is and where the control plane is.
 #[derive(Debug, Clone)]
@@ -43,6 +47,45 @@ pub struct DiscoverySettings {
     pub ca_bundle: Option<String>,
     /// This proxy's certificate, presented on the stream (mTLS) when `ca_bundle` is set.
     pub cert: Option<watch::Receiver<Option<Arc<ProxyCert>>>>,
+    /// Where the traffic summaries sent on the stream come from.
+    pub traffic: Option<Arc<ProxyMetrics>>,
+}
+
+/// The proxy's traffic per edge, as the stream carries it.
+fn traffic(metrics: &ProxyMetrics) -> Vec<EdgeTraffic> {
+    let mut edges: Vec<EdgeTraffic> = metrics
+        .traffic()
+        .into_iter()
+        .map(|(e, by_class, latency)| EdgeTraffic {
+            direction: e.direction.as_str().to_string(),
+            port: u32::from(e.port),
+            virtual_service: e.virtual_service,
+            route: e.route,
+            target_virtual_node: e.target_virtual_node,
+            caller: e.caller,
+            by_class: by_class.to_vec(),
+            latency_buckets: latency,
+        })
+        .collect();
+    edges.sort_by(|a, b| {
+        (
+            &a.direction,
+            a.port,
+            &a.virtual_service,
+            &a.route,
+            &a.target_virtual_node,
+            &a.caller,
+        )
+            .cmp(&(
+                &b.direction,
+                b.port,
+                &b.virtual_service,
+                &b.route,
+                &b.target_virtual_node,
+                &b.caller,
+            ))
+    });
+    edges
 }
 
 /// A config in force.
@@ -204,6 +247,8 @@ async fn session(
     let mut health_open = true;
     let mut beat = tokio::time::interval(lease / 3);
     beat.tick().await;
+    let mut report = tokio::time::interval(TRAFFIC_EVERY);
+    let mut reported: Option<Vec<EdgeTraffic>> = None;
     loop {
         tokio::select! {
             msg = inbound.message() => {
@@ -243,6 +288,13 @@ async fn session(
             _ = beat.tick() => {
                 let healthy = *health.borrow();
                 let _ = out.send(send(proxy_message::Kind::Heartbeat(Heartbeat { healthy }))).await;
+            }
+            _ = report.tick(), if settings.traffic.is_some() => {
+                let edges = settings.traffic.as_ref().map(|m| traffic(m)).unwrap_or_default();
+                if !edges.is_empty() && reported.as_ref() != Some(&edges) {
+                    reported = Some(edges.clone());
+                    let _ = out.send(send(proxy_message::Kind::Traffic(Traffic { edges }))).await;
+                }
             }
             _ = stop.changed() => {
                 let _ = out.send(send(proxy_message::Kind::Goodbye(Goodbye {}))).await;

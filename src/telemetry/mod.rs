@@ -10,7 +10,11 @@ pub mod control;
 pub mod proxy;
 pub mod trace;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 /// Request latency buckets in seconds: sub-millisecond hops to the 15 s default timeout.
@@ -21,6 +25,89 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
 
 pub fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
+}
+
+/// A latency histogram over [`LATENCY_BUCKETS`] made of atomics: no lock on the request path
+/// (prometheus-client's takes one per observation), and its buckets can be read back for the
+/// traffic summaries proxies report.
+#[derive(Debug, Clone, Default)]
+pub struct LatencyHistogram(std::sync::Arc<LatencyInner>);
+
+#[derive(Debug, Default)]
+struct LatencyInner {
+    /// Per bucket (not cumulative); the last is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, took: std::time::Duration) {
+        let secs = took.as_secs_f64();
+        let i = LATENCY_BUCKETS.partition_point(|b| secs > *b);
+        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.0.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// The count in each bucket (not cumulative; the last is +Inf).
+    pub fn buckets(&self) -> Vec<u64> {
+        self.0
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets().iter().sum()
+    }
+}
+
+/// The `q` quantile (0..1) of per-bucket counts over [`LATENCY_BUCKETS`], in seconds,
+/// interpolated within its bucket as Prometheus's `histogram_quantile` does; `None` without
+/// observations.
+pub fn quantile(buckets: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut seen = 0u64;
+    for (i, n) in buckets.iter().enumerate() {
+        if *n > 0 && (seen + n) as f64 >= rank {
+            let lower = if i == 0 { 0.0 } else { LATENCY_BUCKETS[i - 1] };
+            let Some(upper) = LATENCY_BUCKETS.get(i) else {
+                // Beyond the last bound: the last bound is all that is known.
+                return LATENCY_BUCKETS.last().copied();
+            };
+            let into = (rank - seen as f64) / *n as f64;
+            return Some(lower + (upper - lower) * into);
+        }
+        seen += n;
+    }
+    LATENCY_BUCKETS.last().copied()
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let counts = self.buckets();
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(counts.iter().copied())
+            .collect();
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, counts.iter().sum(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// The content type of [`encode`]'s output: Prometheus's classic text format.
@@ -143,6 +230,27 @@ mod tests {
             text,
             "# HELP t_hits_total Hits.\n# TYPE t_hits_total counter\nt_hits_total 1\n"
         );
+    }
+
+    #[test]
+    fn latency_histograms_bucket_encode_and_give_quantiles() {
+        let h = LatencyHistogram::default();
+        for ms in [1, 2, 2, 3, 40] {
+            h.observe(std::time::Duration::from_millis(ms));
+        }
+        assert_eq!(h.count(), 5);
+        let mut r = Registry::default();
+        r.register("lat", "Latency", h.clone());
+        let text = encode(&r);
+        assert!(text.contains("lat_count 5\n"), "{text}");
+        assert!(text.contains("lat_bucket{le=\"0.0025\"} 3\n"), "{text}");
+        assert!(text.contains("lat_bucket{le=\"+Inf\"} 5\n"), "{text}");
+        // Three of five at or under 2.5 ms: the median lies in (1 ms, 2.5 ms].
+        let p50 = quantile(&h.buckets(), 0.5).unwrap();
+        assert!(p50 > 0.001 && p50 <= 0.0025, "{p50}");
+        let p99 = quantile(&h.buckets(), 0.99).unwrap();
+        assert!(p99 > 0.025 && p99 <= 0.05, "{p99}");
+        assert_eq!(quantile(&[0; 17], 0.5), None);
     }
 
     #[test]

@@ -13,10 +13,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::{StatusClass, label_value, latency_histogram};
+use super::{LatencyHistogram, StatusClass, label_value};
 
 /// Which way a request goes through this proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -144,7 +143,7 @@ struct BytesLabels {
 pub struct ProxyMetrics {
     registry: Registry,
     requests: Family<EdgeStatus, Counter>,
-    latency: Family<Edge, Histogram, fn() -> Histogram>,
+    latency: Family<Edge, LatencyHistogram>,
     retries: Family<Edge, Counter>,
     budget_exhausted: Family<Edge, Counter>,
     timeouts: Family<TimeoutLabels, Counter>,
@@ -156,6 +155,14 @@ pub struct ProxyMetrics {
     config_version: Gauge,
     access_log_dropped: Counter,
     spans_dropped: Counter,
+    /// Every edge resolved so far, for the traffic summaries.
+    edges: std::sync::Mutex<std::collections::HashMap<Edge, Arc<EdgeStats>>>,
+}
+
+impl std::fmt::Debug for ProxyMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyMetrics").finish_non_exhaustive()
+    }
 }
 
 impl ProxyMetrics {
@@ -172,7 +179,7 @@ impl ProxyMetrics {
         let mut registry = Registry::with_prefix_and_labels("trellis_proxy", labels.into_iter());
         let m = Self {
             requests: Family::default(),
-            latency: Family::new_with_constructor(latency_histogram),
+            latency: Family::default(),
             retries: Family::default(),
             budget_exhausted: Family::default(),
             timeouts: Family::default(),
@@ -184,6 +191,7 @@ impl ProxyMetrics {
             config_version: Gauge::default(),
             access_log_dropped: Counter::default(),
             spans_dropped: Counter::default(),
+            edges: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -258,8 +266,35 @@ impl ProxyMetrics {
         &self.registry
     }
 
-    /// The handles of one edge, to keep for as long as the config that names it.
+    /// The handles of one edge, to keep for as long as the config that names it (the same
+    /// ones each time it is asked for).
     pub fn edge(&self, edge: Edge) -> Arc<EdgeStats> {
+        let mut edges = self.edges.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = edges.get(&edge) {
+            return e.clone();
+        }
+        let stats = self.new_edge(edge.clone());
+        edges.insert(edge, stats.clone());
+        stats
+    }
+
+    /// Every edge with traffic, and its counters now.
+    pub fn traffic(&self) -> Vec<(Edge, [u64; 5], Vec<u64>)> {
+        let edges = self.edges.lock().unwrap_or_else(|e| e.into_inner());
+        edges
+            .iter()
+            .filter(|(_, s)| s.by_class.iter().any(|c| c.get() > 0))
+            .map(|(e, s)| {
+                (
+                    e.clone(),
+                    s.by_class.each_ref().map(Counter::get),
+                    s.latency.buckets(),
+                )
+            })
+            .collect()
+    }
+
+    fn new_edge(&self, edge: Edge) -> Arc<EdgeStats> {
         let by_class = StatusClass::ALL.map(|status_class| {
             self.requests.get_or_create_owned(&EdgeStatus {
                 edge: edge.clone(),
@@ -335,7 +370,7 @@ impl ProxyMetrics {
 #[derive(Debug)]
 pub struct EdgeStats {
     by_class: [Counter; 5],
-    latency: Histogram,
+    latency: LatencyHistogram,
     pub retries: Counter,
     pub budget_exhausted: Counter,
     pub per_request_timeouts: Counter,
@@ -349,7 +384,7 @@ impl EdgeStats {
     pub fn detached() -> Self {
         Self {
             by_class: Default::default(),
-            latency: latency_histogram(),
+            latency: LatencyHistogram::default(),
             retries: Counter::default(),
             budget_exhausted: Counter::default(),
             per_request_timeouts: Counter::default(),
@@ -362,7 +397,7 @@ impl EdgeStats {
     /// One answered request: its status and how long its response head took.
     pub fn answered(&self, status: u16, took: Duration) {
         self.by_class[StatusClass::of(status).index()].inc();
-        self.latency.observe(took.as_secs_f64());
+        self.latency.observe(took);
     }
 
     /// Requests answered with a status of `class`.

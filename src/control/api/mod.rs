@@ -44,6 +44,8 @@ pub struct ApiState {
     pub owner: Owner,
     /// The proxies connected to this node.
     pub proxies: crate::control::xds::ProxyTable,
+    /// Their traffic summaries (`/v1/traffic`, `trellis top`).
+    pub traffic: crate::control::traffic::TrafficTable,
     /// SigV4 settings; `None`: every caller is admin (dev mode, loopback only).
     pub auth: Option<AuthSettings>,
     pub metrics: Arc<ControlMetrics>,
@@ -145,6 +147,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/proxies", get(proxies))
+        .route("/v1/traffic", get(traffic))
         .route("/v1/members", get(cluster::members))
         .route("/v1/members/{id}", axum::routing::delete(cluster::remove))
         .route("/v1/debug/faults", put(cluster::faults))
@@ -298,6 +301,13 @@ async fn proxies(State(s): Shared) -> Response {
         .map(|p| serde_json::to_value(p).unwrap_or(Value::Null))
         .collect();
     json_ok(json!({ "proxies": list }))
+}
+
+/// Per virtual service and per edge: requests, rate, success rate and latency percentiles, from
+/// the summaries of the proxies connected to this node.
+async fn traffic(State(s): Shared) -> Response {
+    let t = crate::control::traffic::summary(&s.traffic);
+    json_ok(serde_json::to_value(t).unwrap_or(Value::Null))
 }
 
 fn json_ok(v: Value) -> Response {
