@@ -131,6 +131,11 @@ enum Command {
         /// on loopback. `off` disables it.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin_addr: String,
+        /// Count no requests (Envoy's stats reject_all): /metrics keeps only the proxy-wide
+        /// series and `trellis top` shows nothing from this proxy; for measuring what metrics
+        /// cost.
+        #[arg(long)]
+        no_request_metrics: bool,
         /// Export a span per proxied request over OTLP/gRPC to this collector
         /// (`http://127.0.0.1:4317`); the trace context requests carry (W3C traceparent, B3)
         /// continues through the proxy. Without it, trace headers pass untouched.
@@ -410,7 +415,7 @@ async fn run_proxy(
     identity: Option<proxy_identity::IdentitySettings>,
     (inbound_addr, outbound_addr, admin_addr): (SocketAddr, Option<SocketAddr>, Option<SocketAddr>),
     dataplane: trellis::proxy::dataplane::DataplaneSettings,
-    otlp_endpoint: Option<String>,
+    (otlp_endpoint, count_requests): (Option<String>, bool),
 ) -> ExitCode {
     init_logging("info");
     // Bound first: with port 0 the registered port is the one the kernel picked.
@@ -475,12 +480,13 @@ async fn run_proxy(
         app_host,
         stopped.clone(),
     ));
-    let metrics = trellis::telemetry::proxy::ProxyMetrics::new(
+    let metrics = trellis::telemetry::proxy::ProxyMetrics::with_requests_counted(
         &settings.mesh,
         match &settings.role {
             ProxyRole::VirtualNode(n) => ("virtual_node", n.as_str()),
             ProxyRole::VirtualGateway(g) => ("virtual_gateway", g.as_str()),
         },
+        count_requests,
     );
     let tracer = match otlp_endpoint {
         Some(endpoint) => {
@@ -660,6 +666,7 @@ fn main() -> ExitCode {
             outbound_addr,
             admin_addr,
             otlp_endpoint,
+            no_request_metrics,
             retry_budget_ratio,
             retry_budget_min_per_second,
             gateway_host,
@@ -742,7 +749,7 @@ fn main() -> ExitCode {
                 identity,
                 (inbound_addr, outbound_addr, admin_addr),
                 dataplane,
-                otlp_endpoint,
+                (otlp_endpoint, !no_request_metrics),
             ))
         }
         Command::Proxies { conn, json } => client_result(rt.block_on(proxies(&conn, json))),

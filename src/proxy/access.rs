@@ -163,7 +163,7 @@ impl Pending {
         if body.size_hint().exact().is_some() {
             body
         } else {
-            stats::count_body(body, &self.received)
+            stats::count_body(body, Some(&self.received))
         }
     }
 

@@ -285,7 +285,7 @@ async fn request(
         let attributes = vec![("appmesh.caller", caller.describe())];
         tracer.record(span.end(name, true, resp.status().as_u16(), attributes));
     }
-    let resp = resp.map(|body| stats::count_body(body, &stats.response_bytes));
+    let resp = resp.map(|body| stats::count_body(body, stats.response_bytes()));
     match log {
         Some((pending, served)) => pending.finish(resp, served),
         None => resp,
@@ -361,7 +361,7 @@ async fn to_app(
     }
     let h2 = matches!(listener.protocol, PortProtocol::Http2 | PortProtocol::Grpc);
     let req = req.map(|b| {
-        let body = stats::count_body(incoming(b), &stats.request_bytes);
+        let body = stats::count_body(incoming(b), stats.request_bytes());
         match &log {
             Some((pending, _)) => pending.request_body(body),
             None => body,

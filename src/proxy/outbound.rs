@@ -159,7 +159,7 @@ pub async fn forward(
         ];
         tracer.record(span.end(name, false, resp.status().as_u16(), attributes));
     }
-    let resp = resp.map(|body| stats::count_body(body, &stats.response_bytes));
+    let resp = resp.map(|body| stats::count_body(body, stats.response_bytes()));
     match log {
         Some(pending) => pending.finish(resp, served),
         None => resp,
@@ -214,7 +214,7 @@ async fn route_and_send(
     port.budget.request();
     let limit = route.timeouts.per_request_ms;
     let req = req.map(|b| {
-        let body = stats::count_body(incoming(b), &stats.request_bytes);
+        let body = stats::count_body(incoming(b), stats.request_bytes());
         match log {
             Some(pending) => pending.request_body(body),
             None => body,

@@ -12,8 +12,11 @@ use prometheus_client::metrics::counter::Counter;
 use super::upstream::{Body, BoxError};
 
 /// `body`, its bytes added to `counter`: at once when its length is known (most bodies), else
-/// frame by frame as they pass.
-pub fn count_body(body: Body, counter: &Counter) -> Body {
+/// frame by frame as they pass; as it is when `counter` is `None` (requests not counted).
+pub fn count_body(body: Body, counter: Option<&Counter>) -> Body {
+    let Some(counter) = counter else {
+        return body;
+    };
     if let Some(n) = body.size_hint().exact() {
         counter.inc_by(n);
         return body;
@@ -91,13 +94,13 @@ mod tests {
     #[tokio::test]
     async fn bodies_count_their_bytes_known_length_or_streamed() {
         let c = Counter::default();
-        let b = count_body(full("hello"), &c);
+        let b = count_body(full("hello"), Some(&c));
         assert_eq!(c.get(), 5);
         assert_eq!(b.collect().await.unwrap().to_bytes(), "hello");
         let stream = http_body_util::StreamBody::new(futures_util::stream::iter(
             ["ab", "cde"].map(|s| Ok::<_, BoxError>(Frame::data(Bytes::from(s)))),
         ));
-        let b = count_body(stream.boxed(), &c);
+        let b = count_body(stream.boxed(), Some(&c));
         assert_eq!(b.collect().await.unwrap().to_bytes(), "abcde");
         assert_eq!(c.get(), 10);
     }

@@ -157,6 +157,9 @@ pub struct ProxyMetrics {
     spans_dropped: Counter,
     /// Every edge resolved so far, for the traffic summaries.
     edges: std::sync::Mutex<std::collections::HashMap<Edge, Arc<EdgeStats>>>,
+    /// Set when requests are not counted ([`ProxyMetrics::counting_nothing`]): every edge
+    /// gets this one, which counts nothing.
+    off: Option<Arc<EdgeStats>>,
 }
 
 impl std::fmt::Debug for ProxyMetrics {
@@ -169,6 +172,17 @@ impl ProxyMetrics {
     /// The metrics of the proxy for `resource` (`virtual_node` or `virtual_gateway`, and its
     /// name) in `mesh`.
     pub fn new(mesh: &str, resource: (&'static str, &str)) -> Arc<Self> {
+        Self::with_requests_counted(mesh, resource, true)
+    }
+
+    /// Like `new`; with `count` false requests are not counted (Envoy's `stats_matcher:
+    /// reject_all`): no per-edge series and no traffic summaries, so what metrics cost can be
+    /// measured against it.
+    pub fn with_requests_counted(
+        mesh: &str,
+        resource: (&'static str, &str),
+        count: bool,
+    ) -> Arc<Self> {
         let labels = [
             (Cow::Borrowed("mesh"), Cow::Owned(mesh.to_string())),
             (
@@ -192,6 +206,11 @@ impl ProxyMetrics {
             access_log_dropped: Counter::default(),
             spans_dropped: Counter::default(),
             edges: Default::default(),
+            off: (!count).then(|| {
+                let mut off = EdgeStats::detached();
+                off.on = false;
+                Arc::new(off)
+            }),
             registry: Registry::default(),
         };
         registry.register(
@@ -269,6 +288,9 @@ impl ProxyMetrics {
     /// The handles of one edge, to keep for as long as the config that names it (the same
     /// ones each time it is asked for).
     pub fn edge(&self, edge: Edge) -> Arc<EdgeStats> {
+        if let Some(off) = &self.off {
+            return off.clone();
+        }
         let mut edges = self.edges.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = edges.get(&edge) {
             return e.clone();
@@ -316,6 +338,7 @@ impl ProxyMetrics {
             per_retry_timeouts: timeout(TimeoutKind::PerRetry),
             request_bytes: self.bytes_counter(edge.direction, "request"),
             response_bytes: self.bytes_counter(edge.direction, "response"),
+            on: true,
         })
     }
 
@@ -377,6 +400,8 @@ pub struct EdgeStats {
     pub per_retry_timeouts: Counter,
     pub request_bytes: Counter,
     pub response_bytes: Counter,
+    /// False when requests are not counted.
+    pub on: bool,
 }
 
 impl EdgeStats {
@@ -391,13 +416,26 @@ impl EdgeStats {
             per_retry_timeouts: Counter::default(),
             request_bytes: Counter::default(),
             response_bytes: Counter::default(),
+            on: true,
         }
     }
 
     /// One answered request: its status and how long its response head took.
     pub fn answered(&self, status: u16, took: Duration) {
+        if !self.on {
+            return;
+        }
         self.by_class[StatusClass::of(status).index()].inc();
         self.latency.observe(took);
+    }
+
+    /// The counter of request body bytes (`None` when requests are not counted).
+    pub fn request_bytes(&self) -> Option<&Counter> {
+        self.on.then_some(&self.request_bytes)
+    }
+
+    pub fn response_bytes(&self) -> Option<&Counter> {
+        self.on.then_some(&self.response_bytes)
     }
 
     /// Requests answered with a status of `class`.
@@ -460,5 +498,24 @@ mod tests {
         // The same edge resolved again shares the counters.
         let again = m.edge(edge);
         assert_eq!(again.count(StatusClass::Success), 3);
+    }
+
+    #[test]
+    fn counting_nothing_leaves_no_request_series() {
+        let m = ProxyMetrics::with_requests_counted("demo", ("virtual_node", "front"), false);
+        let e = m.edge(Edge {
+            direction: Direction::Inbound,
+            port: 9080,
+            virtual_service: String::new(),
+            route: String::new(),
+            target_virtual_node: String::new(),
+            caller: String::new(),
+        });
+        e.answered(200, Duration::from_millis(1));
+        assert_eq!(e.count(StatusClass::Success), 0);
+        assert!(e.response_bytes().is_none());
+        assert!(m.traffic().is_empty());
+        let text = super::super::encode(m.registry());
+        assert!(!text.contains("trellis_proxy_requests_total{"), "{text}");
     }
 }
