@@ -149,6 +149,19 @@ fn proxies_speak_mtls_and_refuse_callers_the_mesh_does_not_allow() {
     );
     assert_eq!(got.status, 0, "{got:?}");
     assert_ne!(got.exit, 0);
+    // The refused handshake is counted with its reason (this self-signed certificate is a CA
+    // certificate: rustls calls it a bad certificate before asking who issued it).
+    let metrics = common::echo::curl(&[&format!("http://{}/metrics", red.admin())]).body;
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("trellis_proxy_tls_handshake_failures_total{")
+                && l.contains("direction=\"inbound\"")
+                && (l.contains("reason=\"unknown_ca\"")
+                    || l.contains("reason=\"bad_certificate\""))
+                && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
 
     // Egress: DROP_ALL (the default) refuses what is not a backend, naming it.
     let got = via(outsider_out, url);

@@ -495,8 +495,8 @@ pub async fn run(
             target_virtual_node: String::new(),
             caller: String::new(),
         }),
+        upstreams: Upstreams::new(identity, metrics.clone()),
         metrics,
-        upstreams: Upstreams::new(identity),
         settings,
         drain: Drain::default(),
     });

@@ -15,10 +15,11 @@ use tokio::net::TcpListener;
 
 use super::dataplane::{self, Shared};
 use super::tls::{self, ALPN_H1, ALPN_H2, Caller};
-use super::{gateway, guard};
+use super::{gateway, guard, stats};
 use crate::identity::tls as pki;
 use crate::model::proxy_config::GatewayListener;
 use crate::model::shapes::VirtualGatewayListenerTlsMode as Mode;
+use crate::telemetry::proxy::{ConnectionGuard, Direction, ListenerKind};
 
 /// A gateway listener's TLS, loaded.
 pub struct GatewayTls {
@@ -100,10 +101,13 @@ impl GatewayTls {
 /// Serves a gateway listener on `port` until aborted, with the TLS its config says at the time
 /// each connection arrives.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, port: u16) {
+    let connections = shared.metrics.connections(ListenerKind::Gateway);
     loop {
         let (tcp, from) = dataplane::accept(&listener).await;
         let shared = shared.clone();
+        let open = ConnectionGuard::new(connections.clone());
         tokio::spawn(async move {
+            let _open = open;
             let tls = shared
                 .routing
                 .borrow()
@@ -112,6 +116,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, port: u16) {
                 .and_then(|g| g.tls.clone())
                 .filter(|t| t.mode != Mode::Disabled);
             let drain = shared.drain.clone();
+            let metrics = shared.metrics.clone();
             let handler = move |req: Request<Incoming>| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(gateway::request(&shared, port, req).await) }
@@ -133,6 +138,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, port: u16) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::info!(%from, port, error = %e, "gateway TLS handshake refused");
+                    metrics.tls_handshake_failed(Direction::Gateway, stats::tls_failure_reason(&e));
                     return;
                 }
             };

@@ -20,7 +20,9 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::stats::tls_failure_reason;
 use super::tls::{ALPN_H1, ALPN_H2, PeerIdentity, PeerTls};
+use crate::telemetry::proxy::{Direction, ProxyMetrics};
 
 /// The body every hop carries. Its error is boxed: hops add errors of their own (an idle
 /// timeout) that are not hyper's.
@@ -111,6 +113,7 @@ pub fn full(text: impl Into<Bytes>) -> Body {
 /// decides whom a connection may be to), h2c or HTTP/1.1 to the local app.
 pub struct Upstreams {
     identity: Arc<PeerIdentity>,
+    metrics: Arc<ProxyMetrics>,
     plain_peers: Client<PeerConnector, Body>,
     tls_peers: Mutex<HashMap<Arc<PeerTls>, Client<PeerConnector, Body>>>,
     app_h2: Client<HttpConnector, Body>,
@@ -125,13 +128,15 @@ fn http_connector() -> HttpConnector {
 }
 
 impl Upstreams {
-    pub fn new(identity: Arc<PeerIdentity>) -> Self {
+    pub fn new(identity: Arc<PeerIdentity>, metrics: Arc<ProxyMetrics>) -> Self {
         Self {
             plain_peers: peer_client(PeerConnector {
                 http: http_connector(),
                 tls: None,
                 alpn: ALPN_H2,
+                metrics: metrics.clone(),
             }),
+            metrics,
             tls_peers: Mutex::new(HashMap::new()),
             identity,
             app_h2: Client::builder(TokioExecutor::new())
@@ -157,6 +162,7 @@ impl Upstreams {
                     http: http_connector(),
                     tls: Some((self.identity.clone(), tls.clone())),
                     alpn: ALPN_H2,
+                    metrics: self.metrics.clone(),
                 })
             })
             .clone()
@@ -175,6 +181,8 @@ pub struct PeerConnector {
     http: HttpConnector,
     tls: Option<(Arc<PeerIdentity>, Arc<PeerTls>)>,
     alpn: &'static [u8],
+    /// Where failed handshakes are counted.
+    metrics: Arc<ProxyMetrics>,
 }
 
 impl Upstreams {
@@ -189,6 +197,7 @@ impl Upstreams {
             http: http_connector(),
             tls: tls.map(|t| (self.identity.clone(), t.clone())),
             alpn: ALPN_H1,
+            metrics: self.metrics.clone(),
         };
         let uri: Uri = format!("http://{addr}/")
             .parse()
@@ -215,6 +224,7 @@ impl tower::Service<Uri> for PeerConnector {
         let mut http = self.http.clone();
         let tls = self.tls.clone();
         let alpn = self.alpn;
+        let metrics = self.metrics.clone();
         Box::pin(async move {
             let tcp = http.call(uri).await?.into_inner();
             let Some((identity, peer)) = tls else {
@@ -224,7 +234,10 @@ impl tower::Service<Uri> for PeerConnector {
             let ip = tcp.peer_addr()?.ip();
             let stream = tokio_rustls::TlsConnector::from(config)
                 .connect(ServerName::IpAddress(ip.into()), tcp)
-                .await?;
+                .await
+                .inspect_err(|e| {
+                    metrics.tls_handshake_failed(Direction::Outbound, tls_failure_reason(e))
+                })?;
             Ok(TokioIo::new(PeerStream::Tls(Box::new(stream))))
         })
     }
