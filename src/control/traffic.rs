@@ -108,6 +108,8 @@ pub struct Traffic {
 #[derive(Debug, Clone, Default)]
 struct Window {
     total: u64,
+    /// Answers in the interval, for the rate.
+    in_interval: u64,
     by_class: [u64; 5],
     latency: Vec<u64>,
     seconds: f64,
@@ -118,6 +120,7 @@ struct Window {
 impl Window {
     fn add(&mut self, other: &Window) {
         self.total += other.total;
+        self.in_interval += other.in_interval;
         for (a, b) in self.by_class.iter_mut().zip(other.by_class) {
             *a += b;
         }
@@ -137,7 +140,7 @@ impl Window {
         Signals {
             requests: self.total,
             rps: if self.interval && self.seconds > 0.0 {
-                (answered as f64 / self.seconds * 100.0).round() / 100.0
+                (self.in_interval as f64 / self.seconds * 100.0).round() / 100.0
             } else {
                 0.0
             },
@@ -248,11 +251,13 @@ fn window(e: &EdgeTraffic, before: Option<(f64, &EdgeTraffic)>) -> Window {
                 .enumerate()
                 .map(|(i, n)| n.saturating_sub(b.latency_buckets.get(i).copied().unwrap_or(0)))
                 .collect();
-            let quiet = by_class.iter().sum::<u64>() == 0;
+            let in_interval: u64 = by_class.iter().sum();
+            // A quiet interval says nothing about success or latency: keep the long view.
+            let quiet = in_interval == 0;
             Window {
                 total,
-                by_class,
-                // A quiet interval says nothing about latency: keep the long view.
+                in_interval,
+                by_class: if quiet { now } else { by_class },
                 latency: if quiet { latency } else { delta },
                 seconds,
                 interval: true,
@@ -260,6 +265,7 @@ fn window(e: &EdgeTraffic, before: Option<(f64, &EdgeTraffic)>) -> Window {
         }
         None => Window {
             total,
+            in_interval: 0,
             by_class: now,
             latency,
             seconds: 0.0,
@@ -321,5 +327,20 @@ mod tests {
         assert!(e.p50_ms.is_some_and(|p| p > 10.0 && p <= 25.0), "{e:?}");
         assert_eq!(s.services[0].virtual_service, "color.demo.local");
         assert_eq!(s.services[0].signals.requests, 200);
+        // Nothing moved since: no rate; success and latency keep the long view.
+        record(
+            &table,
+            "p1",
+            "demo",
+            "virtualNode/client",
+            vec![edge(190, 10, 100)],
+        );
+        let e = &summary(&table).edges[0].signals;
+        assert_eq!((e.requests, e.rps), (200, 0.0));
+        assert_eq!(e.success_rate, Some(0.95));
+        assert!(e.p50_ms.is_some());
+        // A proxy that leaves takes its edges along.
+        table.lock().unwrap().remove("p1");
+        assert!(summary(&table).edges.is_empty());
     }
 }

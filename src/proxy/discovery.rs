@@ -26,7 +26,8 @@ use crate::wire::{decode_config, role_to_hello};
 const CACHE_FILE: &str = "config.json";
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How often the proxy reports its traffic (when it changed) for `trellis top`.
+/// How often the proxy reports its traffic for `trellis top` (also when nothing moved: the
+/// control node's rates then fall to zero).
 const TRAFFIC_EVERY: Duration = Duration::from_secs(2);
 
 /// Who this proxy is and where the control plane is.
@@ -248,7 +249,6 @@ async fn session(
     let mut beat = tokio::time::interval(lease / 3);
     beat.tick().await;
     let mut report = tokio::time::interval(TRAFFIC_EVERY);
-    let mut reported: Option<Vec<EdgeTraffic>> = None;
     loop {
         tokio::select! {
             msg = inbound.message() => {
@@ -291,8 +291,7 @@ async fn session(
             }
             _ = report.tick(), if settings.traffic.is_some() => {
                 let edges = settings.traffic.as_ref().map(|m| traffic(m)).unwrap_or_default();
-                if !edges.is_empty() && reported.as_ref() != Some(&edges) {
-                    reported = Some(edges.clone());
+                if !edges.is_empty() {
                     let _ = out.send(send(proxy_message::Kind::Traffic(Traffic { edges }))).await;
                 }
             }
