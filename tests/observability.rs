@@ -562,7 +562,7 @@ fn access_log_lines_follow_their_formats_for_success_retry_timeout_and_refusal()
     let logs = tempfile::tempdir().unwrap();
     let client_log = logs.path().join("client.log");
     let red_log = logs.path().join("red.log");
-    let text = "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %ROUTE_NAME% %UPSTREAM_CLUSTER% %REQ(X-CASE)%\n";
+    let text = "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %ROUTE_NAME% %UPSTREAM_CLUSTER% %REQ(X-CASE)% %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%\n";
     let client = json!({
         "backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}],
         "logging": {"accessLog": {"file": {"path": client_log, "format": {"text": text}}}}
@@ -619,17 +619,17 @@ fn access_log_lines_follow_their_formats_for_success_retry_timeout_and_refusal()
     assert_eq!(get("success", &[]), 200);
     assert_eq!(
         lines_with(&client_log, "success", 1),
-        ["GET /color 200 - 1 color red:9080 success"]
+        ["GET /color 200 - 1 color red:9080 success 127.0.0.1"]
     );
     assert_eq!(get("retry", &["x-echo-status: 503"]), 503);
     assert_eq!(
         lines_with(&client_log, " retry", 1),
-        ["GET /color 503 URX 3 color red:9080 retry"]
+        ["GET /color 503 URX 3 color red:9080 retry 127.0.0.1"]
     );
     assert_eq!(get("timeout", &["x-echo-delay-ms: 3000"]), 504);
     assert_eq!(
         lines_with(&client_log, "timeout", 1),
-        ["GET /color 504 UT 1 color red:9080 timeout"]
+        ["GET /color 504 UT 1 color red:9080 timeout 127.0.0.1"]
     );
     // The egress filter (DROP_ALL) refuses what is not a backend.
     let refused = curl(&[
@@ -642,7 +642,7 @@ fn access_log_lines_follow_their_formats_for_success_retry_timeout_and_refusal()
     assert_eq!(refused.status, 403);
     assert_eq!(
         lines_with(&client_log, "egress", 1),
-        ["GET /x 403 RBAC 0 - - egress"]
+        ["GET /x 403 RBAC 0 - - egress 127.0.0.1"]
     );
 
     // The target's JSON lines, key for key: numbers stay numbers, missing values are null.
@@ -658,6 +658,15 @@ fn access_log_lines_follow_their_formats_for_success_retry_timeout_and_refusal()
     assert_eq!(ok["path"], "/color");
     assert_eq!(ok["upstream"], "127.0.0.135:9080");
     assert!(ok["sent"].as_u64().is_some_and(|n| n > 50), "{ok}");
+    // The caller's proxy connection's address (on loopback the kernel picks 127.0.0.1 as the
+    // source); no SNI: peers dial by IP.
+    assert!(
+        ok["from"]
+            .as_str()
+            .is_some_and(|a| a.parse::<std::net::IpAddr>().is_ok()),
+        "{ok}"
+    );
+    assert_eq!(ok["sni"], serde_json::Value::Null, "{ok}");
     let tries = json_lines("retry", 3);
     assert_eq!(tries.len(), 3, "one line per attempt: {tries:?}");
     assert!(tries.iter().all(|t| t["code"] == 503), "{tries:?}");
@@ -693,7 +702,9 @@ fn put_red_with_json_log(node: &DevNode, path: &std::path::Path) {
                 {"key": "flags", "value": "%RESPONSE_FLAGS%"},
                 {"key": "path", "value": "%REQ(:PATH)%"},
                 {"key": "upstream", "value": "%UPSTREAM_HOST%"},
-                {"key": "sent", "value": "%BYTES_SENT%"}
+                {"key": "sent", "value": "%BYTES_SENT%"},
+                {"key": "from", "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
+                {"key": "sni", "value": "%REQUESTED_SERVER_NAME%"}
             ]}}}}
         }})),
     );

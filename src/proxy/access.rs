@@ -25,6 +25,25 @@ pub struct AccessLogger {
     pub writer: Arc<AccessLogWriter>,
 }
 
+/// The connection a request came on, attached to requests while access logs are on (at the
+/// time the connection arrived) for `%DOWNSTREAM_*%` and `%REQUESTED_SERVER_NAME%`.
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    pub remote: SocketAddr,
+    pub local: Option<SocketAddr>,
+    /// The TLS SNI, on TLS connections.
+    pub server_name: Option<String>,
+}
+
+impl Downstream {
+    /// Attaches the connection to `req` when there is one to attach.
+    pub fn attach<B>(this: &Option<Downstream>, req: &mut Request<B>) {
+        if let Some(d) = this {
+            req.extensions_mut().insert(d.clone());
+        }
+    }
+}
+
 /// What the proxy did with a request, for its line.
 #[derive(Debug, Default)]
 pub struct Served {
@@ -96,6 +115,7 @@ impl AccessLogger {
         if let Some(n) = req.body_size_hint_exact() {
             received.inc_by(n);
         }
+        let downstream = req.extensions().get::<Downstream>();
         Pending {
             entry: Some(Entry {
                 start: SystemTime::now(),
@@ -113,9 +133,9 @@ impl AccessLogger {
                 upstream_cluster: String::new(),
                 attempts: 0,
                 route: String::new(),
-                downstream_remote: None,
-                downstream_local: None,
-                server_name: None,
+                downstream_remote: downstream.map(|d| d.remote),
+                downstream_local: downstream.and_then(|d| d.local),
+                server_name: downstream.and_then(|d| d.server_name.clone()),
             }),
             logger: self.clone(),
             started: Instant::now(),

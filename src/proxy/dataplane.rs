@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-use super::access::AccessLogger;
+use super::access::{AccessLogger, Downstream};
 use super::balance::Balancer;
 use super::balance::WeightedPicker;
 use super::discovery::AppliedConfig;
@@ -412,6 +412,26 @@ pub struct Shared {
     pub drain: Drain,
 }
 
+impl Shared {
+    /// The connection to attach to requests, while the config in force has access logs.
+    pub fn downstream(
+        &self,
+        tcp: &tokio::net::TcpStream,
+        remote: SocketAddr,
+        server_name: Option<String>,
+    ) -> Option<Downstream> {
+        self.routing
+            .borrow()
+            .access_log
+            .is_some()
+            .then(|| Downstream {
+                remote,
+                local: tcp.local_addr().ok(),
+                server_name,
+            })
+    }
+}
+
 /// Every served connection, so a shutdown can ask each to finish (HTTP/1.1: after the request
 /// in progress; HTTP/2: GOAWAY, in-flight streams complete) and wait for them.
 #[derive(Clone)]
@@ -505,7 +525,7 @@ pub async fn run(
     if let Some(l) = listeners.outbound {
         let s = shared.clone();
         let connections = shared.metrics.connections(ListenerKind::Outbound);
-        let task = tokio::spawn(serve(shared.drain.clone(), l, connections, move |req| {
+        let task = tokio::spawn(serve(shared.clone(), l, connections, move |req| {
             let s = s.clone();
             async move { Ok::<_, Infallible>(outbound::explicit(&s, req).await) }
         }));
@@ -588,17 +608,10 @@ async fn reconcile(
                     Kind::Tcp => tokio::spawn(outbound::serve_tcp(shared, listener, local)),
                     Kind::Http => {
                         let connections = shared.metrics.connections(ListenerKind::Vip);
-                        tokio::spawn(serve(
-                            shared.drain.clone(),
-                            listener,
-                            connections,
-                            move |req| {
-                                let shared = shared.clone();
-                                async move {
-                                    Ok::<_, Infallible>(outbound::vip(&shared, local, req).await)
-                                }
-                            },
-                        ))
+                        tokio::spawn(serve(shared.clone(), listener, connections, move |req| {
+                            let shared = shared.clone();
+                            async move { Ok::<_, Infallible>(outbound::vip(&shared, local, req).await) }
+                        }))
                     }
                     Kind::Gateway(port) => tokio::spawn(gateway_tls::serve(shared, listener, port)),
                 };
@@ -641,16 +654,26 @@ pub async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, SocketAdd
 }
 
 /// Accepts connections and serves each (HTTP/1.1 or h2c) in its own task, counted on
-/// `connections` while open.
-pub async fn serve<F, Fut>(drain: Drain, listener: TcpListener, connections: Gauge, handler: F)
-where
+/// `connections` while open; requests carry their connection while access logs are on.
+pub async fn serve<F, Fut>(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    connections: Gauge,
+    handler: F,
+) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     loop {
-        let (tcp, _) = accept(&listener).await;
+        let (tcp, from) = accept(&listener).await;
         let open = ConnectionGuard::new(connections.clone());
-        let served = serve_plain(drain.clone(), tcp, handler.clone());
+        let downstream = shared.downstream(&tcp, from, None);
+        let handler = handler.clone();
+        let handler = move |mut req: Request<Incoming>| {
+            Downstream::attach(&downstream, &mut req);
+            handler(req)
+        };
+        let served = serve_plain(shared.drain.clone(), tcp, handler);
         tokio::spawn(async move {
             served.await;
             drop(open);

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 
+use super::access::Downstream;
 use super::dataplane::{self, Shared};
 use super::tls::{self, ALPN_H1, ALPN_H2, Caller};
 use super::{gateway, guard, stats};
@@ -117,7 +118,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, port: u16) {
                 .filter(|t| t.mode != Mode::Disabled);
             let drain = shared.drain.clone();
             let metrics = shared.metrics.clone();
-            let handler = move |req: Request<Incoming>| {
+            let downstream = shared.downstream(&tcp, from, None);
+            let handler = move |mut req: Request<Incoming>| {
+                Downstream::attach(&downstream, &mut req);
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(gateway::request(&shared, port, req).await) }
             };

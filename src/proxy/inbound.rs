@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::access::{AccessLogger, Pending, Served};
+use super::access::{AccessLogger, Downstream, Pending, Served};
 use super::dataplane::{Shared, http_builder};
 use super::guard;
 use super::idle;
@@ -221,7 +221,14 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr) {
             guard::refuse(tcp, status, &why).await;
             return;
         }
-        serve_http(shared, TokioIo::new(tcp), Arc::new(Caller::default())).await;
+        let downstream = shared.downstream(&tcp, from, None);
+        serve_http(
+            shared,
+            TokioIo::new(tcp),
+            Arc::new(Caller::default()),
+            downstream,
+        )
+        .await;
         return;
     }
     let config = match shared.upstreams.identity().server_config() {
@@ -242,15 +249,22 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr) {
         }
     };
     let caller = Caller::from_certs(stream.get_ref().1.peer_certificates().unwrap_or_default());
-    serve_http(shared, TokioIo::new(stream), Arc::new(caller)).await;
+    let sni = stream.get_ref().1.server_name().map(str::to_string);
+    let downstream = shared.downstream(stream.get_ref().0, from, sni);
+    serve_http(shared, TokioIo::new(stream), Arc::new(caller), downstream).await;
 }
 
-async fn serve_http<I>(shared: Arc<Shared>, io: I, caller: Arc<Caller>)
-where
+async fn serve_http<I>(
+    shared: Arc<Shared>,
+    io: I,
+    caller: Arc<Caller>,
+    downstream: Option<Downstream>,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let drain = shared.drain.clone();
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |mut req| {
+        Downstream::attach(&downstream, &mut req);
         let shared = shared.clone();
         let caller = caller.clone();
         async move { Ok::<_, Infallible>(request(&shared, &caller, req).await) }
