@@ -14,6 +14,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::upstream::{Body, BoxError};
+use prometheus_client::metrics::counter::Counter;
 
 /// The error a body ends with when it stalls.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +22,8 @@ use super::upstream::{Body, BoxError};
 pub struct IdleTimeout(pub Duration);
 
 /// `body`, ended with [`IdleTimeout`] after `idle` without a frame (`None` or zero: no limit).
-pub fn limit(body: Body, idle: Option<Duration>) -> Body {
+/// Each reset is counted on `resets`.
+pub fn limit(body: Body, idle: Option<Duration>, resets: &Counter) -> Body {
     match idle.filter(|d| !d.is_zero()) {
         // An empty body has nothing to wait for.
         Some(idle) if !body.is_end_stream() => IdleBody {
@@ -29,6 +31,7 @@ pub fn limit(body: Body, idle: Option<Duration>) -> Body {
             idle,
             timer: None,
             stale: false,
+            resets: resets.clone(),
         }
         .boxed(),
         _ => body,
@@ -43,6 +46,7 @@ struct IdleBody {
     timer: Option<Pin<Box<Sleep>>>,
     /// A frame came since the timer was armed.
     stale: bool,
+    resets: Counter,
 }
 
 impl HttpBody for IdleBody {
@@ -73,6 +77,7 @@ impl HttpBody for IdleBody {
                 this.stale = false;
                 ready!(timer.as_mut().poll(cx));
                 tracing::info!(idle = ?this.idle, "stream reset: idle timeout");
+                this.resets.inc();
                 Poll::Ready(Some(Err(IdleTimeout(this.idle).into())))
             }
         }
@@ -107,22 +112,30 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_body_that_keeps_flowing_is_not_cut_however_long_it_lasts() {
-        let body = limit(trickle(&[900; 10]), Some(Duration::from_secs(1)));
+        let resets = Counter::default();
+        let body = limit(trickle(&[900; 10]), Some(Duration::from_secs(1)), &resets);
         let collected = body.collect().await.unwrap().to_bytes();
         assert_eq!(collected.len(), 10);
+        assert_eq!(resets.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_stalled_body_ends_with_the_idle_timeout_at_the_deadline() {
         let start = Instant::now();
-        let mut body = limit(trickle(&[100, 100, 5_000]), Some(Duration::from_secs(1)));
+        let resets = Counter::default();
+        let mut body = limit(
+            trickle(&[100, 100, 5_000]),
+            Some(Duration::from_secs(1)),
+            &resets,
+        );
         assert!(body.frame().await.unwrap().is_ok());
         assert!(body.frame().await.unwrap().is_ok());
         let err = body.frame().await.unwrap().unwrap_err();
         assert!(err.is::<IdleTimeout>(), "{err}");
         assert_eq!(start.elapsed(), Duration::from_millis(1_200));
+        assert_eq!(resets.get(), 1, "the reset is counted");
         // No limit: the slow frame arrives.
-        let mut body = limit(trickle(&[5_000]), None);
+        let mut body = limit(trickle(&[5_000]), None, &resets);
         assert!(body.frame().await.unwrap().is_ok());
     }
 }

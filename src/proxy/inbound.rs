@@ -383,7 +383,7 @@ async fn to_app(
     });
     match shared.upstreams.send(Hop::App { addr, h2 }, req).await {
         Ok(resp) => (
-            resp.map(|body| idle::limit(body, listener.timeouts.idle())),
+            resp.map(|body| idle::limit(body, listener.timeouts.idle(), &stats.idle_timeouts)),
             Some(stats),
             log,
         ),

@@ -235,7 +235,7 @@ async fn route_and_send(
         }
     };
     let resp = match result {
-        Ok(resp) => resp.map(|body| idle::limit(body, route.timeouts.idle())),
+        Ok(resp) => resp.map(|body| idle::limit(body, route.timeouts.idle(), &stats.idle_timeouts)),
         Err(e) => failed(e, served),
     };
     (resp, stats)

@@ -73,6 +73,8 @@ pub enum TimeoutKind {
     PerRequest,
     /// The retry policy's perRetryTimeout (one attempt).
     PerRetry,
+    /// The route's or listener's idle timeout (a response body that stalled).
+    Idle,
 }
 
 impl TimeoutKind {
@@ -80,6 +82,7 @@ impl TimeoutKind {
         match self {
             Self::PerRequest => "per_request",
             Self::PerRetry => "per_retry",
+            Self::Idle => "idle",
         }
     }
 }
@@ -235,7 +238,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "timeouts",
-            "Requests (per_request) and attempts (per_retry) cut by a timeout",
+            "Requests (per_request), attempts (per_retry) and stalled responses (idle) cut by a timeout",
             m.timeouts.clone(),
         );
         registry.register(
@@ -336,6 +339,7 @@ impl ProxyMetrics {
             budget_exhausted: self.budget_exhausted.get_or_create_owned(&edge),
             per_request_timeouts: timeout(TimeoutKind::PerRequest),
             per_retry_timeouts: timeout(TimeoutKind::PerRetry),
+            idle_timeouts: timeout(TimeoutKind::Idle),
             request_bytes: self.bytes_counter(edge.direction, "request"),
             response_bytes: self.bytes_counter(edge.direction, "response"),
             on: true,
@@ -398,6 +402,7 @@ pub struct EdgeStats {
     pub budget_exhausted: Counter,
     pub per_request_timeouts: Counter,
     pub per_retry_timeouts: Counter,
+    pub idle_timeouts: Counter,
     pub request_bytes: Counter,
     pub response_bytes: Counter,
     /// False when requests are not counted.
@@ -414,6 +419,7 @@ impl EdgeStats {
             budget_exhausted: Counter::default(),
             per_request_timeouts: Counter::default(),
             per_retry_timeouts: Counter::default(),
+            idle_timeouts: Counter::default(),
             request_bytes: Counter::default(),
             response_bytes: Counter::default(),
             on: true,
