@@ -119,23 +119,24 @@ struct Window {
 
 impl Window {
     fn add(&mut self, other: &Window) {
-        self.total += other.total;
-        self.in_interval += other.in_interval;
+        // Counts come from proxies over the network: saturate, never overflow.
+        self.total = self.total.saturating_add(other.total);
+        self.in_interval = self.in_interval.saturating_add(other.in_interval);
         for (a, b) in self.by_class.iter_mut().zip(other.by_class) {
-            *a += b;
+            *a = a.saturating_add(b);
         }
         if self.latency.len() < other.latency.len() {
             self.latency.resize(other.latency.len(), 0);
         }
         for (a, b) in self.latency.iter_mut().zip(&other.latency) {
-            *a += b;
+            *a = a.saturating_add(*b);
         }
         self.seconds = self.seconds.max(other.seconds);
         self.interval |= other.interval;
     }
 
     fn signals(&self) -> Signals {
-        let answered: u64 = self.by_class.iter().sum();
+        let answered = sum(&self.by_class);
         let ms = |q| quantile(&self.latency, q).map(|s| (s * 1e6).round() / 1e3);
         Signals {
             requests: self.total,
@@ -150,6 +151,10 @@ impl Window {
             p99_ms: ms(0.99),
         }
     }
+}
+
+fn sum(counts: &[u64]) -> u64 {
+    counts.iter().fold(0, |a, b| a.saturating_add(*b))
 }
 
 fn key(e: &EdgeTraffic) -> (&str, u32, &str, &str, &str, &str) {
@@ -231,7 +236,7 @@ pub fn summary(table: &TrafficTable) -> Traffic {
 /// An edge's counts over the last interval when there was a report before (with traffic in
 /// it), else since the proxy started; `total` is always since the start.
 fn window(e: &EdgeTraffic, before: Option<(f64, &EdgeTraffic)>) -> Window {
-    let total: u64 = e.by_class.iter().sum();
+    let total = sum(&e.by_class);
     let class = |v: &[u64]| -> [u64; 5] {
         let mut out = [0u64; 5];
         for (o, x) in out.iter_mut().zip(v) {
@@ -251,7 +256,7 @@ fn window(e: &EdgeTraffic, before: Option<(f64, &EdgeTraffic)>) -> Window {
                 .enumerate()
                 .map(|(i, n)| n.saturating_sub(b.latency_buckets.get(i).copied().unwrap_or(0)))
                 .collect();
-            let in_interval: u64 = by_class.iter().sum();
+            let in_interval = sum(&by_class);
             // A quiet interval says nothing about success or latency: keep the long view.
             let quiet = in_interval == 0;
             Window {
@@ -339,6 +344,13 @@ mod tests {
         assert_eq!((e.requests, e.rps), (200, 0.0));
         assert_eq!(e.success_rate, Some(0.95));
         assert!(e.p50_ms.is_some());
+        // Nonsense counts from a proxy do not take the summary down.
+        let mut wild = edge(1, 0, 1);
+        wild.by_class = vec![u64::MAX, u64::MAX, 1, 0, 0];
+        wild.latency_buckets = vec![u64::MAX; 17];
+        record(&table, "p2", "demo", "virtualNode/other", vec![wild]);
+        assert_eq!(summary(&table).services[0].signals.requests, u64::MAX);
+        table.lock().unwrap().remove("p2");
         // A proxy that leaves takes its edges along.
         table.lock().unwrap().remove("p1");
         assert!(summary(&table).edges.is_empty());

@@ -268,10 +268,16 @@ fn truncate(s: &str, max: Option<usize>) -> &str {
     }
 }
 
+/// Read once: rendering runs on the request path.
 fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
+    static HOSTNAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    HOSTNAME
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .clone()
 }
 
 /// RFC 3339 in UTC with milliseconds (Envoy's default), or the given strftime subset.

@@ -67,14 +67,15 @@ impl LatencyHistogram {
 /// interpolated within its bucket as Prometheus's `histogram_quantile` does; `None` without
 /// observations.
 pub fn quantile(buckets: &[u64], q: f64) -> Option<f64> {
-    let total: u64 = buckets.iter().sum();
+    // Counts may come from other processes (proxies' reports): saturate, never overflow.
+    let total = buckets.iter().fold(0u64, |a, b| a.saturating_add(*b));
     if total == 0 {
         return None;
     }
     let rank = q * total as f64;
     let mut seen = 0u64;
     for (i, n) in buckets.iter().enumerate() {
-        if *n > 0 && (seen + n) as f64 >= rank {
+        if *n > 0 && seen.saturating_add(*n) as f64 >= rank {
             let lower = if i == 0 { 0.0 } else { LATENCY_BUCKETS[i - 1] };
             let Some(upper) = LATENCY_BUCKETS.get(i) else {
                 // Beyond the last bound: the last bound is all that is known.
@@ -83,7 +84,7 @@ pub fn quantile(buckets: &[u64], q: f64) -> Option<f64> {
             let into = (rank - seen as f64) / *n as f64;
             return Some(lower + (upper - lower) * into);
         }
-        seen += n;
+        seen = seen.saturating_add(*n);
     }
     LATENCY_BUCKETS.last().copied()
 }

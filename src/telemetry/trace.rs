@@ -102,6 +102,22 @@ impl TraceContext {
     }
 }
 
+/// B3's "sampling decision only" forms: `b3: 0`, or `x-b3-sampled: 0` without ids. The
+/// caller asks for no trace; none is started.
+fn declines_sampling(headers: &HeaderMap) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if headers.contains_key("traceparent") {
+        return false;
+    }
+    match text("b3") {
+        Some(b3) => b3.trim() == "0",
+        None => {
+            !headers.contains_key("x-b3-traceid")
+                && matches!(text("x-b3-sampled"), Some("0" | "false"))
+        }
+    }
+}
+
 fn parse_traceparent(tp: &str) -> Option<TraceContext> {
     let mut parts = tp.trim().split('-');
     let version = parts.next()?;
@@ -324,6 +340,9 @@ impl ActiveSpan {
     /// headers for the next hop; `None` when the caller asked for no sampling (the headers
     /// then pass as they came).
     pub fn begin<B>(req: &mut http::Request<B>) -> Option<Self> {
+        if declines_sampling(req.headers()) {
+            return None;
+        }
         let context = TraceContext::extract(req.headers()).unwrap_or_else(TraceContext::root);
         if !context.sampled {
             return None;
@@ -433,6 +452,23 @@ mod tests {
         h.insert("x-b3-traceid", HeaderValue::from_static("64fe8b2a57d3eff7"));
         let ctx = TraceContext::extract(&h).unwrap();
         assert_eq!(hex(&ctx.trace_id), "000000000000000064fe8b2a57d3eff7");
+    }
+
+    #[test]
+    fn a_b3_decision_not_to_sample_starts_no_trace() {
+        for (name, value) in [("b3", "0"), ("x-b3-sampled", "0")] {
+            let mut req = http::Request::new(());
+            req.headers_mut()
+                .insert(name, HeaderValue::from_static(value));
+            assert!(ActiveSpan::begin(&mut req).is_none(), "{name}: {value}");
+            assert!(!req.headers().contains_key("traceparent"));
+        }
+        let mut req = http::Request::new(());
+        assert!(
+            ActiveSpan::begin(&mut req).is_some(),
+            "no context: a new trace"
+        );
+        assert!(req.headers().contains_key("traceparent"));
     }
 
     #[test]

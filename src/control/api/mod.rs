@@ -228,7 +228,17 @@ fn operation(method: &Method, template: Option<&str>) -> String {
         "/v20190125/tag" => "TagResource".into(),
         "/v20190125/untag" => "UntagResource".into(),
         "/v20190125/tags" => "ListTagsForResource".into(),
-        _ => format!("{method} {t}"),
+        // Clients may send any method: only the standard ones name a label value.
+        _ => match *method {
+            Method::GET
+            | Method::PUT
+            | Method::POST
+            | Method::DELETE
+            | Method::HEAD
+            | Method::PATCH
+            | Method::OPTIONS => format!("{method} {t}"),
+            _ => format!("other {t}"),
+        },
     }
 }
 
@@ -598,4 +608,31 @@ async fn list_tags(State(s): Shared, QueryParams(q): QueryParams) -> Result<Resp
         Ok::<_, ApiError>(Value::Object(body))
     })?;
     Ok(json_ok(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operations_are_app_mesh_names_and_a_bounded_set() {
+        let op = |m: &str, t: &str| operation(&Method::from_bytes(m.as_bytes()).unwrap(), Some(t));
+        assert_eq!(op("PUT", "/v20190125/meshes"), "CreateMesh");
+        assert_eq!(op("GET", "/v20190125/meshes"), "ListMeshes");
+        assert_eq!(
+            op("PUT", "/v20190125/meshes/{meshName}/virtualNodes"),
+            "CreateVirtualNode"
+        );
+        assert_eq!(
+            op(
+                "DELETE",
+                "/v20190125/meshes/{meshName}/virtualRouter/{parentName}/routes/{name}"
+            ),
+            "DeleteRoute"
+        );
+        assert_eq!(op("GET", "/v1/health"), "GET /v1/health");
+        // Made-up methods share one label value, whatever clients send.
+        assert_eq!(op("RND12345", "/v1/health"), "other /v1/health");
+        assert_eq!(operation(&Method::GET, None), "unmatched");
+    }
 }
