@@ -152,13 +152,19 @@ fn counters_move_by_exactly_the_requests_sent_and_promtool_accepts_both_roles() 
         ) as u64
     };
     let before = all_outbound(&c0);
+    // The two proxies report on their own clocks: wait for both.
+    let before_in = sum(
+        &r0,
+        "trellis_proxy_requests_total",
+        &["direction=\"inbound\""],
+    ) as u64;
     let mut t0 = serde_json::Value::Null;
     assert!(
         wait_until(Duration::from_secs(15), || {
             t0 = top(&m.node);
-            top_requests(&t0, "outbound") == before
+            top_requests(&t0, "outbound") == before && top_requests(&t0, "inbound") == before_in
         }),
-        "trellis top {t0} never showed the client's {before} requests"
+        "trellis top {t0} never showed the client's {before} and red's {before_in} requests"
     );
 
     const N: usize = 37;
@@ -242,14 +248,11 @@ fn counters_move_by_exactly_the_requests_sent_and_promtool_accepts_both_roles() 
         wait_until(Duration::from_secs(15), || {
             t1 = top(&m.node);
             top_requests(&t1, "outbound") == before + N as u64
+                && top_requests(&t1, "inbound") == before_in + N as u64
         }),
-        "trellis top {t1} never reached {} outbound requests",
-        before + N as u64
-    );
-    assert_eq!(
-        top_requests(&t1, "inbound") - top_requests(&t0, "inbound"),
-        N as u64,
-        "{t1}"
+        "trellis top {t1} never reached {} outbound and {} inbound requests",
+        before + N as u64,
+        before_in + N as u64
     );
     let service = &t1["services"][0];
     assert_eq!(service["virtualService"], "color.demo.local", "{t1}");
