@@ -425,25 +425,26 @@ async fn run_proxy(
             ExitCode::from(1)
         })
     }
-    let inbound = match bind("--inbound-addr", inbound_addr).await {
+    async fn bind_if(
+        flag: &str,
+        addr: Option<SocketAddr>,
+    ) -> Result<Option<tokio::net::TcpListener>, ExitCode> {
+        match addr {
+            Some(a) => bind(flag, a).await.map(Some),
+            None => Ok(None),
+        }
+    }
+    let listeners = async {
+        Ok::<_, ExitCode>((
+            bind("--inbound-addr", inbound_addr).await?,
+            bind_if("--outbound-addr", outbound_addr).await?,
+            bind_if("--admin-addr", admin_addr).await?,
+        ))
+    };
+    let (inbound, outbound, admin) = match listeners.await {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let mut optional = Vec::new();
-    for (flag, addr) in [
-        ("--outbound-addr", outbound_addr),
-        ("--admin-addr", admin_addr),
-    ] {
-        optional.push(match addr {
-            Some(a) => match bind(flag, a).await {
-                Ok(l) => Some(l),
-                Err(code) => return code,
-            },
-            None => None,
-        });
-    }
-    let admin = optional.pop().flatten();
-    let outbound = optional.pop().flatten();
     let local =
         |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     if let Some(l) = &admin {

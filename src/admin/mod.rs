@@ -14,33 +14,18 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// What `/metrics` encodes: a registry, refreshed first by `before` (gauges read at scrape
-/// time).
+/// What `/metrics` encodes: a role's registry.
 #[derive(Clone)]
-pub struct Metrics {
-    registry: Arc<dyn AsRef<Registry> + Send + Sync>,
-    before: Option<Arc<dyn Fn() + Send + Sync>>,
-}
+pub struct Metrics(Arc<dyn AsRef<Registry> + Send + Sync>);
 
 impl Metrics {
     pub fn new(registry: Arc<dyn AsRef<Registry> + Send + Sync>) -> Self {
-        Self {
-            registry,
-            before: None,
-        }
+        Self(registry)
     }
 
-    /// Runs `f` before each encoding.
-    pub fn refreshed_by(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
-        self.before = Some(Arc::new(f));
-        self
-    }
-
+    /// The `/metrics` answer.
     pub fn render(&self) -> Response {
-        if let Some(f) = &self.before {
-            f();
-        }
-        let text = crate::telemetry::encode((*self.registry).as_ref());
+        let text = crate::telemetry::encode((*self.0).as_ref());
         (
             [(header::CONTENT_TYPE, crate::telemetry::CONTENT_TYPE)],
             text,
@@ -87,13 +72,6 @@ mod tests {
     use super::*;
     use crate::telemetry::proxy::ProxyMetrics;
 
-    struct Holder(Arc<ProxyMetrics>);
-    impl AsRef<Registry> for Holder {
-        fn as_ref(&self) -> &Registry {
-            self.0.registry()
-        }
-    }
-
     #[tokio::test]
     async fn live_ready_and_metrics_answer() {
         let m = ProxyMetrics::new("m", ("virtual_node", "n"));
@@ -102,7 +80,7 @@ mod tests {
         let (stop_tx, stop) = watch::channel(false);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = router(Metrics::new(Arc::new(Holder(m))), ready);
+        let app = router(Metrics::new(m), ready);
         let server = tokio::spawn(serve(listener, app, stop));
         let get = |path: &'static str| async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -3,6 +3,7 @@
 //! proxy did with it ([`Served`]), and a response body that writes the line when it ends, since
 //! only then are the bytes sent and the duration known. A client that goes away ends it too.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -44,19 +45,20 @@ impl Downstream {
     }
 }
 
-/// What the proxy did with a request, for its line.
+/// What the proxy did with a request, for its line. Names are borrowed from the routing in
+/// force: recording them costs nothing on requests that are not logged.
 #[derive(Debug, Default)]
-pub struct Served {
-    pub route: String,
+pub struct Served<'a> {
+    pub route: Cow<'a, str>,
     /// The target (`virtualNode:port`) or the local app.
-    pub cluster: String,
+    pub cluster: Cow<'a, str>,
     /// The host of the last attempt.
     pub upstream: Option<SocketAddr>,
     pub attempts: u32,
     pub flag: Option<ResponseFlag>,
 }
 
-impl Served {
+impl Served<'_> {
     /// Records why a request failed, unless a more precise reason is already known.
     pub fn failed(&mut self, e: &UpstreamError) {
         self.flag.get_or_insert(e.flag());
@@ -189,7 +191,7 @@ impl Pending {
 
     /// Adds the answer and what the proxy did; the line is written when the response body
     /// ends.
-    pub fn finish(mut self, resp: Response<Body>, served: Served) -> Response<Body> {
+    pub fn finish(mut self, resp: Response<Body>, served: Served<'_>) -> Response<Body> {
         if let Some(e) = &mut self.entry {
             e.status = resp.status().as_u16();
             e.response_headers = self
@@ -202,9 +204,9 @@ impl Pending {
             e.response_duration = Some(self.started.elapsed());
             e.flag = served.flag;
             e.upstream_host = served.upstream;
-            e.upstream_cluster = served.cluster;
+            e.upstream_cluster = served.cluster.into_owned();
             e.attempts = served.attempts;
-            e.route = served.route;
+            e.route = served.route.into_owned();
         }
         resp.map(|body| {
             LoggedBody {

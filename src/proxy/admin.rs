@@ -10,21 +10,12 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::routing::get;
-use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use super::dataplane::Routing;
 use super::discovery::AppliedConfig;
 use super::identity::ProxyCert;
 use crate::telemetry::proxy::ProxyMetrics;
-
-struct Registered(Arc<ProxyMetrics>);
-
-impl AsRef<Registry> for Registered {
-    fn as_ref(&self) -> &Registry {
-        self.0.registry()
-    }
-}
 
 /// The admin router of a proxy.
 pub fn router(
@@ -33,10 +24,7 @@ pub fn router(
     routing: watch::Receiver<Arc<Routing>>,
     ready: watch::Receiver<bool>,
 ) -> Router {
-    let shared = crate::admin::router(
-        crate::admin::Metrics::new(Arc::new(Registered(metrics))),
-        ready,
-    );
+    let shared = crate::admin::router(crate::admin::Metrics::new(metrics), ready);
     shared
         .route(
             "/config",

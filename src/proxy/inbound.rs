@@ -307,7 +307,7 @@ async fn request(
 }
 
 /// An inbound request's access-log line in the making, and what was done with it.
-type InboundLog = Option<(Pending, Served)>;
+type InboundLog = Option<(Pending, Served<'static>)>;
 
 /// The phases of an inbound request; the counters of its listener and caller, once known.
 async fn to_app(
@@ -332,7 +332,7 @@ async fn to_app(
     let addr = SocketAddr::new(shared.settings.app_host, port);
     let mut log = listener.access_log.as_ref().map(|l| {
         let served = Served {
-            cluster: format!("app:{port}"),
+            cluster: format!("app:{port}").into(),
             upstream: Some(addr),
             ..Served::default()
         };

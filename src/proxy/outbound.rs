@@ -16,6 +16,8 @@ use super::balance::random_u64;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 
+use std::borrow::Cow;
+
 use super::access::{Pending, Served};
 use super::dataplane::{Cluster, OutboundPort, PeerTlsChoice, RouteTargets, Shared};
 use super::idle;
@@ -150,8 +152,8 @@ pub async fn forward(
         let name = format!("{} {}:{}", span.method, port.service, port.port);
         let attributes = vec![
             ("appmesh.virtual_service", port.service.clone()),
-            ("appmesh.route", served.route.clone()),
-            ("appmesh.target", served.cluster.clone()),
+            ("appmesh.route", served.route.to_string()),
+            ("appmesh.target", served.cluster.to_string()),
             (
                 "server.address",
                 served.upstream.map(|a| a.to_string()).unwrap_or_default(),
@@ -166,14 +168,14 @@ pub async fn forward(
     }
 }
 
-async fn route_and_send(
+async fn route_and_send<'p>(
     shared: &Shared,
-    port: &OutboundPort,
+    port: &'p OutboundPort,
     mut req: Request<Incoming>,
     log: Option<&Pending>,
-    served: &mut Served,
+    served: &mut Served<'p>,
 ) -> (Response<Body>, Arc<EdgeStats>) {
-    let failed = |e: UpstreamError, served: &mut Served| {
+    let failed = |e: UpstreamError, served: &mut Served<'p>| {
         served.failed(&e);
         e.response()
     };
@@ -197,12 +199,12 @@ async fn route_and_send(
             port.unrouted.clone(),
         );
     };
-    served.route.clone_from(&route.name);
+    served.route = Cow::Borrowed(&route.name);
     let (target, cluster, stats) = match pick_target(route, targets) {
         Ok((target, cluster, stats)) => (target, cluster, stats.clone()),
         Err(e) => return (failed(e, served), port.unrouted.clone()),
     };
-    served.cluster.clone_from(&cluster.name);
+    served.cluster = Cow::Borrowed(&cluster.name);
     if tunnel::is_upgrade(&req) {
         let downstream = hyper::upgrade::on(&mut req);
         let resp = match upgrade(shared, cluster, target.port, route, req, downstream).await {
@@ -249,7 +251,7 @@ async fn attempts(
     (cluster, target_port): (&Arc<Cluster>, u16),
     stats: &EdgeStats,
     req: Request<Body>,
-    served: &mut Served,
+    served: &mut Served<'_>,
 ) -> Result<Response<Body>, UpstreamError> {
     let mut replay = Replayable::new(req, route.retry.max_retries > 0).await?;
     let tls = peer_tls(shared, cluster)?;
@@ -284,7 +286,7 @@ pub async fn retry_loop<F, Fut>(
     budget: &RetryBudget,
     endpoints: &EndpointSet,
     stats: &EdgeStats,
-    served: &mut Served,
+    served: &mut Served<'_>,
     can_replay: impl Fn() -> bool,
     mut send: F,
 ) -> Result<Response<Body>, UpstreamError>

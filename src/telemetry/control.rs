@@ -11,10 +11,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::{StatusClass, latency_histogram};
+use super::{LatencyHistogram, StatusClass};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct OperationLabels {
@@ -61,11 +60,17 @@ pub struct ControlMetrics {
     apply_lag: Gauge,
     members: Gauge,
     api_requests: Family<OperationLabels, Counter>,
-    api_latency: Family<OperationOnly, Histogram, fn() -> Histogram>,
+    api_latency: Family<OperationOnly, LatencyHistogram>,
     proxies: Gauge,
-    push_latency: Histogram,
+    push_latency: LatencyHistogram,
     certificates: Family<KindLabels, Counter>,
     dns: Family<RcodeLabels, Counter>,
+}
+
+impl AsRef<Registry> for ControlMetrics {
+    fn as_ref(&self) -> &Registry {
+        &self.registry
+    }
 }
 
 impl ControlMetrics {
@@ -83,9 +88,9 @@ impl ControlMetrics {
             apply_lag: Gauge::default(),
             members: Gauge::default(),
             api_requests: Family::default(),
-            api_latency: Family::new_with_constructor(latency_histogram),
+            api_latency: Family::default(),
             proxies: Gauge::default(),
-            push_latency: Histogram::new(super::LATENCY_BUCKETS),
+            push_latency: LatencyHistogram::default(),
             certificates: Family::default(),
             dns: Family::default(),
         };
@@ -188,7 +193,7 @@ impl ControlMetrics {
             .get_or_create(&OperationOnly {
                 operation: operation.to_string(),
             })
-            .observe(took.as_secs_f64());
+            .observe(took);
     }
 
     pub fn set_proxies(&self, n: usize) {
@@ -196,7 +201,7 @@ impl ControlMetrics {
     }
 
     pub fn config_pushed(&self, took: Duration) {
-        self.push_latency.observe(took.as_secs_f64());
+        self.push_latency.observe(took);
     }
 
     pub fn certificate_issued(&self, kind: &'static str) {

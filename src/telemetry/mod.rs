@@ -13,7 +13,6 @@ pub mod trace;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
@@ -23,13 +22,9 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
     30.0,
 ];
 
-pub fn latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS)
-}
-
-/// A latency histogram over [`LATENCY_BUCKETS`] made of atomics: no lock on the request path
-/// (prometheus-client's takes one per observation), and its buckets can be read back for the
-/// traffic summaries proxies report.
+/// The latency histogram of both roles, over [`LATENCY_BUCKETS`], made of atomics: no lock on
+/// the request path (prometheus-client's takes one per observation), and its buckets can be
+/// read back for the traffic summaries proxies report.
 #[derive(Debug, Clone, Default)]
 pub struct LatencyHistogram(std::sync::Arc<LatencyInner>);
 

@@ -165,6 +165,12 @@ pub struct ProxyMetrics {
     off: Option<Arc<EdgeStats>>,
 }
 
+impl AsRef<Registry> for ProxyMetrics {
+    fn as_ref(&self) -> &Registry {
+        &self.registry
+    }
+}
+
 impl std::fmt::Debug for ProxyMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProxyMetrics").finish_non_exhaustive()

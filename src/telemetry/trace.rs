@@ -49,10 +49,24 @@ impl TraceContext {
         if let Some(tp) = text("traceparent") {
             return parse_traceparent(tp);
         }
+        // B3 may carry only a sampling decision (`b3: 0`, `x-b3-sampled: 0` without ids): a
+        // caller that asks for no trace gets none started.
+        let declined = || Self {
+            trace_id: [0; 16],
+            parent: None,
+            sampled: false,
+            format: Format::B3Multi,
+        };
         if let Some(b3) = text("b3") {
+            if b3.trim() == "0" {
+                return Some(declined());
+            }
             return parse_b3_single(b3);
         }
-        let trace_id = parse_trace_id(text("x-b3-traceid")?)?;
+        let Some(trace_id) = text("x-b3-traceid") else {
+            return matches!(text("x-b3-sampled"), Some("0" | "false")).then(declined);
+        };
+        let trace_id = parse_trace_id(trace_id)?;
         let parent = text("x-b3-spanid").and_then(hex_array::<8>);
         let sampled = text("x-b3-sampled").is_none_or(|s| s == "1" || s == "true")
             || text("x-b3-flags") == Some("1");
@@ -98,22 +112,6 @@ impl TraceContext {
                 }
                 set("x-b3-sampled", sampled.to_string());
             }
-        }
-    }
-}
-
-/// B3's "sampling decision only" forms: `b3: 0`, or `x-b3-sampled: 0` without ids. The
-/// caller asks for no trace; none is started.
-fn declines_sampling(headers: &HeaderMap) -> bool {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if headers.contains_key("traceparent") {
-        return false;
-    }
-    match text("b3") {
-        Some(b3) => b3.trim() == "0",
-        None => {
-            !headers.contains_key("x-b3-traceid")
-                && matches!(text("x-b3-sampled"), Some("0" | "false"))
         }
     }
 }
@@ -340,9 +338,6 @@ impl ActiveSpan {
     /// headers for the next hop; `None` when the caller asked for no sampling (the headers
     /// then pass as they came).
     pub fn begin<B>(req: &mut http::Request<B>) -> Option<Self> {
-        if declines_sampling(req.headers()) {
-            return None;
-        }
         let context = TraceContext::extract(req.headers()).unwrap_or_else(TraceContext::root);
         if !context.sampled {
             return None;

@@ -256,15 +256,7 @@ async fn metrics(State(s): Shared) -> Response {
     });
     let proxies = s.proxies.lock().unwrap_or_else(|e| e.into_inner()).len();
     s.metrics.set_proxies(proxies);
-    let text = crate::telemetry::encode(s.metrics.registry());
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            crate::telemetry::CONTENT_TYPE,
-        )],
-        text,
-    )
-        .into_response()
+    crate::admin::Metrics::new(s.metrics.clone()).render()
 }
 
 /// Every answer carries `x-amzn-RequestId` (botocore copies it into ResponseMetadata).
