@@ -13,5 +13,6 @@ pub mod echo;
 pub mod identity;
 pub mod model;
 pub mod proxy;
+pub mod service;
 pub mod telemetry;
 pub mod wire;

@@ -6,17 +6,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-use trellis::config::ControlConfig;
-use trellis::control::node::ControlNode;
-use trellis::model::proxy_config::ProxyRole;
-use trellis::proxy::discovery::{self, DiscoverySettings};
-use trellis::proxy::health;
-use trellis::proxy::identity as proxy_identity;
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[path = "cli/admin.rs"]
 mod admin;
+#[path = "cli/control.rs"]
+mod control;
+#[path = "cli/dev.rs"]
+mod dev;
+#[path = "cli/proxy.rs"]
+mod proxy;
 #[path = "cli/top.rs"]
 mod top;
 
@@ -33,28 +32,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a single-node control plane for trying trellis out (data in a temp dir by default).
+    /// Run a single-node control plane for trying trellis out (data in a temp dir by default);
+    /// with --demo, also App Mesh's color app behind a virtual gateway.
     ///
-    /// Example: trellis dev, then
+    /// Examples:
+    ///   trellis dev
     ///   aws appmesh create-mesh --mesh-name demo --endpoint-url http://127.0.0.1:7070 --no-sign-request
-    Dev {
-        /// Keep the state here instead of a temporary directory removed on exit.
-        #[arg(long, env = "TRELLIS_DATA_DIR")]
-        data_dir: Option<PathBuf>,
-        /// The App Mesh API listener (unsigned requests accepted: loopback dev mode).
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        api_addr: SocketAddr,
-        /// The gRPC listener: proxies' config streams (`trellis proxy --control ADDR`).
-        #[arg(long, default_value = "127.0.0.1:7071")]
-        grpc_addr: SocketAddr,
-        /// The DNS listener (UDP and TCP): virtual service names answer with their VIPs.
-        #[arg(long, default_value = "127.0.0.1:8600")]
-        dns_addr: SocketAddr,
-        /// Other settings (region, account_id, quotas, log) from a control.toml; the data
-        /// directory and the API address still come from the flags above.
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
+    ///   trellis dev --demo
+    ///   curl http://127.0.0.1:8080/color
+    Dev(Box<dev::DevArgs>),
     /// Run a control-plane node from a config file.
     ///
     /// Example: trellis control --config /etc/trellis/control.toml
@@ -79,90 +65,11 @@ enum Command {
     },
     /// Run the proxy for one virtual node (or virtual gateway) on this host.
     ///
-    /// Example: trellis proxy --control 127.0.0.1:7071 --mesh demo --virtual-node colorteller-red
-    ///            --data-dir /var/lib/trellis/proxy-red --advertise-addr 10.0.0.5
-    Proxy {
-        /// Control nodes' gRPC addresses, comma-separated; tried in turn.
-        #[arg(long, env = "TRELLIS_CONTROL", value_delimiter = ',', required = true)]
-        control: Vec<String>,
-        #[arg(long)]
-        mesh: String,
-        /// The virtual node this proxy serves.
-        #[arg(
-            long,
-            conflicts_with = "virtual_gateway",
-            required_unless_present = "virtual_gateway"
-        )]
-        virtual_node: Option<String>,
-        /// The virtual gateway this proxy serves.
-        #[arg(long)]
-        virtual_gateway: Option<String>,
-        /// Where the last good config is cached (the proxy starts from it when no control node
-        /// answers).
-        #[arg(long, env = "TRELLIS_DATA_DIR")]
-        data_dir: PathBuf,
-        /// The address peers reach this proxy at.
-        #[arg(long, default_value = "127.0.0.1")]
-        advertise_addr: std::net::IpAddr,
-        /// The inbound listener for peer proxies (its port is registered with the instance).
-        #[arg(long, default_value = "0.0.0.0:15000")]
-        inbound_addr: SocketAddr,
-        /// The mesh CA bundle (`trellis ca show > ca.pem`): control nodes are reached over TLS
-        /// and the config stream presents this proxy's certificate.
-        #[arg(long, env = "TRELLIS_CA_FILE")]
-        ca_file: Option<PathBuf>,
-        /// A join token (`trellis token create`) to buy the first certificate; not needed
-        /// while the data directory holds a valid one.
-        #[arg(long, env = "TRELLIS_TOKEN_FILE")]
-        token_file: Option<PathBuf>,
-        /// The address the app listens on (its listener ports there); health checks and
-        /// inbound requests go to it.
-        #[arg(long, default_value = "127.0.0.1")]
-        app_host: std::net::IpAddr,
-        /// Do not bind the backends' VIP:ports (when several proxies share a host and the apps
-        /// use another way in).
-        #[arg(long)]
-        no_vip_listeners: bool,
-        /// The explicit outbound listener: apps send here with `HTTP_PROXY`, or with a Host
-        /// naming a backend virtual service. `off` disables it.
-        #[arg(long, default_value = "127.0.0.1:15001")]
-        outbound_addr: String,
-        /// The admin server (`/ready`, `/live`, `/metrics`, `/config`, `/clusters`); keep it
-        /// on loopback. `off` disables it.
-        #[arg(long, default_value = "127.0.0.1:9901")]
-        admin_addr: String,
-        /// Count no requests (Envoy's stats reject_all): /metrics keeps only the proxy-wide
-        /// series and `trellis top` shows nothing from this proxy; for measuring what metrics
-        /// cost.
-        #[arg(long)]
-        no_request_metrics: bool,
-        /// Export a span per proxied request over OTLP/gRPC to this collector
-        /// (`http://127.0.0.1:4317`); the trace context requests carry (W3C traceparent, B3)
-        /// continues through the proxy. Without it, trace headers pass untouched.
-        #[arg(long, env = "TRELLIS_OTLP_ENDPOINT")]
-        otlp_endpoint: Option<String>,
-        /// On SIGTERM, how long requests in flight may take to finish (the listeners close at
-        /// once; the instance leaves the registry).
-        #[arg(long, default_value = "10s", value_parser = admin::parse_duration)]
-        drain_time: u64,
-        /// Worker threads for the data plane (Envoy's --concurrency); default: 1 for a
-        /// virtual node's sidecar, one per core for a virtual gateway.
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
-        concurrency: Option<u16>,
-        /// Where a virtual gateway's listeners are bound (their ports come from its spec).
-        #[arg(long, default_value = "0.0.0.0")]
-        gateway_host: std::net::IpAddr,
-        /// Retries may add at most this fraction of requests (the retry budget).
-        #[arg(long, default_value_t = 0.2)]
-        retry_budget_ratio: f64,
-        /// Retries always allowed per second, beside the ratio.
-        #[arg(long, default_value_t = 10)]
-        retry_budget_min_per_second: u32,
-        /// How an endpoint of a target is chosen: each in turn, or the less loaded of two
-        /// drawn at random (peak-EWMA latency × requests in flight, Linkerd's balancer).
-        #[arg(long, value_enum, default_value = "round-robin")]
-        balancer: trellis::proxy::balance::Balancer,
-    },
+    /// Examples:
+    ///   trellis proxy --config /etc/trellis/proxy.toml
+    ///   trellis proxy --control 127.0.0.1:7071 --mesh demo --virtual-node colorteller-red \
+    ///     --data-dir /var/lib/trellis/proxy-red --advertise-addr 10.0.0.5
+    Proxy(Box<proxy::ProxyArgs>),
     /// Live traffic per virtual service and per edge (requests, rate, success rate, latency
     /// percentiles), from the proxies connected to a control node.
     ///
@@ -247,6 +154,14 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Print a shell completion script.
+    ///
+    /// Examples:
+    ///   trellis completions bash > /etc/bash_completion.d/trellis
+    ///   trellis completions zsh > "${fpath[1]}/_trellis"
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff), e.g. `trellis man | man -l -`.
+    Man,
     /// Work with config files.
     Config {
         #[command(subcommand)]
@@ -256,329 +171,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Check a control.toml and report every problem with its key.
+    /// Check a control.toml or proxy.toml (told apart by their keys) and report every
+    /// problem with its key; exit code 2 when there is one.
     ///
-    /// Example: trellis config check /etc/trellis/control.toml
+    /// Examples:
+    ///   trellis config check /etc/trellis/control.toml
+    ///   trellis config check /etc/trellis/proxy.toml
     Check { file: PathBuf },
-}
-
-fn init_logging(filter: &str) {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr);
-    // TRELLIS_LOG_FORMAT=json: one JSON object per line, for log shippers.
-    let _ = match std::env::var("TRELLIS_LOG_FORMAT").as_deref() {
-        Ok("json") => builder.json().try_init(),
-        _ => builder.try_init(),
-    };
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
-async fn run_dev(
-    base: ControlConfig,
-    data_dir: Option<PathBuf>,
-    api_addr: SocketAddr,
-    dns_addr: SocketAddr,
-    grpc_addr: SocketAddr,
-) -> anyhow::Result<()> {
-    let (_temp, data_dir) = match data_dir {
-        Some(d) => (None, d),
-        None => {
-            let t = tempfile::Builder::new()
-                .prefix("trellis-dev-")
-                .tempdir()
-                .context("creating a temp dir")?;
-            let p = t.path().to_path_buf();
-            (Some(t), p)
-        }
-    };
-    let cfg = ControlConfig {
-        data_dir: data_dir.clone(),
-        api_addr,
-        dns_addr,
-        grpc_addr,
-        ..base
-    };
-    init_logging(&cfg.log);
-    let node = ControlNode::start(&cfg).await?;
-    let api = node.api_addr;
-    let dns = node.dns_addr;
-    let grpc = node.grpc_addr;
-    let scheme = if node.tls() { "https" } else { "http" };
-    println!("trellis dev ready: api={scheme}://{api} dns={dns} grpc={grpc}");
-    announce_admin_key(&node, &cfg);
-    if node.tls() || node.admin_key.is_some() {
-        println!("\nstate: {}\nCtrl-C stops.", data_dir.display());
-        node.serve(shutdown_signal()).await?;
-        return Ok(());
-    }
-    println!(
-        "\nstate: {}\ntry:\n  export AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=dev AWS_SECRET_ACCESS_KEY=dev\n  \
-         aws appmesh create-mesh --mesh-name demo --endpoint-url http://{api} --no-sign-request\n  \
-         aws appmesh create-virtual-service --mesh-name demo --virtual-service-name hello.demo.local \\\n    \
-         --spec '{{}}' --endpoint-url http://{api} --no-sign-request\n  \
-         dig @{ip} -p {port} hello.demo.local +short\n\nCtrl-C stops.",
-        data_dir.display(),
-        ip = dns.ip(),
-        port = dns.port(),
-    );
-    node.serve(shutdown_signal()).await?;
-    Ok(())
-}
-
-async fn run_control(
-    config: PathBuf,
-    data_dir: Option<PathBuf>,
-    api_addr: Option<SocketAddr>,
-    join: Option<String>,
-) -> Result<(), ExitCode> {
-    let mut cfg = match ControlConfig::load(&config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("trellis: {e}");
-            return Err(ExitCode::from(2));
-        }
-    };
-    if let Some(d) = data_dir {
-        cfg.data_dir = d;
-    }
-    if let Some(a) = api_addr {
-        cfg.api_addr = a;
-    }
-    if join.is_some() {
-        cfg.join = join;
-        if let Err(problems) = cfg.check() {
-            eprintln!("trellis: {}: {problems}", config.display());
-            return Err(ExitCode::from(2));
-        }
-    }
-    init_logging(&cfg.log);
-    let node = match ControlNode::start(&cfg).await {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("trellis: {e}");
-            return Err(ExitCode::from(1));
-        }
-    };
-    tracing::info!(api = %node.api_addr, node_id = cfg.node_id, "control node ready");
-    announce_admin_key(&node, &cfg);
-    node.serve(shutdown_signal()).await.map_err(|e| {
-        eprintln!("trellis: {e}");
-        ExitCode::from(1)
-    })
-}
-
-/// Shows the admin key created at bootstrap, once (it is also in the data directory, 0600).
-/// The secret goes to a terminal only: under systemd stdout is the journal, and secrets stay
-/// out of logs.
-fn announce_admin_key(node: &ControlNode, cfg: &ControlConfig) {
-    use std::io::IsTerminal;
-    if let Some((id, secret)) = &node.admin_key {
-        let path = cfg.data_dir.join(trellis::control::ca::ADMIN_CREDENTIALS);
-        if std::io::stdout().is_terminal() {
-            println!(
-                "admin access key created (shown once; also in {}):\n  aws_access_key_id = {id}\n  aws_secret_access_key = {secret}",
-                path.display()
-            );
-        } else {
-            println!(
-                "admin access key {id} created; its secret is in {} (0600)",
-                path.display()
-            );
-        }
-    }
-}
-
-async fn run_proxy(
-    mut settings: DiscoverySettings,
-    identity: Option<proxy_identity::IdentitySettings>,
-    (inbound_addr, outbound_addr, admin_addr): (SocketAddr, Option<SocketAddr>, Option<SocketAddr>),
-    dataplane: trellis::proxy::dataplane::DataplaneSettings,
-    (otlp_endpoint, count_requests): (Option<String>, bool),
-) -> ExitCode {
-    init_logging("info");
-    // Bound first: with port 0 the registered port is the one the kernel picked.
-    async fn bind(flag: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ExitCode> {
-        tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            eprintln!("trellis: {flag} {addr}: {e}");
-            ExitCode::from(1)
-        })
-    }
-    async fn bind_if(
-        flag: &str,
-        addr: Option<SocketAddr>,
-    ) -> Result<Option<tokio::net::TcpListener>, ExitCode> {
-        match addr {
-            Some(a) => bind(flag, a).await.map(Some),
-            None => Ok(None),
-        }
-    }
-    let listeners = async {
-        Ok::<_, ExitCode>((
-            bind("--inbound-addr", inbound_addr).await?,
-            bind_if("--outbound-addr", outbound_addr).await?,
-            bind_if("--admin-addr", admin_addr).await?,
-        ))
-    };
-    let (inbound, outbound, admin) = match listeners.await {
-        Ok(l) => l,
-        Err(code) => return code,
-    };
-    let local =
-        |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    if let Some(l) = &admin {
-        println!("trellis proxy admin: http://{}", local(l));
-    }
-    // Scripts and tests read the bound addresses here (port 0 picks one).
-    println!(
-        "trellis proxy listening: inbound={} outbound={}",
-        local(&inbound),
-        outbound.as_ref().map_or_else(|| "off".to_string(), local)
-    );
-    settings.inbound_port = inbound
-        .local_addr()
-        .map_or(inbound_addr.port(), |a| a.port());
-    let app_host = dataplane.app_host;
-    let (current, mut applied) = tokio::sync::watch::channel(None);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let (cert_tx, cert_rx) = tokio::sync::watch::channel(None);
-    let cert_rx_for_data = cert_rx.clone();
-    let mut certs = None;
-    if let Some(id) = identity {
-        settings.cert = Some(cert_rx);
-        certs = Some(tokio::spawn(proxy_identity::run(
-            id,
-            cert_tx,
-            stopped.clone(),
-        )));
-    }
-    // Healthy until a config asks for checks and they say otherwise.
-    let (healthy, health) = tokio::sync::watch::channel(true);
-    let checks = tokio::spawn(health::run(
-        applied.clone(),
-        healthy,
-        app_host,
-        stopped.clone(),
-    ));
-    let metrics = trellis::telemetry::proxy::ProxyMetrics::with_requests_counted(
-        &settings.mesh,
-        match &settings.role {
-            ProxyRole::VirtualNode(n) => ("virtual_node", n.as_str()),
-            ProxyRole::VirtualGateway(g) => ("virtual_gateway", g.as_str()),
-        },
-        count_requests,
-    );
-    let tracer = match otlp_endpoint {
-        Some(endpoint) => {
-            let (kind, name) = match &settings.role {
-                ProxyRole::VirtualNode(n) => ("appmesh.virtual_node", n.clone()),
-                ProxyRole::VirtualGateway(g) => ("appmesh.virtual_gateway", g.clone()),
-            };
-            let resource = vec![
-                ("service.name", format!("{}.{}", name, settings.mesh)),
-                ("appmesh.mesh", settings.mesh.clone()),
-                (kind, name),
-            ];
-            match trellis::telemetry::trace::Tracer::start(
-                &endpoint,
-                resource,
-                metrics.spans_dropped(),
-            ) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    eprintln!("trellis: --otlp-endpoint {endpoint:?}: {e}");
-                    return ExitCode::from(2);
-                }
-            }
-        }
-        None => None,
-    };
-    settings.traffic = Some(metrics.clone());
-    let (routing, routing_rx) = tokio::sync::watch::channel(std::sync::Arc::default());
-    let (ready_tx, ready) = tokio::sync::watch::channel(false);
-    let readiness = tokio::spawn(trellis::proxy::admin::track_readiness(
-        applied.clone(),
-        settings.cert.clone(),
-        ready_tx,
-    ));
-    let admin_server = admin.map(|l| {
-        let router =
-            trellis::proxy::admin::router(metrics.clone(), applied.clone(), routing_rx, ready);
-        tokio::spawn(trellis::admin::serve(l, router, stopped.clone()))
-    });
-    let peer_identity =
-        std::sync::Arc::new(trellis::proxy::tls::PeerIdentity::new(cert_rx_for_data));
-    let data = tokio::spawn(trellis::proxy::dataplane::run(
-        dataplane,
-        trellis::proxy::dataplane::Listeners { inbound, outbound },
-        peer_identity,
-        applied.clone(),
-        stopped.clone(),
-        trellis::proxy::dataplane::Reporting {
-            metrics,
-            routing,
-            tracer,
-        },
-    ));
-    let discovery = tokio::spawn(discovery::run(settings, current, health, stopped));
-    let announce = tokio::spawn(async move {
-        // Scripts wait for this line: the proxy has a config (from a control node or its cache).
-        while applied.changed().await.is_ok() {
-            let version = applied.borrow().as_ref().map(|c| c.version);
-            if let Some(v) = version {
-                println!("trellis proxy ready: version={v}");
-                break;
-            }
-        }
-    });
-    let certs_failed = async {
-        match &mut certs {
-            Some(task) => match task.await {
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(())) => std::future::pending().await,
-                Err(e) => e.to_string(),
-            },
-            None => std::future::pending().await,
-        }
-    };
-    let code = tokio::select! {
-        _ = shutdown_signal() => ExitCode::SUCCESS,
-        reason = certs_failed => {
-            eprintln!("trellis: certificate: {reason}");
-            ExitCode::from(1)
-        }
-    };
-    let _ = stop.send(true);
-    let _ = discovery.await;
-    let _ = checks.await;
-    let _ = data.await;
-    if let Some(a) = admin_server {
-        let _ = a.await;
-    }
-    readiness.abort();
-    announce.abort();
-    code
 }
 
 /// `trellis proxies`: the connected proxies of one control node.
@@ -626,133 +225,23 @@ fn client_result(r: anyhow::Result<()>) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let threads = match &cli.command {
-        // A sidecar shares its host with the app: one worker, as Linkerd's proxy (it measured
-        // the same req/s as one per core on the two-proxy benchmark, for 30 % less CPU). A
-        // gateway carries everyone's traffic: one per core.
-        Command::Proxy {
-            concurrency,
-            virtual_gateway,
-            ..
-        } => concurrency.or(virtual_gateway.is_none().then_some(1)),
-        _ => None,
+    // The proxy sizes its own runtime from its settings.
+    let command = match cli.command {
+        Command::Proxy(args) => return proxy::main(*args),
+        other => other,
     };
-    let mut builder = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    if let Some(n) = threads.filter(|n| *n > 1) {
-        builder.worker_threads(usize::from(n));
-    }
-    let rt = match builder.enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("trellis: starting the runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    match cli.command {
-        Command::Proxy {
-            control,
-            mesh,
-            virtual_node,
-            virtual_gateway,
-            data_dir,
-            advertise_addr,
-            inbound_addr,
-            ca_file,
-            token_file,
-            app_host,
-            no_vip_listeners,
-            outbound_addr,
-            admin_addr,
-            otlp_endpoint,
-            no_request_metrics,
-            retry_budget_ratio,
-            retry_budget_min_per_second,
-            gateway_host,
-            drain_time,
-            balancer,
-            concurrency: _,
-        } => {
-            let optional_addr = |flag: &str, a: &str| match a {
-                "off" => Ok(None),
-                a => a.parse::<SocketAddr>().map(Some).map_err(|e| {
-                    eprintln!("trellis: {flag} {a:?}: {e} (an ip:port, or off)");
-                    ExitCode::from(2)
-                }),
-            };
-            let outbound_addr = match optional_addr("--outbound-addr", &outbound_addr) {
-                Ok(a) => a,
-                Err(code) => return code,
-            };
-            let admin_addr = match optional_addr("--admin-addr", &admin_addr) {
-                Ok(a) => a,
-                Err(code) => return code,
-            };
-            if !(0.0..=10.0).contains(&retry_budget_ratio) {
-                eprintln!(
-                    "trellis: --retry-budget-ratio {retry_budget_ratio}: must be between 0 and 10"
-                );
-                return ExitCode::from(2);
-            }
-            let ca_bundle = match ca_file.map(std::fs::read_to_string).transpose() {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!("trellis: --ca-file: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let role = match (virtual_node, virtual_gateway) {
-                (Some(n), None) => ProxyRole::VirtualNode(n),
-                (None, Some(g)) => ProxyRole::VirtualGateway(g),
-                _ => {
-                    eprintln!("trellis: name exactly one of --virtual-node and --virtual-gateway");
-                    return ExitCode::from(2);
-                }
-            };
-            let settings = DiscoverySettings {
-                controls: control,
-                mesh,
-                role,
-                proxy_id: uuid::Uuid::new_v4().to_string(),
-                advertise: advertise_addr,
-                inbound_port: inbound_addr.port(),
-                data_dir: data_dir.clone(),
-                ca_bundle: ca_bundle.clone(),
-                cert: None,
-                traffic: None,
-            };
-            let identity = (ca_bundle.is_some() || token_file.is_some()).then(|| {
-                proxy_identity::IdentitySettings {
-                    controls: settings.controls.clone(),
-                    mesh: settings.mesh.clone(),
-                    role: settings.role.clone(),
-                    data_dir: data_dir.join("identity"),
-                    ca_bundle,
-                    token_file,
-                }
-            });
-            let dataplane = trellis::proxy::dataplane::DataplaneSettings {
-                app_host,
-                vip_listeners: !no_vip_listeners,
-                budget: trellis::proxy::retry::BudgetSettings {
-                    ratio: retry_budget_ratio,
-                    min_per_second: retry_budget_min_per_second,
-                    ..Default::default()
-                },
-                balancer,
-                gateway_host,
-                drain: std::time::Duration::from_secs(drain_time),
-            };
-            rt.block_on(run_proxy(
-                settings,
-                identity,
-                (inbound_addr, outbound_addr, admin_addr),
-                dataplane,
-                (otlp_endpoint, !no_request_metrics),
-            ))
-        }
+    match command {
+        Command::Proxy(args) => proxy::main(*args),
         Command::Proxies { conn, json } => client_result(rt.block_on(proxies(&conn, json))),
         Command::Top {
             conn,
@@ -785,7 +274,7 @@ fn main() -> ExitCode {
             let delay = std::time::Duration::from_millis(delay);
             let echo = trellis::echo::Echo::start(listen, &name, status, delay).await?;
             println!("trellis echo ready: {}", echo.addr);
-            shutdown_signal().await;
+            trellis::service::shutdown_signal().await;
             Ok::<(), std::io::Error>(())
         }) {
             Ok(()) => ExitCode::SUCCESS,
@@ -794,15 +283,38 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "trellis",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(Cli::command());
+            match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("trellis: man: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Version => {
             println!("trellis {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         Command::Config {
             command: ConfigCommand::Check { file },
-        } => match ControlConfig::load(&file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
+        } => match trellis::config::check_file(&file) {
+            Ok(role) => {
+                let role = match role {
+                    trellis::config::Role::Control => "control.toml",
+                    trellis::config::Role::Proxy => "proxy.toml",
+                };
+                println!("{}: ok ({role})", file.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -810,42 +322,13 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Dev {
-            data_dir,
-            api_addr,
-            grpc_addr,
-            dns_addr,
-            config,
-        } => {
-            let base = match config.map(|c| ControlConfig::load_dev(&c)).transpose() {
-                Ok(c) => c.unwrap_or_else(ControlConfig::dev),
-                Err(e) => {
-                    eprintln!("trellis: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let probe = ControlConfig {
-                api_addr,
-                ..base.clone()
-            };
-            if let Err(problems) = probe.check() {
-                eprintln!("trellis: {problems}");
-                return ExitCode::from(2);
-            }
-            match rt.block_on(run_dev(base, data_dir, api_addr, dns_addr, grpc_addr)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("trellis: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }
+        Command::Dev(args) => rt.block_on(dev::run(*args)),
         Command::Control {
             config,
             data_dir,
             api_addr,
             join,
-        } => match rt.block_on(run_control(config, data_dir, api_addr, join)) {
+        } => match rt.block_on(control::run(config, data_dir, api_addr, join)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(code) => code,
         },

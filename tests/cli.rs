@@ -23,11 +23,52 @@ fn version_prints_the_package_version() {
 }
 
 #[test]
-fn config_check_accepts_the_shipped_example() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/control.toml");
-    let (code, out, err) = trellis(&["config", "check", path]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("ok"), "{out}");
+fn config_check_accepts_the_shipped_examples() {
+    for (file, role) in [
+        ("control.toml", "control.toml"),
+        ("proxy.toml", "proxy.toml"),
+    ] {
+        let path = format!("{}/config/{file}", env!("CARGO_MANIFEST_DIR"));
+        let (code, out, err) = trellis(&["config", "check", &path]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(&format!("ok ({role})")), "{out}");
+    }
+}
+
+#[test]
+fn a_bad_proxy_config_names_every_key_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        "control = [\"nowhere\"]\nmesh = \"demo\"\nadmin_addr = \"9901\"\ndrain_time = \"soon\"\n",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let (code, _, err) = trellis(&["config", "check", p]);
+    assert_eq!(code, 2);
+    for key in [
+        "control[0]:",
+        "virtual_node, virtual_gateway: name the one",
+        "admin_addr:",
+        "drain_time:",
+    ] {
+        assert!(err.contains(key), "{key} missing from: {err}");
+    }
+    // The proxy refuses the same file, and a flag that fixes one problem leaves the others.
+    let (code, _, err) = trellis(&["proxy", "--config", p, "--virtual-node", "red"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("admin_addr:") && !err.contains("virtual_gateway"),
+        "{err}"
+    );
+    // Without a file, the flags alone must name the control nodes and the mesh.
+    let (code, _, err) = trellis(&["proxy", "--virtual-node", "red"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("control: name at least one") && err.contains("mesh: required"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -270,6 +270,7 @@ fn sigterm_drains_requests_in_flight() {
         m.red.wait_exit(Duration::from_secs(10)),
         "red's proxy did not exit"
     );
+    assert_eq!(m.red.exit_code(), Some(0), "{}", m.red.log());
     // The caller: the client proxy stops with a request in flight.
     put(
         &m.node,
@@ -290,6 +291,7 @@ fn sigterm_drains_requests_in_flight() {
     let (status, name) = rt.block_on(slow).unwrap();
     assert_eq!((status, name.as_str()), (200, "blue"));
     assert!(m.client.wait_exit(Duration::from_secs(10)));
+    assert_eq!(m.client.exit_code(), Some(0), "{}", m.client.log());
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     // Its listener is closed.
     assert!(std::net::TcpStream::connect(m.out).is_err());

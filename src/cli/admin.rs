@@ -253,34 +253,7 @@ pub enum KeysCommand {
     Delete { id: String },
 }
 
-/// `90s`, `30m`, `24h`, `7d` or plain seconds.
-pub fn parse_duration(s: &str) -> Result<u64, String> {
-    let (n, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("not a duration: {s:?} (e.g. 90s, 30m, 24h, 7d)"))?;
-    let unit = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("unknown unit in {s:?}: use s, m, h or d")),
-    };
-    Ok(n * unit)
-}
-
-/// Like [`parse_duration`], in milliseconds, also taking `ms` (e.g. 250ms, 2s).
-pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    match s.strip_suffix("ms") {
-        Some(n) => n
-            .parse()
-            .map_err(|_| format!("not a duration: {s:?} (e.g. 250ms, 2s)")),
-        None => parse_duration(s).map(|secs| secs * 1000),
-    }
-}
+pub use trellis::config::{parse_duration, parse_duration_ms};
 
 pub async fn ca(conn: &Connection, cmd: CaCommand) -> anyhow::Result<()> {
     if let CaCommand::Create { out, trust_domain } = &cmd {

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// How a target's endpoint is chosen (`trellis proxy --balancer`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Balancer {
     /// Each host in turn (Envoy's and App Mesh's default).
     #[default]

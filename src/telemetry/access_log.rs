@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime};
 
@@ -328,6 +329,15 @@ pub fn format_time(t: SystemTime, format: Option<&str>) -> String {
     out
 }
 
+/// Bumped by [`reopen_files`]; each writer reopens its file when it sees a new value.
+static REOPEN: AtomicU64 = AtomicU64::new(0);
+
+/// Asks every access-log writer to reopen its file before its next line (SIGHUP, after
+/// logrotate moved the old file away).
+pub fn reopen_files() {
+    REOPEN.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Where a proxy's lines go: a queue to a writer thread that owns the file.
 pub struct AccessLogWriter {
     path: String,
@@ -339,16 +349,7 @@ impl AccessLogWriter {
     /// Opens `path` for appending (`/dev/stdout` and `/dev/stderr` write to the process's
     /// own) and starts its writer.
     pub fn open(path: &str, dropped: Counter) -> std::io::Result<Self> {
-        let sink: Box<dyn Write + Send> = match path {
-            "/dev/stdout" => Box::new(std::io::stdout()),
-            "/dev/stderr" => Box::new(std::io::stderr()),
-            p => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)?,
-            ),
-        };
+        let sink = Sink::open(path)?;
         let (lines, rx) = std::sync::mpsc::sync_channel(QUEUE);
         std::thread::Builder::new()
             .name("access-log".into())
@@ -374,11 +375,57 @@ impl AccessLogWriter {
     }
 }
 
+/// An access log's destination: the process's stdout or stderr, or a file appended to.
+struct Sink {
+    path: String,
+    out: std::io::BufWriter<Box<dyn Write + Send>>,
+    /// The [`REOPEN`] value the file was opened at.
+    opened_at: u64,
+}
+
+impl Sink {
+    fn open(path: &str) -> std::io::Result<Self> {
+        let opened_at = REOPEN.load(Ordering::Relaxed);
+        let out: Box<dyn Write + Send> = match path {
+            "/dev/stdout" => Box::new(std::io::stdout()),
+            "/dev/stderr" => Box::new(std::io::stderr()),
+            p => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ),
+        };
+        Ok(Self {
+            path: path.to_string(),
+            out: std::io::BufWriter::with_capacity(64 * 1024, out),
+            opened_at,
+        })
+    }
+
+    /// Reopens the file if a reopen was asked for since it was opened; on failure the old
+    /// file keeps the lines.
+    fn reopen_if_asked(&mut self) {
+        if REOPEN.load(Ordering::Relaxed) == self.opened_at || self.path.starts_with("/dev/std") {
+            return;
+        }
+        let _ = self.out.flush();
+        match Sink::open(&self.path) {
+            Ok(new) => *self = new,
+            Err(e) => {
+                self.opened_at = REOPEN.load(Ordering::Relaxed);
+                tracing::warn!(path = %self.path, error = %e, "access log: cannot reopen; keeping the old file");
+            }
+        }
+    }
+}
+
 /// Writes lines as they come, flushing whenever the queue runs empty; ends when every sender
 /// is gone.
-fn write_lines(rx: Receiver<String>, sink: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, sink);
+fn write_lines(rx: Receiver<String>, mut sink: Sink) {
     while let Ok(line) = rx.recv() {
+        sink.reopen_if_asked();
+        let out = &mut sink.out;
         let mut result = out.write_all(line.as_bytes());
         while let Ok(more) = rx.try_recv() {
             result = result.and_then(|()| out.write_all(more.as_bytes()));
@@ -494,5 +541,32 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "{text}");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    fn wait_for_lines(path: &std::path::Path, n: usize) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.lines().count() >= n {
+                return text;
+            }
+            assert!(std::time::Instant::now() < deadline, "{text}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_reopen_moves_lines_to_a_new_file_after_logrotate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let rotated = dir.path().join("access.log.1");
+        let w = AccessLogWriter::open(path.to_str().unwrap(), Counter::default()).unwrap();
+        w.log("before\n".into());
+        wait_for_lines(&path, 1);
+        std::fs::rename(&path, &rotated).unwrap();
+        reopen_files();
+        w.log("after\n".into());
+        assert_eq!(wait_for_lines(&path, 1), "after\n");
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "before\n");
     }
 }

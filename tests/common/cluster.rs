@@ -120,6 +120,11 @@ impl Cluster {
 
     /// Starts node `i` (0-based) on its data directory, with `extra` flags.
     pub fn spawn_with(&mut self, i: usize, extra: &[&str]) {
+        self.spawn_env(i, extra, &[]);
+    }
+
+    /// Starts node `i` with `extra` flags and `envs` added to its environment.
+    pub fn spawn_env(&mut self, i: usize, extra: &[&str], envs: &[(&str, &str)]) {
         let node = &mut self.nodes[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -132,6 +137,7 @@ impl Cluster {
             .arg(&node.config)
             .args(extra)
             .env("TRELLIS_FAULT_INJECTION", "1")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

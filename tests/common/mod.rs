@@ -42,6 +42,8 @@ pub struct DevNode {
     scratch: tempfile::TempDir,
     /// Every stdout line the process printed so far.
     stdout: Arc<Mutex<Vec<String>>>,
+    /// How the process ended, once `is_running` saw it end.
+    exit: Option<std::process::ExitStatus>,
 }
 
 /// What one `aws` CLI run produced.
@@ -188,6 +190,7 @@ impl DevNode {
             _owned_data: None,
             scratch,
             stdout: lines,
+            exit: None,
         }
     }
 
@@ -242,10 +245,25 @@ impl DevNode {
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(status))) => {
+                self.exit = Some(status);
+                self.child = None;
+                false
+            }
+            _ => self.child.is_some(),
         }
+    }
+
+    /// The exit code once `is_running` saw the process end (None: running, or a signal).
+    pub fn exit_code(&self) -> Option<i32> {
+        self.exit.and_then(|s| s.code())
+    }
+
+    /// The process id (0 once it has ended).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// Runs `aws appmesh ARGS…` against this node and returns what it produced.

@@ -17,6 +17,8 @@ pub struct Proxy {
     data_dir: PathBuf,
     log: tempfile::NamedTempFile,
     stdout: Arc<Mutex<Vec<String>>>,
+    /// How the process ended, once it has.
+    exit: Option<std::process::ExitStatus>,
 }
 
 impl Proxy {
@@ -49,30 +51,39 @@ impl Proxy {
         advertise: &str,
         extra: &[&str],
     ) -> Proxy {
+        let mut args: Vec<String> = [
+            "--control",
+            &control.to_string(),
+            "--mesh",
+            mesh,
+            role[0],
+            role[1],
+            "--data-dir",
+            &data_dir.display().to_string(),
+            "--advertise-addr",
+            advertise,
+            "--inbound-addr",
+            &format!("{advertise}:0"),
+            "--outbound-addr",
+            &format!("{advertise}:0"),
+            "--admin-addr",
+            &format!("{advertise}:0"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(&args, &[], data_dir)
+    }
+
+    /// `trellis proxy ARGS…` with `envs` added to its environment; `data_dir` is where the
+    /// args put its data.
+    pub fn spawn(args: &[String], envs: &[(&str, &str)], data_dir: &Path) -> Proxy {
         let log = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
-            .args([
-                "proxy",
-                "--control",
-                &control.to_string(),
-                "--mesh",
-                mesh,
-                role[0],
-                role[1],
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args([
-                "--advertise-addr",
-                advertise,
-                "--inbound-addr",
-                &format!("{advertise}:0"),
-                "--outbound-addr",
-                &format!("{advertise}:0"),
-                "--admin-addr",
-                &format!("{advertise}:0"),
-            ])
-            .args(extra)
+            .arg("proxy")
+            .args(args)
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log.reopen().unwrap()))
@@ -91,6 +102,7 @@ impl Proxy {
             data_dir: data_dir.to_path_buf(),
             log,
             stdout: lines,
+            exit: None,
         }
     }
 
@@ -189,11 +201,27 @@ impl Proxy {
         let Some(c) = self.child.as_mut() else {
             return true;
         };
-        let exited = wait_until(timeout, || matches!(c.try_wait(), Ok(Some(_))));
+        let mut status = None;
+        let exited = wait_until(timeout, || {
+            status = c.try_wait().ok().flatten();
+            status.is_some()
+        });
         if exited {
             self.child = None;
+            self.exit = status;
         }
         exited
+    }
+
+    /// The exit code, once `wait_exit` saw the process end (None: still running, or killed
+    /// by a signal).
+    pub fn exit_code(&self) -> Option<i32> {
+        self.exit.and_then(|s| s.code())
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL: the proxy vanishes without a word.

@@ -1,0 +1,176 @@
+//! The process's side of running under a service manager: readiness, reload and stopping
+//! announced over systemd's notify socket (`Type=notify`), the process log whose filter a
+//! SIGHUP can change without a restart, and the signals that stop or reload a role.
+//!
+//! The notify protocol is a datagram of `KEY=VALUE` lines to the unix socket named by
+//! `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace); without the variable every
+//! announcement is a no-op, so the same binary runs in a terminal, in tests and under systemd.
+
+use std::io;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
+
+/// The environment variable systemd names its notify socket in.
+pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+
+/// Sends `state` (e.g. `READY=1`) to the service manager, if there is one. Returns whether a
+/// manager was told. Failures are logged, never fatal: a service must not die because its
+/// manager stopped listening.
+pub fn notify(state: &str) -> bool {
+    let Some(socket) = std::env::var_os(NOTIFY_SOCKET) else {
+        return false;
+    };
+    match notify_to(Path::new(&socket), state) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(socket = ?socket, error = %e, "cannot notify the service manager");
+            false
+        }
+    }
+}
+
+/// Sends `state` to the notify socket at `socket` (`@name` is an abstract socket).
+pub fn notify_to(socket: &Path, state: &str) -> io::Result<()> {
+    let sock = UnixDatagram::unbound()?;
+    let bytes = socket.as_os_str().as_encoded_bytes();
+    match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(state.as_bytes(), &addr)?;
+        }
+        None => {
+            sock.send_to(state.as_bytes(), socket)?;
+        }
+    }
+    Ok(())
+}
+
+/// The process log (stderr, which systemd hands to journald) with a filter that can be
+/// replaced while running.
+#[derive(Clone)]
+pub struct Logging {
+    filter: reload::Handle<EnvFilter, Registry>,
+    /// Whether `RUST_LOG` set the filter: then it wins over config files, also on reload.
+    from_env: bool,
+}
+
+/// A log filter that does not parse (`RUST_LOG` syntax).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadFilter(String);
+
+impl Logging {
+    /// Installs the process log with `filter` (`RUST_LOG` syntax; `RUST_LOG` in the
+    /// environment overrides it). `TRELLIS_LOG_FORMAT=json` writes one JSON object per line,
+    /// for log shippers. Returns `None` when a log is already installed (tests that start
+    /// several roles in one process).
+    pub fn init(filter: &str) -> Option<Self> {
+        let env = std::env::var("RUST_LOG").ok();
+        let from_env = env.is_some();
+        let filter = env.unwrap_or_else(|| filter.to_string());
+        let (filter, handle) = reload::Layer::new(EnvFilter::new(filter));
+        let json = std::env::var("TRELLIS_LOG_FORMAT").as_deref() == Ok("json");
+        let fmt = if json {
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(io::stderr)
+                .boxed()
+        } else {
+            tracing_subscriber::fmt::layer()
+                .with_writer(io::stderr)
+                .boxed()
+        };
+        Registry::default()
+            .with(filter)
+            .with(fmt)
+            .try_init()
+            .ok()
+            .map(|()| Self {
+                filter: handle,
+                from_env,
+            })
+    }
+
+    /// Replaces the filter (a reload). `RUST_LOG`, when set, still wins; the old filter
+    /// stays when the new one does not parse.
+    pub fn set_filter(&self, filter: &str) -> Result<(), BadFilter> {
+        if self.from_env {
+            return Ok(());
+        }
+        let parsed =
+            EnvFilter::try_new(filter).map_err(|e| BadFilter(format!("{filter:?}: {e}")))?;
+        self.filter
+            .reload(parsed)
+            .map_err(|e| BadFilter(e.to_string()))
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM, and tells the service manager the role is
+/// stopping.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+    notify("STOPPING=1");
+}
+
+/// Calls `reload` on every SIGHUP, bracketed by RELOADING=1 / READY=1 for the service
+/// manager (`systemctl reload` waits for it). Runs until the process ends.
+pub async fn on_reload(mut reload: impl FnMut() + Send) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        notify("RELOADING=1");
+        reload();
+        notify("READY=1");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifies_a_path_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let manager = UnixDatagram::bind(&path).unwrap();
+        notify_to(&path, "READY=1\nSTATUS=serving").unwrap();
+        let mut buf = [0u8; 64];
+        let n = manager.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=serving");
+    }
+
+    #[test]
+    fn notifies_an_abstract_socket() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("trellis-test-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let manager = UnixDatagram::bind_addr(&addr).unwrap();
+        notify_to(Path::new(&format!("@{name}")), "STOPPING=1").unwrap();
+        let mut buf = [0u8; 64];
+        let n = manager.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STOPPING=1");
+    }
+
+    #[test]
+    fn a_missing_socket_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(notify_to(&dir.path().join("nobody"), "READY=1").is_err());
+    }
+}
