@@ -23,7 +23,12 @@ mod top;
 #[command(
     name = "trellis",
     version,
-    about = "A self-hosted service mesh that speaks the AWS App Mesh API"
+    about = "A self-hosted service mesh that speaks the AWS App Mesh API",
+    after_help = "Examples:\n  trellis dev --demo                      # a control plane and the color app, on loopback\n  \
+                  trellis control --config /etc/trellis/control.toml\n  \
+                  trellis proxy --config /etc/trellis/proxy.toml\n  \
+                  trellis members --endpoint https://10.0.0.5:7070\n\n\
+                  Exit codes: 0 success, 1 runtime failure, 2 usage or config error."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -107,6 +112,10 @@ enum Command {
         command: Option<admin::MembersCommand>,
     },
     /// Back up and restore the whole control-plane state (Consul's workflow).
+    ///
+    /// Examples:
+    ///   trellis snapshot save backup.snap
+    ///   trellis snapshot restore backup.snap --endpoint https://10.0.0.9:7070
     Snapshot {
         #[command(flatten)]
         conn: admin::Connection,
@@ -114,6 +123,10 @@ enum Command {
         command: admin::SnapshotCommand,
     },
     /// The mesh CA: print the trust bundle, rotate the root, make a cluster CA.
+    ///
+    /// Examples:
+    ///   trellis ca show > ca.pem
+    ///   trellis ca create --out /etc/trellis/ca
     Ca {
         #[command(flatten)]
         conn: admin::Connection,
@@ -121,6 +134,10 @@ enum Command {
         command: admin::CaCommand,
     },
     /// Join tokens: what a proxy trades (with a CSR) for its certificate.
+    ///
+    /// Examples:
+    ///   trellis token create --mesh demo --virtual-node colorteller-red > /etc/trellis/token
+    ///   trellis token list
     Token {
         #[command(flatten)]
         conn: admin::Connection,
@@ -128,6 +145,10 @@ enum Command {
         command: admin::TokenCommand,
     },
     /// Access keys for the API (SigV4, as the aws CLI signs).
+    ///
+    /// Examples:
+    ///   trellis keys create --description ci
+    ///   trellis keys list
     Keys {
         #[command(flatten)]
         conn: admin::Connection,
@@ -153,6 +174,8 @@ enum Command {
         delay: u64,
     },
     /// Print the version.
+    ///
+    /// Example: trellis version
     Version,
     /// Print a shell completion script.
     ///
@@ -160,9 +183,13 @@ enum Command {
     ///   trellis completions bash > /etc/bash_completion.d/trellis
     ///   trellis completions zsh > "${fpath[1]}/_trellis"
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff), e.g. `trellis man | man -l -`.
+    /// Print the man page (roff).
+    ///
+    /// Example: trellis man | man -l -
     Man,
     /// Work with config files.
+    ///
+    /// Example: trellis config check /etc/trellis/proxy.toml
     Config {
         #[command(subcommand)]
         command: ConfigCommand,

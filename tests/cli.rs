@@ -129,3 +129,62 @@ fn an_unusable_data_dir_exits_1() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("data_dir"), "{err}");
 }
+
+/// The subcommands `trellis ARGS… --help` lists (help itself aside).
+fn subcommands(args: &[String]) -> Vec<String> {
+    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+    all.push("--help");
+    let (_, out, _) = trellis(&all);
+    out.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_command_has_examples_in_its_help() {
+    let mut todo = vec![Vec::<String>::new()];
+    let mut seen = 0;
+    while let Some(path) = todo.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let (code, out, err) = trellis(&args);
+        assert_eq!(code, 0, "{path:?}: {err}");
+        assert!(
+            out.contains("Example"),
+            "trellis {} --help shows no example:\n{out}",
+            path.join(" ")
+        );
+        seen += 1;
+        for sub in subcommands(&path) {
+            let mut next = path.clone();
+            next.push(sub);
+            todo.push(next);
+        }
+    }
+    assert!(seen > 25, "only {seen} commands found");
+}
+
+#[test]
+fn completions_and_the_man_page_come_from_the_cli() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = trellis(&["completions", shell]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("proxy") && out.contains("virtual-node"),
+            "{shell}"
+        );
+    }
+    let (code, out, _) = trellis(&["man"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with(".ie") || out.contains(".TH trellis"),
+        "{}",
+        &out[..200.min(out.len())]
+    );
+    assert!(out.contains("proxy"));
+}

@@ -126,6 +126,8 @@ pub enum TokenCommand {
         uses: Option<u32>,
     },
     /// List tokens (ids, nodes, expiry, uses left; never secrets).
+    ///
+    /// Example: trellis token list --json
     List {
         #[arg(long)]
         json: bool,
@@ -245,11 +247,15 @@ pub enum KeysCommand {
         description: String,
     },
     /// List access keys (never secrets).
+    ///
+    /// Example: trellis keys list
     List {
         #[arg(long)]
         json: bool,
     },
-    /// Delete an access key.
+    /// Delete an access key: requests signed with it are refused from then on.
+    ///
+    /// Example: trellis keys delete TKAEXAMPLE
     Delete { id: String },
 }
 
