@@ -427,3 +427,18 @@ fn the_demo_splits_by_weight_and_follows_a_weight_change_from_the_aws_cli() {
     assert_eq!(node.exit_code(), Some(0), "{}", node.stderr_log());
     assert!(std::net::TcpListener::bind(&gateway).is_ok());
 }
+
+#[test]
+fn the_readme_runs_the_demo_this_file_tests() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let run = readme
+        .split("## Run it")
+        .nth(1)
+        .and_then(|s| s.split("```sh\n").nth(1))
+        .and_then(|s| s.lines().next())
+        .unwrap_or_default();
+    // The test above runs the binary that command builds, with the same subcommand and flag.
+    assert_eq!(run, "cargo run --release -- dev --demo");
+    assert!(readme.contains("trellis dev demo ready: gateway=http://127.0.0.1:8080"));
+}
