@@ -240,6 +240,37 @@ async fn proxies(conn: &admin::Connection, json: bool) -> anyhow::Result<()> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The man page: clap_mangen's page for `trellis`, then a section per command (its synopsis,
+/// description and options as subsections), so `man trellis` documents every flag.
+fn man_page(out: &mut impl std::io::Write) -> std::io::Result<()> {
+    fn commands(
+        cmd: &clap::Command,
+        path: &str,
+        out: &mut impl std::io::Write,
+    ) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            let name = format!("{path} {}", sub.get_name());
+            let man = clap_mangen::Man::new(sub.clone().bin_name(name.clone()));
+            writeln!(out, ".SH \"{}\"", name.to_uppercase())?;
+            let mut buf = Vec::new();
+            man.render_synopsis_section(&mut buf)?;
+            man.render_description_section(&mut buf)?;
+            man.render_options_section(&mut buf)?;
+            out.write_all(
+                String::from_utf8_lossy(&buf)
+                    .replace(".SH ", ".SS ")
+                    .as_bytes(),
+            )?;
+            commands(sub, &name, out)?;
+        }
+        Ok(())
+    }
+    let mut cmd = Cli::command();
+    cmd.build();
+    clap_mangen::Man::new(cmd.clone()).render(out)?;
+    commands(&cmd, "trellis", out)
+}
+
 fn client_result(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -319,16 +350,13 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Man => {
-            let page = clap_mangen::Man::new(Cli::command());
-            match page.render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("trellis: man: {e}");
-                    ExitCode::from(1)
-                }
+        Command::Man => match man_page(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trellis: man: {e}");
+                ExitCode::from(1)
             }
-        }
+        },
         Command::Version => {
             println!("trellis {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

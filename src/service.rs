@@ -33,20 +33,19 @@ pub fn notify(state: &str) -> bool {
     }
 }
 
-/// Sends `state` to the notify socket at `socket` (`@name` is an abstract socket).
+/// Sends `state` to the notify socket at `socket` (`@name` is an abstract socket). Never
+/// blocks: a manager whose queue is full loses the message rather than stall the caller.
 pub fn notify_to(socket: &Path, state: &str) -> io::Result<()> {
     let sock = UnixDatagram::unbound()?;
-    let bytes = socket.as_os_str().as_encoded_bytes();
-    match bytes.strip_prefix(b"@") {
-        Some(name) => {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            sock.send_to_addr(state.as_bytes(), &addr)?;
-        }
-        None => {
-            sock.send_to(state.as_bytes(), socket)?;
-        }
+    sock.set_nonblocking(true)?;
+    #[cfg(target_os = "linux")]
+    if let Some(name) = socket.as_os_str().as_encoded_bytes().strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        sock.send_to_addr(state.as_bytes(), &addr)?;
+        return Ok(());
     }
+    sock.send_to(state.as_bytes(), socket)?;
     Ok(())
 }
 
@@ -128,16 +127,42 @@ pub async fn shutdown_signal() {
     notify("STOPPING=1");
 }
 
-/// Calls `reload` on every SIGHUP, bracketed by RELOADING=1 / READY=1 for the service
-/// manager (`systemctl reload` waits for it). Runs until the process ends.
-pub async fn on_reload(mut reload: impl FnMut() + Send) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        return;
-    };
-    while hup.recv().await.is_some() {
-        notify("RELOADING=1");
-        reload();
-        notify("READY=1");
+/// SIGHUP, caught from the moment this is made: before it, a SIGHUP would end the process
+/// (its default action), also while a control node waits minutes for its peers.
+pub struct Reloads {
+    hangups: Option<tokio::signal::unix::Signal>,
+}
+
+impl Reloads {
+    /// Catches SIGHUP from now on (inside a runtime).
+    pub fn catch() -> Self {
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        if let Err(e) = &hangups {
+            tracing::warn!(error = %e, "cannot catch SIGHUP; reload needs a restart");
+        }
+        Self {
+            hangups: hangups.ok(),
+        }
+    }
+
+    /// Calls `reload` on every SIGHUP (also on those caught before this runs). Once `ready`
+    /// says the role has told the service manager it is ready, each reload is bracketed by
+    /// RELOADING=1 / READY=1; before that a reload is told nothing, so that it cannot pass
+    /// for the first READY=1. Runs until the process ends.
+    pub async fn run(mut self, ready: impl Fn() -> bool, mut reload: impl FnMut()) {
+        let Some(hangups) = self.hangups.as_mut() else {
+            return std::future::pending().await;
+        };
+        while hangups.recv().await.is_some() {
+            let told = ready();
+            if told {
+                notify("RELOADING=1");
+            }
+            reload();
+            if told {
+                notify("READY=1");
+            }
+        }
     }
 }
 
@@ -156,6 +181,7 @@ mod tests {
         assert_eq!(&buf[..n], b"READY=1\nSTATUS=serving");
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn notifies_an_abstract_socket() {
         use std::os::linux::net::SocketAddrExt;

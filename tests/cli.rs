@@ -3,8 +3,12 @@
 
 use std::process::Command;
 
+mod common;
+use common::CleanEnv;
+
 fn trellis(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .env_clear_trellis()
         .args(args)
         .output()
         .expect("run trellis");
@@ -186,5 +190,39 @@ fn completions_and_the_man_page_come_from_the_cli() {
         "{}",
         &out[..200.min(out.len())]
     );
-    assert!(out.contains("proxy"));
+    // Every command's flags are in it, not only the top level's.
+    for flag in [
+        "TRELLIS PROXY",
+        "virtual\\-node",
+        "demo\\-gateway\\-addr",
+        "TRELLIS TOKEN CREATE",
+    ] {
+        assert!(out.contains(flag), "{flag} missing from the man page");
+    }
+}
+
+#[test]
+fn every_proxy_toml_key_is_a_proxy_flag() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/proxy.toml")).unwrap();
+    let (_, help, _) = trellis(&["proxy", "--help"]);
+    let keys: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim_start_matches("# ").split_once(" = "))
+        .map(|(k, _)| k)
+        .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect();
+    assert!(keys.len() > 20, "{keys:?}");
+    for key in keys {
+        let flag = key.replace('_', "-");
+        // The two switches on by default are turned off by a flag.
+        let flag = match key {
+            "vip_listeners" | "request_metrics" => format!("--no-{flag}"),
+            _ => format!("--{flag}"),
+        };
+        assert!(
+            help.contains(&flag),
+            "{key}: no {flag} in trellis proxy --help"
+        );
+    }
 }

@@ -90,14 +90,6 @@ fn setup(node: &DevNode, gw_port: u16) {
     }
 }
 
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A proxy in `role` whose app (if any) listens on `ip`, advertising `ip`.
 fn proxy(
     node: &DevNode,
@@ -114,7 +106,7 @@ fn proxy(
 #[test]
 fn gateway_routes_match_rewrite_and_reach_services() {
     const GW: &str = "127.0.0.121";
-    let gw_port = free_port(GW);
+    let gw_port = common::free_port(GW);
     let node = DevNode::start();
     setup(&node, gw_port);
     let _red = Echo::start("127.0.0.122:9080", "red");
@@ -199,7 +191,7 @@ fn certificate(dir: &std::path::Path, name: &str) -> (String, String) {
 #[test]
 fn a_gateway_listener_terminates_tls_with_its_file_certificate() {
     const GW: &str = "127.0.0.126";
-    let gw_port = free_port(GW);
+    let gw_port = common::free_port(GW);
     let node = DevNode::start();
     setup(&node, gw_port);
     let dir = tempfile::tempdir().unwrap();

@@ -421,15 +421,6 @@ fn trellis_top_table(node: &DevNode) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A free TCP port on loopback (Prometheus cannot report the one it picks for port 0).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Prometheus {
     child: std::process::Child,
     url: String,
@@ -455,7 +446,8 @@ impl Prometheus {
             .collect();
         let config = format!("global:\n  scrape_interval: 1s\nscrape_configs:\n{jobs}");
         std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
-        let port = free_port();
+        // Prometheus cannot report the port it picks for port 0.
+        let port = common::free_port("127.0.0.1");
         let log = dir.path().join("prometheus.log");
         let child = Command::new("prometheus")
             .arg(format!(

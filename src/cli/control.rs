@@ -36,6 +36,9 @@ pub async fn run(
         }
     }
     let logging = Logging::init(&cfg.log);
+    // Caught before the node starts: forming a cluster can take minutes, and an uncaught
+    // SIGHUP would end the process.
+    let reloads = service::Reloads::catch();
     service::notify("STATUS=starting: opening the state, forming or joining the cluster");
     let node = match ControlNode::start(&cfg).await {
         Ok(n) => n,
@@ -55,9 +58,7 @@ pub async fn run(
     // Started means a member of a cluster with a leader (start returns once the node has
     // formed or joined one) and every listener bound.
     service::notify("READY=1\nSTATUS=serving");
-    let reload = tokio::spawn(service::on_reload(move || {
-        reload(&config, logging.as_ref());
-    }));
+    let reload = tokio::spawn(reloads.run(|| true, move || reload(&config, logging.as_ref())));
     let served = node.serve(service::shutdown_signal()).await;
     reload.abort();
     served.map_err(|e| {

@@ -23,8 +23,9 @@ use trellis::service::{self, Logging};
 /// The flags of `trellis dev`.
 #[derive(Args)]
 pub struct DevArgs {
-    /// Keep the state here instead of a temporary directory removed on exit.
-    #[arg(long, env = "TRELLIS_DATA_DIR")]
+    /// Keep the state here instead of a temporary directory removed on exit (not with
+    /// --demo, which creates its mesh afresh).
+    #[arg(long, env = "TRELLIS_DATA_DIR", conflicts_with = "demo")]
     data_dir: Option<PathBuf>,
     /// The App Mesh API listener (unsigned requests accepted: loopback dev mode).
     #[arg(long, default_value = "127.0.0.1:7070")]
@@ -85,6 +86,12 @@ pub async fn run(args: DevArgs) -> ExitCode {
         eprintln!("trellis: --demo-gateway-addr: the gateway needs a port (it goes in its spec)");
         return ExitCode::from(2);
     }
+    if args.demo && (cfg.tls || cfg.auth != trellis::config::AuthMode::None) {
+        eprintln!(
+            "trellis: --demo runs on the dev settings: its --config must leave tls = false and auth = \"none\""
+        );
+        return ExitCode::from(2);
+    }
     let demo = args.demo.then_some(args.demo_gateway_addr);
     match serve(cfg, args.data_dir, demo).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -125,11 +132,19 @@ async fn serve(
     super::control::announce_admin_key(&node, &cfg);
     let plain = !node.tls() && node.admin_key.is_none();
     let (node_stop, node_stopped) = watch::channel(false);
-    let served = tokio::spawn(node.serve(wait(node_stopped)));
+    let mut served = tokio::spawn(node.serve(wait(node_stopped)));
+    // Caught from here on: Ctrl-C while the demo comes up still cleans up.
+    let shutdown = service::shutdown_signal();
+    tokio::pin!(shutdown);
     let demo = match demo {
         Some(gateway) if plain => {
-            let running = Demo::start(&format!("http://{api}"), grpc, gateway, &data_dir).await;
-            match running {
+            let api_url = format!("http://{api}");
+            let starting = Demo::start(&api_url, grpc, gateway, &data_dir);
+            let started = tokio::select! {
+                d = starting => d,
+                () = &mut shutdown => Err(anyhow::anyhow!("stopped while the demo came up")),
+            };
+            match started {
                 Ok(d) => Some(d),
                 Err(e) => {
                     let _ = node_stop.send(true);
@@ -138,8 +153,7 @@ async fn serve(
                 }
             }
         }
-        Some(_) => bail!("--demo needs the dev settings (tls = false, auth = \"none\")"),
-        None => None,
+        _ => None,
     };
     match &demo {
         Some(d) => println!("{}", d.instructions(api)),
@@ -156,12 +170,20 @@ async fn serve(
         None => println!("\nstate: {}\nCtrl-C stops.", data_dir.display()),
     }
     service::notify("READY=1");
-    service::shutdown_signal().await;
+    // Until Ctrl-C, or until the control plane fails on its own.
+    let failed = tokio::select! {
+        () = &mut shutdown => None,
+        r = &mut served => Some(r),
+    };
     if let Some(d) = demo {
         d.stop().await;
     }
     let _ = node_stop.send(true);
-    served.await.context("the control plane")??;
+    let result = match failed {
+        Some(r) => r,
+        None => served.await,
+    };
+    result.context("the control plane")??;
     Ok(())
 }
 
@@ -234,9 +256,7 @@ impl Demo {
             proxies.push(tokio::spawn(super::proxy::run(
                 cfg,
                 None,
-                None,
                 wait(stopped.clone()),
-                false,
             )));
         }
         let demo = Demo {
@@ -275,7 +295,15 @@ impl Demo {
                     self.gateway
                 );
             }
-            match ep.get("/color").await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, ep.get("/color"))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(trellis::client::ClientError::Request {
+                        url: format!("http://{}/color", self.gateway),
+                        message: "no answer before the deadline".into(),
+                    })
+                }) {
                 Ok(v) => {
                     if let Some(name) = v["name"].as_str() {
                         seen.insert(name.to_string());
@@ -326,7 +354,7 @@ impl Demo {
     }
 }
 
-/// The route spec: weighted targets, retried on server errors.
+/// The route spec: weighted targets.
 fn route_spec(weights: &[(&str, u32)]) -> Value {
     let targets: Vec<Value> = weights
         .iter()

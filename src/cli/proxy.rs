@@ -21,7 +21,8 @@ use trellis::service::{self, Logging};
 /// defaults are the file's (see config/proxy.toml).
 #[derive(Args)]
 pub struct ProxyArgs {
-    /// A proxy.toml (see config/proxy.toml for every key); flags given override it.
+    /// A proxy.toml (see config/proxy.toml for every key); flags given (or the environment
+    /// variables they name) override it.
     #[arg(long, env = "TRELLIS_PROXY_CONFIG")]
     config: Option<PathBuf>,
     /// Control nodes' gRPC addresses, comma-separated; tried in turn.
@@ -37,7 +38,7 @@ pub struct ProxyArgs {
     #[arg(long)]
     virtual_gateway: Option<String>,
     /// Where the key, certificate and last good config are kept (the proxy starts from that
-    /// config when no control node answers). [default: /var/lib/trellis/proxy]
+    /// config when no control node answers). Required, one per proxy.
     #[arg(long, env = "TRELLIS_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// The address peers reach this proxy at. [default: 127.0.0.1]
@@ -82,18 +83,19 @@ pub struct ProxyArgs {
     otlp_endpoint: Option<String>,
     /// On SIGTERM, how long requests in flight may take to finish (the listeners close at
     /// once; the instance leaves the registry). [default: 10s]
-    #[arg(long)]
+    #[arg(long, value_parser = duration_flag)]
     drain_time: Option<String>,
     /// Worker threads for the data plane (Envoy's --concurrency); default: 1 for a virtual
     /// node's sidecar, one per core for a virtual gateway.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     concurrency: Option<u16>,
     /// Where a virtual gateway's listeners are bound (their ports come from its spec).
     /// [default: 0.0.0.0]
     #[arg(long)]
     gateway_host: Option<IpAddr>,
-    /// Retries may add at most this fraction of requests (the retry budget). [default: 0.2]
-    #[arg(long)]
+    /// Retries may add at most this fraction of requests (the retry budget), 0 to 10.
+    /// [default: 0.2]
+    #[arg(long, value_parser = ratio_flag)]
     retry_budget_ratio: Option<f64>,
     /// Retries always allowed per second, beside the ratio. [default: 10]
     #[arg(long)]
@@ -106,6 +108,18 @@ pub struct ProxyArgs {
     /// Log filter, RUST_LOG syntax. [default: info]
     #[arg(long)]
     log: Option<String>,
+}
+
+/// A duration flag, checked where it is given (clap then names the flag).
+fn duration_flag(s: &str) -> Result<String, String> {
+    trellis::config::parse_duration(s).map(|_| s.to_string())
+}
+
+fn ratio_flag(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=10.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?}: a fraction between 0 and 10 (0.2 = 20 %)")),
+    }
 }
 
 impl ProxyArgs {
@@ -205,20 +219,31 @@ pub fn main(args: ProxyArgs) -> ExitCode {
         }
     };
     rt.block_on(async {
-        let logging = Logging::init(&cfg.log);
-        run(cfg, reload_from, logging, service::shutdown_signal(), true).await
+        let standalone = Standalone {
+            logging: Logging::init(&cfg.log),
+            reloads: service::Reloads::catch(),
+            config: reload_from,
+        };
+        run(cfg, Some(standalone), service::shutdown_signal()).await
     })
 }
 
-/// Runs a proxy until `stop` resolves (or its certificate cannot be had). `config` is the file
-/// SIGHUP rereads; `announce` prints the lines scripts wait for.
+/// What a proxy running as its own process has beside its data plane: the lines scripts wait
+/// for, systemd's notifications, and SIGHUP reloads of the log filter from `config`.
+pub struct Standalone {
+    pub logging: Option<Logging>,
+    pub reloads: service::Reloads,
+    pub config: Option<PathBuf>,
+}
+
+/// Runs a proxy until `stop_signal` resolves (or its certificate cannot be had); a proxy
+/// inside another command (`trellis dev --demo`) has no [`Standalone`] part.
 pub async fn run(
     cfg: ProxyConfig,
-    config: Option<PathBuf>,
-    logging: Option<Logging>,
+    standalone: Option<Standalone>,
     stop_signal: impl Future<Output = ()>,
-    announce: bool,
 ) -> ExitCode {
+    let announce = standalone.is_some();
     let Some(role) = cfg.role() else {
         eprintln!("trellis: name exactly one of --virtual-node and --virtual-gateway");
         return ExitCode::from(2);
@@ -231,7 +256,8 @@ pub async fn run(
     {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("trellis: ca_file: {e}");
+            let path = cfg.ca_file.as_ref().map(|p| p.display().to_string());
+            eprintln!("trellis: ca_file {}: {e}", path.unwrap_or_default());
             return ExitCode::from(2);
         }
     };
@@ -358,13 +384,26 @@ pub async fn run(
         ready_tx,
     ));
     // systemd's readiness is the admin server's: a config applied and, with an identity, a
-    // certificate held.
-    let mut ready_for_systemd = ready.clone();
-    let notify_ready = tokio::spawn(async move {
-        if ready_for_systemd.wait_for(|r| *r).await.is_ok() {
-            service::notify("READY=1");
-        }
-    });
+    // certificate held. A proxy inside another command leaves systemd to that command.
+    let mut service_tasks = Vec::new();
+    if let Some(Standalone {
+        logging,
+        reloads,
+        config,
+    }) = standalone
+    {
+        let mut ready_for_systemd = ready.clone();
+        service_tasks.push(tokio::spawn(async move {
+            if ready_for_systemd.wait_for(|r| *r).await.is_ok() {
+                service::notify("READY=1");
+            }
+        }));
+        let ready_now = ready.clone();
+        service_tasks.push(tokio::spawn(reloads.run(
+            move || *ready_now.borrow(),
+            move || reload(config.as_ref(), logging.as_ref()),
+        )));
+    }
     let admin_server = admin.map(|l| {
         let router =
             trellis::proxy::admin::router(metrics.clone(), applied.clone(), routing_rx, ready);
@@ -408,9 +447,6 @@ pub async fn run(
             }
         }
     });
-    let reload = tokio::spawn(service::on_reload(move || {
-        reload(config.as_ref(), logging.as_ref())
-    }));
     let certs_failed = async {
         match &mut certs {
             Some(task) => match task.await {
@@ -435,21 +471,22 @@ pub async fn run(
     if let Some(a) = admin_server {
         let _ = a.await;
     }
-    for task in [readiness, notify_ready, announce_ready, reload] {
+    for task in service_tasks.into_iter().chain([readiness, announce_ready]) {
         task.abort();
     }
     code
 }
 
 /// SIGHUP: the log filter from the file again, and access-log files reopened (after
-/// logrotate moved them). A file that no longer parses changes nothing.
+/// logrotate moved them). Only `log` is read: the rest may have come from flags, and a file
+/// that does not parse, or a filter that does not, changes nothing.
 fn reload(config: Option<&PathBuf>, logging: Option<&Logging>) {
     trellis::telemetry::access_log::reopen_files();
     let (Some(path), Some(logging)) = (config, logging) else {
         tracing::info!("reload: access logs reopened");
         return;
     };
-    match ProxyConfig::load(path) {
+    match ProxyConfig::read(path) {
         Ok(cfg) => match logging.set_filter(&cfg.log) {
             Ok(()) => {
                 tracing::info!(log = %cfg.log, "reload: log filter set, access logs reopened")

@@ -1,6 +1,8 @@
 //! `proxy.toml`: the settings of one proxy (one virtual node or virtual gateway on one host),
 //! every key documented here and in config/proxy.toml. Every key is also a `trellis proxy`
-//! flag of the same name (`inbound_addr` is `--inbound-addr`); a flag given overrides the file.
+//! flag of the same name (`inbound_addr` is `--inbound-addr`; the two switches on by default
+//! have `--no-vip-listeners` and `--no-request-metrics`); a flag given, or the environment
+//! variable a flag names, overrides the file.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -25,7 +27,8 @@ pub struct ProxyConfig {
     /// The virtual gateway this proxy serves (give this or `virtual_node`).
     pub virtual_gateway: Option<String>,
     /// Where the proxy keeps its key, certificate and last good config (it starts from that
-    /// config when no control node answers). One directory per proxy. Default
+    /// config when no control node answers). Required: one directory per proxy, since two
+    /// sharing one would share an identity. The packaged proxy.toml says
     /// `/var/lib/trellis/proxy`.
     pub data_dir: PathBuf,
     /// The address peer proxies reach this one at (registered with the instance). Default
@@ -88,7 +91,7 @@ impl Default for ProxyConfig {
             mesh: String::new(),
             virtual_node: None,
             virtual_gateway: None,
-            data_dir: PathBuf::from("/var/lib/trellis/proxy"),
+            data_dir: PathBuf::new(),
             advertise_addr: [127, 0, 0, 1].into(),
             inbound_addr: ([0, 0, 0, 0], 15000).into(),
             outbound_addr: "127.0.0.1:15001".into(),
@@ -164,7 +167,10 @@ impl ProxyConfig {
             _ => {}
         }
         if self.data_dir.as_os_str().is_empty() {
-            problems.push("data_dir: must not be empty".to_string());
+            problems.push(
+                "data_dir: required (one directory per proxy: it holds the proxy's identity)"
+                    .to_string(),
+            );
         }
         for (key, value) in [
             ("outbound_addr", &self.outbound_addr),
@@ -289,5 +295,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("round-robin"), "{e}");
+    }
+
+    /// Every key the struct takes, from serde's own list (deny_unknown_fields names them).
+    pub(crate) fn fields() -> Vec<String> {
+        let e = toml::from_str::<ProxyConfig>("not_a_key = 1")
+            .unwrap_err()
+            .to_string();
+        let list = e.split("expected one of").nth(1).unwrap_or_default();
+        list.split(',')
+            .map(|f| f.trim().trim_matches('`').trim().to_string())
+            .filter(|f| !f.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn the_shipped_example_documents_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/proxy.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let fields = fields();
+        assert!(fields.len() > 20, "{fields:?}");
+        for f in &fields {
+            let set = text.lines().any(|l| {
+                let l = l.trim_start_matches("# ");
+                l.starts_with(&format!("{f} = "))
+            });
+            assert!(set, "config/proxy.toml does not show `{f} = …`");
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! `control.toml` names the others in `retry_join`, and the harness kills (SIGKILL), stops
 //! (SIGTERM), pauses (SIGSTOP) and restarts nodes on the same data directory.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::echo::{Got, curl};
-use super::wait_until;
+use super::{CleanEnv, wait_until};
 
 pub struct ClusterNode {
     pub id: u64,
@@ -28,13 +28,6 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     /// With TLS: the cluster CA the API is checked against.
     ca: Option<PathBuf>,
-}
-
-fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 impl Cluster {
@@ -67,7 +60,7 @@ impl Cluster {
         let addrs: Vec<(SocketAddr, SocketAddr, SocketAddr)> = (1..=n)
             .map(|i| {
                 let ip = format!("127.0.{net}.{i}");
-                let port = || SocketAddr::new(ip.parse().unwrap(), free_port(&ip));
+                let port = || SocketAddr::new(ip.parse().unwrap(), super::free_port(&ip));
                 (port(), port(), port())
             })
             .collect();
@@ -137,6 +130,7 @@ impl Cluster {
             .arg(&node.config)
             .args(extra)
             .env("TRELLIS_FAULT_INJECTION", "1")
+            .env_clear_trellis()
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

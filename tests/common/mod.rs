@@ -111,17 +111,30 @@ impl DevNode {
         Self::spawn(dir, &[])
     }
 
+    /// Starts `trellis dev --demo` (it keeps its state in a temporary directory of its own)
+    /// with extra flags.
+    pub fn start_demo(extra: &[String]) -> DevNode {
+        Self::spawn_args(None, extra)
+    }
+
     fn spawn(dir: &Path, extra: &[String]) -> DevNode {
+        Self::spawn_args(Some(dir), extra)
+    }
+
+    fn spawn_args(dir: Option<&Path>, extra: &[String]) -> DevNode {
         let scratch = tempfile::Builder::new()
             .prefix("trellis-test-")
             .tempdir()
             .expect("create scratch tempdir");
         let log_path = scratch.path().join("stderr.log");
         let log = std::fs::File::create(&log_path).expect("create stderr log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
-            .arg("dev")
-            .arg("--data-dir")
-            .arg(dir)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
+        cmd.env_clear_trellis().arg("dev");
+        match dir {
+            Some(dir) => cmd.arg("--data-dir").arg(dir),
+            None => cmd.arg("--demo"),
+        };
+        let mut child = cmd
             .args([
                 "--api-addr",
                 "127.0.0.1:0",
@@ -186,7 +199,7 @@ impl DevNode {
         DevNode {
             child: Some(child),
             api,
-            data_dir: dir.to_path_buf(),
+            data_dir: dir.map(Path::to_path_buf).unwrap_or_default(),
             _owned_data: None,
             scratch,
             stdout: lines,
@@ -539,6 +552,33 @@ pub fn dig_short(dns: std::net::SocketAddr, name: &str, qtype: &str) -> Vec<Stri
         .collect();
     v.sort();
     v
+}
+
+/// A port free on `ip` now, for the few listeners whose port must be known before they start
+/// (it goes into a spec or a peer's config); tests give such listeners an address of their own.
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Keeps the test runner's environment from steering a child: its log filter, a notify
+/// socket, and trellis's own variables.
+pub trait CleanEnv {
+    fn env_clear_trellis(&mut self) -> &mut Self;
+}
+
+impl CleanEnv for Command {
+    fn env_clear_trellis(&mut self) -> &mut Self {
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            if k.starts_with("TRELLIS_") || k == "RUST_LOG" || k == "NOTIFY_SOCKET" {
+                self.env_remove(&k);
+            }
+        }
+        self
+    }
 }
 
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::wait_until;
+use super::{CleanEnv, wait_until};
 
 pub struct Proxy {
     child: Option<Child>,
@@ -81,6 +81,7 @@ impl Proxy {
     pub fn spawn(args: &[String], envs: &[(&str, &str)], data_dir: &Path) -> Proxy {
         let log = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .env_clear_trellis()
             .arg("proxy")
             .args(args)
             .envs(envs.iter().copied())

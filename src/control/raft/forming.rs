@@ -27,7 +27,9 @@ pub async fn form(c: &Consensus, m: &Membership) -> Result<(), StartError> {
         .filter(|a| **a != c.addr)
         .cloned()
         .collect();
-    let mut logged = Instant::now();
+    // The first wait is logged at once (an operator watching a node start sees why it is not
+    // ready), then every LOG_EVERY.
+    let mut logged: Option<Instant> = None;
     loop {
         let (known, leader) = {
             let metrics = c.raft.metrics();
@@ -44,8 +46,8 @@ pub async fn form(c: &Consensus, m: &Membership) -> Result<(), StartError> {
         if !known {
             round(c, m, &peers).await;
         }
-        if logged.elapsed() >= LOG_EVERY {
-            logged = Instant::now();
+        if logged.is_none_or(|l| l.elapsed() >= LOG_EVERY) {
+            logged = Some(Instant::now());
             tracing::info!(
                 expect = m.bootstrap_expect,
                 peers = ?peers,
