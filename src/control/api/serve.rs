@@ -40,6 +40,8 @@ pub async fn serve_tls(
             },
             _ = &mut shutdown => break,
         };
+        // A reply written in two pieces must not wait for the client's delayed ACK.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
         let watcher = graceful.watcher();
