@@ -88,11 +88,27 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// The certificate kept in `dir`, if it is still valid.
-pub fn load(dir: &Path) -> Option<ProxyCert> {
+/// The certificate kept in `dir`, if it is still valid and names this proxy's mesh and
+/// virtual node or gateway: a data directory copied from, or shared with, another proxy must
+/// not lend it that proxy's identity.
+pub fn load(dir: &Path, mesh: &str, role: &ProxyRole) -> Option<ProxyCert> {
     let read = |f| std::fs::read_to_string(dir.join(f)).ok();
     let (chain_pem, key_pem, bundle_pem) = (read(CERT_FILE)?, read(KEY_FILE)?, read(BUNDLE_FILE)?);
     let info = ca::inspect(&chain_pem).ok()?;
+    let ours = format!("/mesh/{mesh}/{}", role.resource_name());
+    if !info
+        .uris
+        .iter()
+        .any(|u| u.starts_with("spiffe://") && u.ends_with(&ours))
+    {
+        tracing::warn!(
+            dir = %dir.display(),
+            names = ?info.uris,
+            want = %ours,
+            "the certificate kept here is another proxy's; getting one of our own"
+        );
+        return None;
+    }
     (info.not_after > now()).then_some(ProxyCert {
         chain_pem,
         key_pem,
@@ -249,7 +265,7 @@ pub async fn run(
     cert: watch::Sender<Option<Arc<ProxyCert>>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), IdentityError> {
-    let mut current = match load(&settings.data_dir) {
+    let mut current = match load(&settings.data_dir, &settings.mesh, &settings.role) {
         Some(c) => c,
         None => loop {
             match obtain(&settings).await {
@@ -292,7 +308,47 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::ProxyCert;
+    use super::*;
+
+    #[test]
+    fn a_kept_certificate_serves_only_the_proxy_it_names() {
+        let root = ca::new_root(
+            "trellis.local",
+            SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let (key_pem, csr_pem) = ca::new_key_and_csr().unwrap();
+        let chain_pem = ca::issue_leaf(
+            &root,
+            &csr_pem,
+            &["spiffe://trellis.local/mesh/demo/virtualNode/red".to_string()],
+            &[],
+            SystemTime::now(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cert = ProxyCert {
+            chain_pem,
+            key_pem,
+            bundle_pem: root.cert_pem.clone(),
+            not_before: 0,
+            not_after: 0,
+            received: 0,
+        };
+        save(dir.path(), &cert).unwrap();
+        let red = ProxyRole::VirtualNode("red".into());
+        assert!(load(dir.path(), "demo", &red).is_some());
+        for (mesh, role) in [
+            ("demo", ProxyRole::VirtualNode("blue".into())),
+            ("demo", ProxyRole::VirtualNode("re".into())),
+            ("other", red.clone()),
+            ("demo", ProxyRole::VirtualGateway("red".into())),
+        ] {
+            assert!(load(dir.path(), mesh, &role).is_none(), "{mesh} {role:?}");
+        }
+    }
 
     #[test]
     fn renewal_is_due_two_thirds_into_the_useful_lifetime_despite_backdating() {

@@ -484,7 +484,10 @@ async fn connect(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<B
         }
         None if routing.egress == Some(EgressFilterType::AllowAll) => {
             let upstream = match tokio::net::TcpStream::connect((host.as_str(), port)).await {
-                Ok(t) => t,
+                Ok(t) => {
+                    let _ = t.set_nodelay(true);
+                    t
+                }
                 Err(e) => {
                     return UpstreamError::NoEndpoint(format!("{host}:{port}: {e}")).response();
                 }
