@@ -49,6 +49,17 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// An unsigned plain-HTTP endpoint (a dev control plane on loopback, or a mesh gateway).
+    pub fn plain(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ca_file: None,
+            credentials: None,
+            region: "us-east-1".into(),
+            unverified: false,
+        }
+    }
+
     pub async fn get(&self, path: &str) -> Result<serde_json::Value, ClientError> {
         self.call("GET", path, None).await
     }

@@ -282,53 +282,37 @@ fn client_result(r: anyhow::Result<()>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // The proxy sizes its own runtime from its settings.
-    let command = match cli.command {
-        Command::Proxy(args) => return proxy::main(*args),
-        other => other,
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("trellis: starting the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match command {
+    // Each command that needs a runtime builds it: the proxy sizes its own from its settings,
+    // and version, completions, man and config check need none.
+    match Cli::parse().command {
         Command::Proxy(args) => proxy::main(*args),
-        Command::Proxies { conn, json } => client_result(rt.block_on(proxies(&conn, json))),
+        Command::Proxies { conn, json } => client_result(block_on(proxies(&conn, json))),
         Command::Top {
             conn,
             once,
             json,
             interval,
-        } => client_result(rt.block_on(top::top(
+        } => client_result(block_on(top::top(
             &conn,
             once,
             json,
             std::time::Duration::from_secs(interval.max(1)),
         ))),
-        Command::Ca { conn, command } => client_result(rt.block_on(admin::ca(&conn, command))),
+        Command::Ca { conn, command } => client_result(block_on(admin::ca(&conn, command))),
         Command::Snapshot { conn, command } => {
-            client_result(rt.block_on(admin::snapshot(&conn, command)))
+            client_result(block_on(admin::snapshot(&conn, command)))
         }
         Command::Members { conn, command } => {
-            client_result(rt.block_on(admin::members(&conn, command)))
+            client_result(block_on(admin::members(&conn, command)))
         }
-        Command::Token { conn, command } => {
-            client_result(rt.block_on(admin::token(&conn, command)))
-        }
-        Command::Keys { conn, command } => client_result(rt.block_on(admin::keys(&conn, command))),
+        Command::Token { conn, command } => client_result(block_on(admin::token(&conn, command))),
+        Command::Keys { conn, command } => client_result(block_on(admin::keys(&conn, command))),
         Command::Echo {
             listen,
             name,
             status,
             delay,
-        } => match rt.block_on(async {
+        } => match block_on(async {
             let delay = std::time::Duration::from_millis(delay);
             let echo = trellis::echo::Echo::start(listen, &name, status, delay).await?;
             println!("trellis echo ready: {}", echo.addr);
@@ -337,7 +321,7 @@ fn main() -> ExitCode {
         }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("trellis: echo on {listen}: {e}");
+                eprintln!("trellis: echo on {listen}: {e:#}");
                 ExitCode::from(1)
             }
         },
@@ -377,15 +361,37 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Dev(args) => rt.block_on(dev::run(*args)),
+        Command::Dev(args) => block_on(async { Ok::<_, anyhow::Error>(dev::run(*args).await) })
+            .unwrap_or_else(|e| {
+                eprintln!("trellis: {e:#}");
+                ExitCode::from(1)
+            }),
         Command::Control {
             config,
             data_dir,
             api_addr,
             join,
-        } => match rt.block_on(control::run(config, data_dir, api_addr, join)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(code) => code,
+        } => match block_on(async {
+            Ok::<_, anyhow::Error>(control::run(config, data_dir, api_addr, join).await)
+        }) {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(code)) => code,
+            Err(e) => {
+                eprintln!("trellis: {e:#}");
+                ExitCode::from(1)
+            }
         },
     }
+}
+
+/// Runs `f` to completion on a multi-threaded runtime built for it; a runtime that cannot be
+/// built is an error like any other the command meets.
+fn block_on<T, E: Into<anyhow::Error>>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
+    rt.block_on(f).map_err(Into::into)
 }

@@ -209,13 +209,7 @@ impl Demo {
         gateway: SocketAddr,
         dir: &Path,
     ) -> anyhow::Result<Self> {
-        let ep = Endpoint {
-            url: api.to_string(),
-            ca_file: None,
-            credentials: None,
-            region: "us-east-1".into(),
-            unverified: false,
-        };
+        let ep = Endpoint::plain(api);
         let mut apps = Vec::new();
         for (color, _) in COLORS {
             let app = Echo::start(([127, 0, 0, 1], 0).into(), color, 200, Duration::ZERO)
@@ -275,13 +269,7 @@ impl Demo {
     /// Asks the gateway until every color has answered (each proxy has its certificate and
     /// config, and the gateway knows every endpoint).
     async fn wait_for_colors(&self) -> anyhow::Result<()> {
-        let ep = Endpoint {
-            url: format!("http://{}", self.gateway),
-            ca_file: None,
-            credentials: None,
-            region: "us-east-1".into(),
-            unverified: false,
-        };
+        let ep = Endpoint::plain(format!("http://{}", self.gateway));
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut seen = std::collections::BTreeSet::new();
         let mut last = String::from("no answer yet");

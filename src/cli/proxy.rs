@@ -159,20 +159,10 @@ impl ProxyArgs {
             cfg.virtual_node = self.virtual_node;
             cfg.virtual_gateway = self.virtual_gateway;
         }
-        for (flag, field) in [
-            (self.ca_file, &mut cfg.ca_file),
-            (self.token_file, &mut cfg.token_file),
-        ] {
-            if flag.is_some() {
-                *field = flag;
-            }
+        macro_rules! given_optional {
+            ($($field:ident),*) => {$( if self.$field.is_some() { cfg.$field = self.$field; } )*};
         }
-        if self.otlp_endpoint.is_some() {
-            cfg.otlp_endpoint = self.otlp_endpoint;
-        }
-        if self.concurrency.is_some() {
-            cfg.concurrency = self.concurrency;
-        }
+        given_optional!(ca_file, token_file, otlp_endpoint, concurrency);
         if self.no_vip_listeners {
             cfg.vip_listeners = false;
         }
