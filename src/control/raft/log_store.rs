@@ -1,5 +1,6 @@
 //! openraft's log storage on the `Store`: entries (in its log files) and the vote (in sled),
-//! as JSON, fsynced before openraft is told they are durable.
+//! as JSON. Entries are fsynced before openraft is told they are durable, except a leader's
+//! own normal entries, which go out to the followers while they sync ([`super::durable`]).
 #![allow(clippy::result_large_err)] // openraft's StorageError is large; these are its own signatures.
 
 use std::fmt::Debug;
@@ -8,25 +9,60 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::TypeConfig;
+use super::durable::Durable;
 use crate::control::store::{Store, keys};
 
 #[derive(Clone)]
 pub struct LogStore {
     store: Store,
+    node_id: u64,
+    /// The vote as last saved: whether an append is this node's own, as leader.
+    vote: Arc<std::sync::Mutex<Option<Vote<u64>>>>,
+    durable: Durable,
     /// The last commit index raft saved, for the node's metrics.
     committed: Arc<AtomicU64>,
 }
 
 impl LogStore {
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: Store, node_id: u64, durable: Durable) -> Self {
         Self {
             store,
+            node_id,
+            vote: Arc::default(),
+            durable,
             committed: Arc::default(),
+        }
+    }
+
+    fn set_vote(&self, vote: Option<Vote<u64>>) {
+        *self.vote.lock().unwrap_or_else(|e| e.into_inner()) = vote;
+    }
+
+    /// Whether `entries` are normal entries this node made as the leader it is now.
+    fn own_normal_entries(&self, entries: &[Entry<TypeConfig>]) -> bool {
+        let vote = *self.vote.lock().unwrap_or_else(|e| e.into_inner());
+        vote.is_some_and(|v| leads(&v, self.node_id, entries))
+    }
+
+    fn last_log_id(&self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+        match self
+            .store
+            .last_entry()
+            .map_err(|e| StorageIOError::read_logs(&e))?
+        {
+            Some((_, bytes)) => {
+                let e: Entry<TypeConfig> =
+                    serde_json::from_slice(&bytes).map_err(|e| StorageIOError::read_logs(&e))?;
+                Ok(Some(e.log_id))
+            }
+            None => Ok(None),
         }
     }
 
@@ -84,18 +120,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<u64>> {
         let last_purged: Option<LogId<u64>> = self.read_meta(keys::LAST_PURGED)?;
-        let last = match self
-            .store
-            .last_entry()
-            .map_err(|e| StorageIOError::read_logs(&e))?
-        {
-            Some((_, bytes)) => {
-                let e: Entry<TypeConfig> =
-                    serde_json::from_slice(&bytes).map_err(|e| StorageIOError::read_logs(&e))?;
-                Some(e.log_id)
-            }
-            None => last_purged,
-        };
+        let last = self.last_log_id()?.or(last_purged);
         // A purge past the end of the log leaves no entry behind its mark.
         let last = last.max(last_purged);
         Ok(LogState {
@@ -109,11 +134,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
-        self.write_meta(keys::VOTE, vote).await
+        // Entries this node acknowledged early as leader must be on disk before it answers a
+        // candidate or another leader with its log.
+        self.store
+            .sync_log()
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.write_meta(keys::VOTE, vote).await?;
+        self.set_vote(Some(*vote));
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
-        self.read_meta(keys::VOTE)
+        let vote = self.read_meta(keys::VOTE)?;
+        self.set_vote(vote);
+        Ok(vote)
     }
 
     async fn save_committed(
@@ -125,6 +160,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Some(c) = committed {
             self.committed.store(c.index, Ordering::Relaxed);
         }
+        // Recovery re-applies up to this hint without asking anyone: never past the disk.
+        let committed = self.durable.clamp(committed);
         let bytes = serde_json::to_vec(&committed).map_err(|e| StorageIOError::write(&e))?;
         self.store
             .put_meta_lazy(keys::COMMITTED, bytes)
@@ -150,25 +187,45 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = Vec::new();
-        for e in entries {
-            let bytes = serde_json::to_vec(&e)
+        let entries: Vec<_> = entries.into_iter().collect();
+        let Some(last) = entries.last().map(|e| e.log_id) else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
+        let early = self.own_normal_entries(&entries);
+        let mut batch = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let bytes = serde_json::to_vec(e)
                 .map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
             batch.push((e.log_id.index, bytes));
         }
-        // openraft may treat the entries as durable only once the group commit has flushed them.
-        let done: crate::control::store::OnDurable =
-            Box::new(move |r| callback.log_io_completed(r.map_err(std::io::Error::other)));
-        self.store
-            .append(batch, done)
-            .map_err(|e| StorageIOError::write_logs(&e).into())
+        let durable = self.durable.clone();
+        let generation = durable.generation();
+        let synced = move |r: &Result<(), String>| match r {
+            Ok(()) => durable.synced(generation, last),
+            Err(e) => durable.failed(e.clone()),
+        };
+        if early {
+            self.durable.acknowledged_early(last.index);
+            self.store
+                .append(batch, Box::new(move |r| synced(&r)))
+                .map_err(|e| StorageIOError::write_logs(&e))?;
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        }
+        let res = self.store.append_synced(batch).map_err(|e| e.to_string());
+        synced(&res);
+        callback.log_io_completed(res.map_err(std::io::Error::other));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         self.store
             .truncate_from(log_id.index)
             .await
-            .map_err(|e| StorageIOError::write_logs(&e).into())
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.durable.truncated(self.last_log_id()?);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
@@ -177,5 +234,62 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .purge_upto(log_id.index, mark)
             .await
             .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}
+
+/// Whether `vote` makes `node` the leader that made all of `entries`, all of them normal: a
+/// leader appends its own entries only, and another leader's never carry its id and term.
+fn leads(vote: &Vote<u64>, node: u64, entries: &[Entry<TypeConfig>]) -> bool {
+    vote.committed
+        && vote.leader_id.node_id == node
+        && entries.iter().all(|e| {
+            e.log_id.leader_id == vote.leader_id && matches!(e.payload, EntryPayload::Normal(_))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Membership};
+
+    use super::*;
+    use crate::control::raft::Proposal;
+
+    fn entry(
+        term: u64,
+        node: u64,
+        index: u64,
+        payload: EntryPayload<TypeConfig>,
+    ) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, node), index),
+            payload,
+        }
+    }
+
+    fn normal(term: u64, node: u64, index: u64) -> Entry<TypeConfig> {
+        entry(term, node, index, EntryPayload::Normal(Proposal(vec![])))
+    }
+
+    #[test]
+    fn only_a_leaders_own_normal_entries_skip_the_wait() {
+        let leader = Vote::new_committed(3, 1);
+        assert!(leads(&leader, 1, &[normal(3, 1, 7), normal(3, 1, 8)]));
+        // A follower of node 2, or node 1 before it won its election.
+        assert!(!leads(&Vote::new_committed(3, 2), 1, &[normal(3, 2, 7)]));
+        assert!(!leads(&Vote::new(3, 1), 1, &[normal(3, 1, 7)]));
+        // Node 1's entries from an earlier term, sent back by a later leader.
+        assert!(!leads(&Vote::new_committed(4, 2), 1, &[normal(3, 1, 7)]));
+        assert!(!leads(&leader, 1, &[normal(2, 1, 6), normal(3, 1, 7)]));
+        // Blank and membership entries are synced first.
+        assert!(!leads(&leader, 1, &[entry(3, 1, 7, EntryPayload::Blank)]));
+        let members = Membership::new(vec![std::collections::BTreeSet::from([1u64])], None);
+        assert!(!leads(
+            &leader,
+            1,
+            &[
+                normal(3, 1, 7),
+                entry(3, 1, 8, EntryPayload::Membership(members))
+            ]
+        ));
     }
 }

@@ -6,6 +6,7 @@
 //! (applies commands, builds and installs snapshots), `network` (RPCs to peers).
 
 mod autopilot;
+mod durable;
 mod forming;
 mod log_store;
 mod network;
@@ -236,15 +237,18 @@ impl Consensus {
                 .validate()
                 .map_err(|e| StartError::Config(e.to_string()))?,
         );
-        let (sm, applied, applied_index) = state_machine::StateMachine::open(store.clone())
-            .map_err(|e| StartError::Storage(e.to_string()))?;
-        let log = log_store::LogStore::new(store);
+        let durable = durable::Durable::default();
+        let (sm, applied, applied_index) =
+            state_machine::StateMachine::open(store.clone(), durable.clone())
+                .map_err(|e| StartError::Storage(e.to_string()))?;
+        let log = log_store::LogStore::new(store, node_id, durable.clone());
         let committed = log.committed();
         let peers = Peers::new(tls);
         let faults = Faults::default();
         let network = network::Network {
             peers: peers.clone(),
             faults: faults.clone(),
+            durable,
         };
         let raft = Raft::new(node_id, config, network, log, sm)
             .await
@@ -721,9 +725,10 @@ mod tests {
         ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
             let dir = tempfile::tempdir().map_err(|e| openraft::StorageIOError::write(&e))?;
             let store = Store::open(dir.path()).map_err(|e| openraft::StorageIOError::write(&e))?;
-            let (sm, _, _) = StateMachine::open(store.clone())
+            let durable = super::durable::Durable::default();
+            let (sm, _, _) = StateMachine::open(store.clone(), durable.clone())
                 .map_err(|e| openraft::StorageIOError::read(&e))?;
-            Ok((dir, LogStore::new(store), sm))
+            Ok((dir, LogStore::new(store, 1, durable), sm))
         }
     }
 

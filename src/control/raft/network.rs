@@ -23,6 +23,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::TypeConfig;
+use super::durable::Durable;
 use super::peers::{CallError, Peers, Rpc};
 
 /// Peers whose raft RPCs are dropped, both ways (this node neither sends to them nor accepts
@@ -47,6 +48,8 @@ impl Faults {
 pub struct Network {
     pub peers: Peers,
     pub faults: Faults,
+    /// Commit indexes sent to followers stay within this node's synced log.
+    pub durable: Durable,
 }
 
 pub struct Peer {
@@ -54,6 +57,7 @@ pub struct Peer {
     addr: String,
     peers: Peers,
     faults: Faults,
+    durable: Durable,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -65,6 +69,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.addr.clone(),
             peers: self.peers.clone(),
             faults: self.faults.clone(),
+            durable: self.durable.clone(),
         }
     }
 }
@@ -109,9 +114,10 @@ impl Peer {
 impl RaftNetwork<TypeConfig> for Peer {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        rpc.leader_commit = self.durable.clamp(rpc.leader_commit);
         self.send(Rpc::AppendEntries, &rpc, &option).await
     }
 

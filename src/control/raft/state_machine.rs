@@ -12,6 +12,7 @@ use openraft::{
 };
 use tokio::sync::watch;
 
+use super::durable::Durable;
 use super::{Response, TypeConfig};
 use crate::control::store::{Store, StoreError, keys};
 use crate::model::MeshState;
@@ -30,6 +31,8 @@ pub struct StateMachine {
     applied: Arc<RwLock<Applied>>,
     applied_tx: watch::Sender<u64>,
     snapshot_writer: SnapshotWriter,
+    /// Entries the leader acknowledged before its sync apply only after it.
+    durable: Durable,
 }
 
 /// Serializes snapshot writes: openraft builds snapshots on a task of their own while an
@@ -41,7 +44,7 @@ type Shared = (StateMachine, Arc<RwLock<Applied>>, watch::Receiver<u64>);
 
 impl StateMachine {
     /// Opens the state machine, restoring the last persisted snapshot.
-    pub fn open(store: Store) -> Result<Shared, StoreError> {
+    pub fn open(store: Store, durable: Durable) -> Result<Shared, StoreError> {
         let mut applied = Applied::default();
         let mut stored = None;
         if let Some(bytes) = store.get_meta(keys::SNAPSHOT)? {
@@ -62,6 +65,7 @@ impl StateMachine {
                 applied: applied.clone(),
                 applied_tx: tx,
                 snapshot_writer: Arc::new(tokio::sync::Mutex::new(stored)),
+                durable,
             },
             applied,
             rx,
@@ -142,7 +146,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut out = Vec::new();
+        let entries: Vec<_> = entries.into_iter().collect();
+        if let Some(last) = entries.last() {
+            self.durable
+                .wait_applicable(last.log_id.index)
+                .await
+                .map_err(|e| StorageIOError::apply(last.log_id, &std::io::Error::other(e)))?;
+        }
+        let mut out = Vec::with_capacity(entries.len());
         let last = {
             let mut a = self.write();
             for entry in entries {

@@ -81,6 +81,11 @@ impl Wal {
         for (i, name) in names.into_iter().enumerate() {
             wal.load(name, i + 1 == count, purged)?;
         }
+        // What a crashed process wrote may not have reached the disk yet; what this one reads
+        // back it takes as durable (earlier segments were synced when the next one started).
+        if let Some(s) = wal.segments.values().last() {
+            s.file.sync_data().map_err(|e| io("syncing", &s.path, e))?;
+        }
         Ok(wal)
     }
 
@@ -281,6 +286,11 @@ impl Wal {
                 Ok((index, payload))
             })
             .collect()
+    }
+
+    /// The segment appends go to (the one to sync for everything so far).
+    pub(super) fn last_file(&self) -> Option<Arc<File>> {
+        self.segments.values().last().map(|s| s.file.clone())
     }
 
     pub(super) fn last_index(&self) -> Option<u64> {
