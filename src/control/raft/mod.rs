@@ -243,7 +243,7 @@ impl Consensus {
                 .map_err(|e| StartError::Storage(e.to_string()))?;
         let log = log_store::LogStore::new(store, node_id, durable.clone());
         let committed = log.committed();
-        let peers = Peers::new(tls);
+        let peers = Peers::new(tls).map_err(StartError::Config)?;
         let faults = Faults::default();
         let network = network::Network {
             peers: peers.clone(),
