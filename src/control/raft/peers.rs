@@ -4,15 +4,13 @@
 //! the raft network and the cluster operations (forwarding, joining, read-index) call through
 //! here.
 //!
-//! The connection is hyper's own HTTP/2 client under tonic's generated client, not a tonic
+//! The calls are made on hyper's HTTP/2 client directly, not through tonic's client and
 //! `Channel`: a `Channel` hands every call to a buffer task of its own before the connection
-//! sees it, one more task switch on each raft round trip, which is the write path's latency.
+//! sees it, and tonic's request body takes three writes (so three wake-ups of the peer) where
+//! one will do; each is time on every raft round trip, which is the write path's latency.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::client::conn::http2;
@@ -22,7 +20,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::wire::cluster::Json;
-use crate::wire::cluster::cluster_client::ClusterClient;
 
 /// How long making a connection (TCP and TLS) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -79,13 +76,15 @@ impl CallError {
     }
 }
 
-type Sender = http2::SendRequest<tonic::body::Body>;
+type Sender = http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+/// A peer's connection, if made; callers wait on the lock while one is being made.
+type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
 
 #[derive(Clone)]
 pub struct Peers {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// The connection to each peer address, made by the first call that needs it.
-    connections: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Sender>>>>>>,
+    connections: Arc<Mutex<HashMap<String, Slot>>>,
 }
 
 impl Peers {
@@ -160,29 +159,25 @@ impl Peers {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let call = async {
-            let origin = format!(
-                "{}://{addr}",
-                if self.tls.is_some() { "https" } else { "http" }
-            );
-            let origin = origin.parse().map_err(|e| CallError::Unreachable {
-                addr: addr.to_string(),
-                message: format!("{e}"),
-            })?;
             let mut sender = self.sender(addr).await?;
             // A connection that broke since it was last used takes nothing: unreachable.
             sender.ready().await.map_err(|e| CallError::Unreachable {
                 addr: addr.to_string(),
                 message: e.to_string(),
             })?;
-            Ok(self
-                .call_on(Connection(sender), origin, addr, rpc, body, timeout)
-                .await)
+            let uri = format!(
+                "{scheme}://{addr}/trellis.cluster.v1.Cluster/{}",
+                rpc.method()
+            );
+            unary(sender, &uri, body, timeout)
+                .await
+                .map_err(|e| e.at(addr))
         };
         match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => Err(e),
-            // It may have been delivered: no unreachable peer (see `call_on`).
+            Ok(answer) => answer,
+            // It may have been delivered: no unreachable peer (see `Failure`).
             Err(_) => Err(CallError::Status {
                 addr: addr.to_string(),
                 code: tonic::Code::Cancelled,
@@ -190,58 +185,147 @@ impl Peers {
             }),
         }
     }
+}
 
-    async fn call_on(
-        &self,
-        connection: Connection,
-        origin: http::Uri,
-        addr: &str,
-        rpc: Rpc,
-        body: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, CallError> {
-        let mut client = ClusterClient::with_origin(connection, origin)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
-        let mut req = tonic::Request::new(Json { json: body });
-        req.set_timeout(timeout);
-        let answer = match rpc {
-            Rpc::AppendEntries => client.append_entries(req).await,
-            Rpc::Vote => client.vote(req).await,
-            Rpc::InstallSnapshot => client.install_snapshot(req).await,
-            Rpc::Hello => client.hello(req).await,
-            Rpc::Join => client.join(req).await,
-            Rpc::Forward => client.forward(req).await,
-            Rpc::ReadIndex => client.read_index(req).await,
-            Rpc::Remove => client.remove(req).await,
-            Rpc::TimeoutNow => client.timeout_now(req).await,
-        };
-        match answer {
-            Ok(r) => Ok(r.into_inner().json),
-            Err(s) => {
-                // A connection that refused the request before sending it (closed, or going
-                // away) delivered nothing. A call past its deadline (in `call`) may have been
-                // delivered: that is no unreachable peer (openraft backs off from one for half
-                // a second, and a forwarded write must not be sent again).
-                let source = std::error::Error::source(&s);
-                let unsent = source
-                    .and_then(|e| e.downcast_ref::<hyper::Error>())
-                    .is_some_and(|e| e.is_canceled() || e.is_closed());
-                if unsent {
-                    Err(CallError::Unreachable {
-                        addr: addr.to_string(),
-                        message: s.message().to_string(),
-                    })
-                } else {
-                    Err(CallError::Status {
-                        addr: addr.to_string(),
-                        code: s.code(),
-                        message: s.message().to_string(),
-                    })
-                }
+impl Rpc {
+    fn method(self) -> &'static str {
+        match self {
+            Rpc::AppendEntries => "AppendEntries",
+            Rpc::Vote => "Vote",
+            Rpc::InstallSnapshot => "InstallSnapshot",
+            Rpc::Hello => "Hello",
+            Rpc::Join => "Join",
+            Rpc::Forward => "Forward",
+            Rpc::ReadIndex => "ReadIndex",
+            Rpc::Remove => "Remove",
+            Rpc::TimeoutNow => "TimeoutNow",
+        }
+    }
+}
+
+/// A failed unary call, before it is told which peer it was for.
+enum Failure {
+    /// The connection refused the request before sending it (closed, or going away).
+    Unsent(String),
+    /// Anything after that may have been delivered: no unreachable peer (openraft backs off
+    /// from one for half a second, and a forwarded write must not be sent again).
+    Status(tonic::Code, String),
+}
+
+impl Failure {
+    fn at(self, addr: &str) -> CallError {
+        let addr = addr.to_string();
+        match self {
+            Failure::Unsent(message) => CallError::Unreachable { addr, message },
+            Failure::Status(code, message) => CallError::Status {
+                addr,
+                code,
+                message,
+            },
+        }
+    }
+}
+
+/// One unary gRPC call of the `Cluster` service (whose messages are all `Json`): the request
+/// as one body that ends with its only frame, so HEADERS and DATA leave in one write. tonic's
+/// streaming request body ends a frame later, and its three writes woke the peer three times.
+async fn unary(
+    mut sender: Sender,
+    uri: &str,
+    json: Vec<u8>,
+    timeout: Duration,
+) -> Result<Vec<u8>, Failure> {
+    use http_body_util::BodyExt;
+    use prost::Message;
+
+    let message = Json { json }.encode_to_vec();
+    let len = u32::try_from(message.len())
+        .map_err(|_| Failure::Status(tonic::Code::Internal, "request over 4 GiB".into()))?;
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(&message);
+    let req = http::Request::post(uri)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .header("grpc-timeout", format!("{}m", timeout.as_millis().max(1)))
+        .body(http_body_util::Full::new(bytes::Bytes::from(framed)))
+        .map_err(|e| Failure::Status(tonic::Code::Internal, e.to_string()))?;
+    let answer = sender.send_request(req).await.map_err(|e| {
+        if e.is_canceled() || e.is_closed() {
+            Failure::Unsent(e.to_string())
+        } else {
+            Failure::Status(tonic::Code::Unavailable, e.to_string())
+        }
+    })?;
+    let (head, body) = answer.into_parts();
+    if head.status != http::StatusCode::OK {
+        return Err(Failure::Status(
+            tonic::Code::Unknown,
+            format!("HTTP status {}", head.status),
+        ));
+    }
+    // A trailers-only answer carries its status in the head.
+    let status = |h: &http::HeaderMap| {
+        h.get("grpc-status").map(|code| {
+            let code = code.to_str().ok().and_then(|c| c.parse::<i32>().ok());
+            let message = h
+                .get("grpc-message")
+                .map(|m| percent_decode(m.as_bytes()))
+                .unwrap_or_default();
+            (tonic::Code::from(code.unwrap_or(2)), message)
+        })
+    };
+    if let Some((code, message)) = status(&head.headers) {
+        return Err(Failure::Status(code, message));
+    }
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| Failure::Status(tonic::Code::Unavailable, e.to_string()))?;
+    match body.trailers().and_then(status) {
+        Some((tonic::Code::Ok, _)) => {}
+        Some((code, message)) => return Err(Failure::Status(code, message)),
+        None => {
+            return Err(Failure::Status(
+                tonic::Code::Internal,
+                "the answer ended without a grpc-status".into(),
+            ));
+        }
+    }
+    let data = body.to_bytes();
+    let malformed = || Failure::Status(tonic::Code::Internal, "a malformed answer".into());
+    let (head, message) = data.split_at_checked(5).ok_or_else(malformed)?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if head[0] != 0 || message.len() != len {
+        return Err(malformed());
+    }
+    Json::decode(message)
+        .map(|m| m.json)
+        .map_err(|e| Failure::Status(tonic::Code::Internal, e.to_string()))
+}
+
+/// gRPC's `grpc-message` is percent-encoded.
+fn percent_decode(raw: &[u8]) -> String {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = raw
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (raw[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
             }
         }
     }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn handshake<I>(io: I) -> Result<Sender, String>
@@ -263,22 +347,14 @@ where
     Ok(sender)
 }
 
-/// One peer connection as the service tonic's client calls.
-#[derive(Clone)]
-struct Connection(Sender);
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
 
-type Answer = http::Response<hyper::body::Incoming>;
-
-impl tower::Service<http::Request<tonic::body::Body>> for Connection {
-    type Response = Answer;
-    type Error = hyper::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Answer, hyper::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.0.send_request(req))
+    #[test]
+    fn grpc_messages_are_percent_decoded() {
+        assert_eq!(percent_decode(b"no%20leader%3A%20retry"), "no leader: retry");
+        assert_eq!(percent_decode(b"100%"), "100%");
+        assert_eq!(percent_decode(b"%zz%C3%A9"), "%zz\u{e9}");
     }
 }
