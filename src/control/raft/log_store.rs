@@ -3,8 +3,9 @@
 //! own normal entries, which go out to the followers while they sync ([`super::durable`]).
 #![allow(clippy::result_large_err)] // openraft's StorageError is large; these are its own signatures.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
-use std::ops::RangeBounds;
+use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,9 +27,15 @@ pub struct LogStore {
     /// The vote as last saved: whether an append is this node's own, as leader.
     vote: Arc<std::sync::Mutex<Option<Vote<u64>>>>,
     durable: Durable,
+    /// The last entries appended, consecutive, so that replicating and applying what was just
+    /// written reads no file and parses no JSON.
+    recent: Arc<std::sync::Mutex<VecDeque<Entry<TypeConfig>>>>,
     /// The last commit index raft saved, for the node's metrics.
     committed: Arc<AtomicU64>,
 }
+
+/// How many recent entries the log store keeps parsed.
+const RECENT: usize = 256;
 
 impl LogStore {
     pub fn new(store: Store, node_id: u64, durable: Durable) -> Self {
@@ -37,8 +44,46 @@ impl LogStore {
             node_id,
             vote: Arc::default(),
             durable,
+            recent: Arc::default(),
             committed: Arc::default(),
         }
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry<TypeConfig>>> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `entries`, just written, as the newest recent ones.
+    fn remember(&self, entries: Vec<Entry<TypeConfig>>) {
+        let consecutive = entries
+            .windows(2)
+            .all(|w| w[1].log_id.index == w[0].log_id.index + 1);
+        let mut recent = self.recent();
+        let follows = match (recent.back(), entries.first()) {
+            (Some(back), Some(first)) => first.log_id.index == back.log_id.index + 1,
+            _ => true,
+        };
+        if !consecutive || !follows {
+            recent.clear();
+        }
+        if consecutive {
+            recent.extend(entries);
+            let over = recent.len().saturating_sub(RECENT);
+            recent.drain(..over);
+        }
+    }
+
+    /// The entries in `from..to`, if the recent ones hold all of them.
+    fn recent_range(&self, from: u64, to: u64) -> Option<Vec<Entry<TypeConfig>>> {
+        let recent = self.recent();
+        let first = recent.front()?.log_id.index;
+        let last = recent.back()?.log_id.index;
+        if from < first || to > last + 1 {
+            return None;
+        }
+        let skip = usize::try_from(from - first).ok()?;
+        let take = usize::try_from(to.saturating_sub(from)).ok()?;
+        Some(recent.iter().skip(skip).take(take).cloned().collect())
     }
 
     fn set_vote(&self, vote: Option<Vote<u64>>) {
@@ -103,6 +148,21 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<u64>> {
+        let from = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let to = match range.end_bound() {
+            Bound::Included(i) => Some(i.saturating_add(1)),
+            Bound::Excluded(i) => Some(*i),
+            Bound::Unbounded => None,
+        };
+        if let Some(to) = to
+            && let Some(entries) = self.recent_range(from, to)
+        {
+            return Ok(entries);
+        }
         let raw = self
             .store
             .entries(range)
@@ -210,16 +270,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.store
                 .append(batch, Box::new(move |r| synced(&r)))
                 .map_err(|e| StorageIOError::write_logs(&e))?;
+            self.remember(entries);
             callback.log_io_completed(Ok(()));
             return Ok(());
         }
         let res = self.store.append_synced(batch).map_err(|e| e.to_string());
+        if res.is_ok() {
+            self.remember(entries);
+        }
         synced(&res);
         callback.log_io_completed(res.map_err(std::io::Error::other));
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        self.recent().retain(|e| e.log_id.index < log_id.index);
         self.store
             .truncate_from(log_id.index)
             .await
@@ -230,6 +295,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         let mark = serde_json::to_vec(&log_id).map_err(|e| StorageIOError::write(&e))?;
+        self.recent().retain(|e| e.log_id.index > log_id.index);
         self.store
             .purge_upto(log_id.index, mark)
             .await
@@ -267,7 +333,12 @@ mod tests {
     }
 
     fn normal(term: u64, node: u64, index: u64) -> Entry<TypeConfig> {
-        entry(term, node, index, EntryPayload::Normal(Proposal(vec![])))
+        entry(
+            term,
+            node,
+            index,
+            EntryPayload::Normal(Proposal(Arc::default())),
+        )
     }
 
     #[test]

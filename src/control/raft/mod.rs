@@ -47,9 +47,10 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
-/// One raft entry's payload: commands applied in order (see `proposer`).
+/// One raft entry's payload: commands applied in order (see `proposer`). Shared, so the log
+/// store's copies of recent entries cost no deep clone.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Proposal(pub Vec<Command>);
+pub struct Proposal(pub Arc<Vec<Command>>);
 
 /// What applying one entry answered, one outcome per command (none for blank and membership
 /// entries).

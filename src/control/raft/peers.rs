@@ -353,7 +353,10 @@ mod tests {
 
     #[test]
     fn grpc_messages_are_percent_decoded() {
-        assert_eq!(percent_decode(b"no%20leader%3A%20retry"), "no leader: retry");
+        assert_eq!(
+            percent_decode(b"no%20leader%3A%20retry"),
+            "no leader: retry"
+        );
         assert_eq!(percent_decode(b"100%"), "100%");
         assert_eq!(percent_decode(b"%zz%C3%A9"), "%zz\u{e9}");
     }

@@ -36,7 +36,10 @@ pub async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
-        let err = match raft.client_write_ff(Proposal(cmds)).await {
+        let err = match raft
+            .client_write_ff(Proposal(std::sync::Arc::new(cmds)))
+            .await
+        {
             Ok(committed) => match tokio::time::timeout(COMMIT_WAIT, committed).await {
                 Ok(Ok(Ok(resp))) => {
                     let mut outcomes = resp.data.0.into_iter();
