@@ -229,8 +229,11 @@ impl Consensus {
             election_timeout_max: settings.election_timeout.1.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
             max_in_snapshot_log_to_keep: settings.logs_kept_after_snapshot,
-            // A new or lagging node gets the snapshot in few large chunks.
+            // A new or lagging node gets the snapshot in few large chunks, each of which may
+            // take a while on a busy node: openraft's 200 ms default made a follower that fell
+            // behind a large state (100k virtual nodes) ask for chunks that never arrived in time.
             snapshot_max_chunk_size: 4 << 20,
+            install_snapshot_timeout: 10_000,
             ..Default::default()
         };
         let config = Arc::new(
@@ -715,7 +718,6 @@ mod tests {
     use super::log_store::LogStore;
     use super::state_machine::StateMachine;
     use super::*;
-    use crate::control::store::keys;
     use crate::model::{Owner, Quotas, ResourceKey, Spec};
 
     struct SledBuilder;
@@ -798,7 +800,7 @@ mod tests {
                 let _ = tokio::time::timeout(Duration::from_millis(100), applied.changed()).await;
             }
             assert!(
-                store.get_meta(keys::SNAPSHOT).unwrap().is_some(),
+                store.get_snapshot().unwrap().is_some(),
                 "a snapshot was persisted"
             );
             assert!(

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use super::durable::Durable;
 use super::{Response, TypeConfig};
-use crate::control::store::{Store, StoreError, keys};
+use crate::control::store::{Store, StoreError};
 use crate::model::MeshState;
 use crate::model::state::StateSnapshot;
 
@@ -47,7 +47,7 @@ impl StateMachine {
     pub fn open(store: Store, durable: Durable) -> Result<Shared, StoreError> {
         let mut applied = Applied::default();
         let mut stored = None;
-        if let Some(bytes) = store.get_meta(keys::SNAPSHOT)? {
+        if let Some(bytes) = store.get_snapshot()? {
             let (meta, data) = decode(&bytes).map_err(StoreError::Corrupt)?;
             let snap: StateSnapshot =
                 serde_json::from_slice(&data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -99,10 +99,7 @@ async fn persist(
         return Ok(());
     }
     let bytes = encode(meta, data).map_err(|e| err(&e))?;
-    store
-        .put_meta(keys::SNAPSHOT, bytes)
-        .await
-        .map_err(|e| err(&e))?;
+    store.put_snapshot(bytes).await.map_err(|e| err(&e))?;
     *stored = meta.last_log_id;
     Ok(())
 }
@@ -217,7 +214,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
         let bytes = self
             .store
-            .get_meta(keys::SNAPSHOT)
+            .get_snapshot()
             .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         let Some(bytes) = bytes else { return Ok(None) };
         let (meta, data) = decode(&bytes)

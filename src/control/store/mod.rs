@@ -7,7 +7,7 @@ mod wal;
 
 use std::fs::File;
 use std::ops::{Bound, RangeBounds};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A failed storage operation.
@@ -26,7 +26,8 @@ pub mod keys {
     pub const VOTE: &str = "vote";
     pub const COMMITTED: &str = "committed";
     pub const LAST_PURGED: &str = "last_purged";
-    pub const SNAPSHOT: &str = "snapshot";
+    /// Where the snapshot was kept before it had a file of its own (read once, then removed).
+    pub(super) const SNAPSHOT: &str = "snapshot";
     /// The store's own: the last index purged from the log files (u64, big-endian).
     pub(super) const LOG_PURGED: &str = "log_purged_upto";
 }
@@ -40,6 +41,8 @@ pub struct Store {
     db: sled::Db,
     log: Arc<Mutex<wal::Wal>>,
     meta: sled::Tree,
+    /// The state-machine snapshot's file.
+    snapshot: PathBuf,
     /// Appends waiting for the group commit, in log order, each with the file to sync.
     durable: tokio::sync::mpsc::UnboundedSender<(Arc<File>, OnDurable)>,
 }
@@ -69,6 +72,7 @@ impl Store {
             db,
             log: Arc::new(Mutex::new(log)),
             meta,
+            snapshot: dir.join("snapshot"),
             durable: tx,
         })
     }
@@ -179,6 +183,33 @@ impl Store {
         Ok(())
     }
 
+    /// The state-machine snapshot last stored, if any.
+    pub fn get_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        match std::fs::read(&self.snapshot) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.get_meta(keys::SNAPSHOT),
+            Err(e) => Err(StoreError::Corrupt(format!(
+                "reading {}: {e}",
+                self.snapshot.display()
+            ))),
+        }
+    }
+
+    /// Replaces the state-machine snapshot and waits until it is on disk. A file of its own,
+    /// written beside the old one and renamed over it: in sled's metadata tree it was written
+    /// again with each small write to the tree (the commit hint, after every entry), so a
+    /// 100 MB state cost 100 MB of disk writes per API write.
+    pub async fn put_snapshot(&self, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let path = self.snapshot.clone();
+        tokio::task::spawn_blocking(move || replace_file(&path, &bytes))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("storing the snapshot: {e}")))??;
+        if self.meta.remove(keys::SNAPSHOT)?.is_some() {
+            self.db.flush_async().await?;
+        }
+        Ok(())
+    }
+
     /// Stores a metadata value that may be lost in a crash (sled flushes it within a second).
     pub fn put_meta_lazy(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
         self.meta.insert(key, value)?;
@@ -208,6 +239,27 @@ fn group_commit(mut rx: tokio::sync::mpsc::UnboundedReceiver<(Arc<File>, OnDurab
             done(res.clone());
         }
     }
+}
+
+/// Writes `path` whole or not at all: a temporary file beside it, synced, renamed over it, and
+/// the directory synced.
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let err = |what: &str, e: std::io::Error| {
+        StoreError::Corrupt(format!("{what} {}: {e}", path.display()))
+    };
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp).map_err(|e| err("creating", e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| err("writing", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| err("replacing", e))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| err("syncing the directory of", e))?;
+    }
+    Ok(())
 }
 
 /// Moves a log kept in sled's `log` tree (before the log had files of its own) into the
@@ -276,6 +328,27 @@ fn index_of(k: &[u8]) -> Result<u64, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_snapshot_moves_out_of_sled_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert_eq!(s.get_snapshot().unwrap(), None);
+            // As an older trellis kept it.
+            s.put_meta(keys::SNAPSHOT, b"old".to_vec()).await.unwrap();
+            assert_eq!(s.get_snapshot().unwrap().as_deref(), Some(&b"old"[..]));
+            s.put_snapshot(b"new".to_vec()).await.unwrap();
+            assert_eq!(
+                s.get_meta(keys::SNAPSHOT).unwrap(),
+                None,
+                "the sled copy is gone"
+            );
+            s.put_meta_lazy(keys::COMMITTED, b"1".to_vec()).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.get_snapshot().unwrap().as_deref(), Some(&b"new"[..]));
+    }
 
     #[tokio::test]
     async fn log_orders_by_index_and_survives_reopen() {
