@@ -180,7 +180,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<u64>> {
         let last_purged: Option<LogId<u64>> = self.read_meta(keys::LAST_PURGED)?;
-        let last = self.last_log_id()?.or(last_purged);
+        let last_entry = self.last_log_id()?;
+        // Opening the log synced it: everything in it is on disk.
+        if let Some(l) = last_entry {
+            self.durable.synced(self.durable.generation(), l);
+        }
+        let last = last_entry.or(last_purged);
         // A purge past the end of the log leaves no entry behind its mark.
         let last = last.max(last_purged);
         Ok(LogState {
@@ -206,7 +211,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
-        let vote = self.read_meta(keys::VOTE)?;
+        let mut vote: Option<Vote<u64>> = self.read_meta(keys::VOTE)?;
+        // A node that led when it stopped must not lead that term again: entries it had
+        // acknowledged early may have been lost with the machine, and a new entry would reuse
+        // their log ids, which a follower holding the old ones would take as matching. So it
+        // comes back as a candidate of that term and leads only after winning a new election.
+        if let Some(v) = vote.as_mut()
+            && v.committed
+            && v.leader_id.node_id == self.node_id
+        {
+            *v = Vote::new(v.leader_id.term, self.node_id);
+        }
         self.set_vote(vote);
         Ok(vote)
     }
@@ -339,6 +354,20 @@ mod tests {
             index,
             EntryPayload::Normal(Proposal(Arc::default())),
         )
+    }
+
+    #[tokio::test]
+    async fn a_node_that_led_comes_back_a_candidate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut log = LogStore::new(store.clone(), 1, Durable::default());
+        log.save_vote(&Vote::new_committed(3, 1)).await.unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
+        log.save_vote(&Vote::new_committed(4, 2)).await.unwrap();
+        assert_eq!(
+            log.read_vote().await.unwrap(),
+            Some(Vote::new_committed(4, 2))
+        );
     }
 
     #[test]

@@ -255,7 +255,9 @@ async fn unary(
         if e.is_canceled() || e.is_closed() {
             Failure::Unsent(e.to_string())
         } else {
-            Failure::Status(tonic::Code::Unavailable, e.to_string())
+            // It may have reached the handler: Unknown, never the Unavailable that means
+            // "not delivered" (a forwarded write must not be sent twice).
+            Failure::Status(tonic::Code::Unknown, e.to_string())
         }
     })?;
     let (head, body) = answer.into_parts();
@@ -282,7 +284,7 @@ async fn unary(
     let body = body
         .collect()
         .await
-        .map_err(|e| Failure::Status(tonic::Code::Unavailable, e.to_string()))?;
+        .map_err(|e| Failure::Status(tonic::Code::Unknown, e.to_string()))?;
     match body.trailers().and_then(status) {
         Some((tonic::Code::Ok, _)) => {}
         Some((code, message)) => return Err(Failure::Status(code, message)),
