@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
-use std::ops::{Bound, RangeBounds};
+use std::ops::RangeBounds;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 
 use super::TypeConfig;
 use super::durable::Durable;
-use crate::control::store::{Store, keys};
+use crate::control::store::{Store, index_span, keys};
 
 #[derive(Clone)]
 pub struct LogStore {
@@ -78,7 +78,7 @@ impl LogStore {
         let recent = self.recent();
         let first = recent.front()?.log_id.index;
         let last = recent.back()?.log_id.index;
-        if from < first || to > last + 1 {
+        if from < first || to > last.saturating_add(1) {
             return None;
         }
         let skip = usize::try_from(from - first).ok()?;
@@ -148,19 +148,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<u64>> {
-        let from = match range.start_bound() {
-            Bound::Included(i) => *i,
-            Bound::Excluded(i) => i.saturating_add(1),
-            Bound::Unbounded => 0,
-        };
-        let to = match range.end_bound() {
-            Bound::Included(i) => Some(i.saturating_add(1)),
-            Bound::Excluded(i) => Some(*i),
-            Bound::Unbounded => None,
-        };
-        if let Some(to) = to
-            && let Some(entries) = self.recent_range(from, to)
-        {
+        let (from, to) = index_span(&range);
+        if let Some(entries) = self.recent_range(from, to) {
             return Ok(entries);
         }
         let raw = self

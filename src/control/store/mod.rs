@@ -123,16 +123,7 @@ impl Store {
 
     /// The entries whose index is in `range`, in order.
     pub fn entries(&self, range: impl RangeBounds<u64>) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let from = match range.start_bound() {
-            Bound::Included(i) => *i,
-            Bound::Excluded(i) => i.saturating_add(1),
-            Bound::Unbounded => 0,
-        };
-        let to = match range.end_bound() {
-            Bound::Included(i) => i.saturating_add(1),
-            Bound::Excluded(i) => *i,
-            Bound::Unbounded => u64::MAX,
-        };
+        let (from, to) = index_span(&range);
         self.wal().read(from, to)
     }
 
@@ -239,6 +230,21 @@ fn group_commit(mut rx: tokio::sync::mpsc::UnboundedReceiver<(Arc<File>, OnDurab
             done(res.clone());
         }
     }
+}
+
+/// `range` as `from..to` (an open end is `u64::MAX`).
+pub fn index_span(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let from = match range.start_bound() {
+        Bound::Included(i) => *i,
+        Bound::Excluded(i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let to = match range.end_bound() {
+        Bound::Included(i) => i.saturating_add(1),
+        Bound::Excluded(i) => *i,
+        Bound::Unbounded => u64::MAX,
+    };
+    (from, to)
 }
 
 /// Writes `path` whole or not at all: a temporary file beside it, synced, renamed over it, and
