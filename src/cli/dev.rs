@@ -245,6 +245,8 @@ impl Demo {
                 vip_listeners: false,
                 gateway_host: gateway.ip(),
                 drain_time: "1s".into(),
+                // Demo traffic is light; the demo's proxies share this process's runtime.
+                concurrency: Some(1),
                 ..ProxyConfig::default()
             };
             proxies.push(tokio::spawn(super::proxy::run(

@@ -14,7 +14,7 @@ use trellis::config::ProxyConfig;
 use trellis::model::proxy_config::ProxyRole;
 use trellis::proxy::discovery::{self, DiscoverySettings};
 use trellis::proxy::identity as proxy_identity;
-use trellis::proxy::{health, retry};
+use trellis::proxy::{health, retry, shard};
 use trellis::service::{self, Logging};
 
 /// The flags of `trellis proxy`. Each overrides the `proxy.toml` key of the same name; the
@@ -85,8 +85,8 @@ pub struct ProxyArgs {
     /// once; the instance leaves the registry). [default: 10s]
     #[arg(long, value_parser = duration_flag)]
     drain_time: Option<String>,
-    /// Worker threads for the data plane (Envoy's --concurrency); default: 1 for a virtual
-    /// node's sidecar, one per core for a virtual gateway.
+    /// Threads that serve connections (Envoy's --concurrency), each with its own connection
+    /// pools. [default: one per CPU]
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     concurrency: Option<u16>,
     /// Where a virtual gateway's listeners are bound (their ports come from its spec).
@@ -188,20 +188,11 @@ pub fn main(args: ProxyArgs) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
-    // A sidecar shares its host with the app: one worker, as Linkerd's proxy (it measured the
-    // same req/s as one per core on the two-proxy benchmark, for 30 % less CPU). A gateway
-    // carries everyone's traffic: one per core.
-    let threads = cfg
-        .concurrency
-        .or(cfg.virtual_gateway.is_none().then_some(1));
-    let mut builder = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    if let Some(n) = threads.filter(|n| *n > 1) {
-        builder.worker_threads(usize::from(n));
-    }
-    let rt = match builder.enable_all().build() {
+    // This thread is shard 0 and runs the rest of the proxy; `run` starts the other shards.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("trellis: starting the runtime: {e}");
@@ -249,6 +240,16 @@ pub async fn run(
             let path = cfg.ca_file.as_ref().map(|p| p.display().to_string());
             eprintln!("trellis: ca_file {}: {e}", path.unwrap_or_default());
             return ExitCode::from(2);
+        }
+    };
+    let shards = cfg
+        .concurrency
+        .map_or_else(shard::default_concurrency, usize::from);
+    let workers = match shard::Workers::start(shards.saturating_sub(1)) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("trellis: starting {shards} data-plane threads: {e}");
+            return ExitCode::from(1);
         }
     };
     // Bound first: with port 0 the registered port is the one the kernel picked.
@@ -423,6 +424,7 @@ pub async fn run(
             routing,
             tracer,
         },
+        workers.handles().to_vec(),
     ));
     let discovery = tokio::spawn(discovery::run(settings, current, health, stopped));
     let announce_ready = tokio::spawn(async move {

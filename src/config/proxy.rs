@@ -65,8 +65,8 @@ pub struct ProxyConfig {
     /// On SIGTERM, how long requests in flight may take to finish (`10s`, `2m`). Default
     /// `10s`.
     pub drain_time: String,
-    /// Worker threads for the data plane (Envoy's `--concurrency`): default 1 for a virtual
-    /// node's sidecar, one per core for a virtual gateway.
+    /// Threads that serve connections (Envoy's `--concurrency`), each with its own
+    /// connection pools; a connection stays on one. Default: one per CPU.
     pub concurrency: Option<u16>,
     /// Where a virtual gateway's listeners are bound (their ports come from its spec).
     /// Default `0.0.0.0`.

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
@@ -33,6 +34,7 @@ use super::outbound;
 use super::outlier::{EndpointSet, OutlierSettings};
 use super::retry::{BudgetSettings, RetryBudget};
 use super::route::{MatcherError, RouteTable};
+use super::shard::Shards;
 use super::tls::{PeerIdentity, PeerTls};
 use super::upstream::{Body, Upstreams};
 use crate::model::proxy_config::{AccessLog, OutboundService, ProxyConfig, ProxyRole};
@@ -491,6 +493,7 @@ pub struct Reporting {
 }
 
 /// Serves the listeners and the VIP listeners of each config in force until `stop`.
+/// Connections are served on shard 0 (this runtime) and on `workers` (see `shard`).
 pub async fn run(
     settings: DataplaneSettings,
     listeners: Listeners,
@@ -498,36 +501,38 @@ pub async fn run(
     mut config: watch::Receiver<Option<Arc<AppliedConfig>>>,
     mut stop: watch::Receiver<bool>,
     reporting: Reporting,
+    workers: Vec<Handle>,
 ) {
     let Reporting {
         metrics,
         routing: routing_tx,
         tracer,
     } = reporting;
-    let shared = Arc::new(Shared {
-        tracer,
-        routing: routing_tx.subscribe(),
-        unrouted_inbound: metrics.edge(Edge {
-            direction: Direction::Inbound,
-            port: 0,
-            virtual_service: String::new(),
-            route: String::new(),
-            target_virtual_node: String::new(),
-            caller: String::new(),
-        }),
-        upstreams: Upstreams::new(identity, metrics.clone()),
-        metrics,
-        settings,
-        drain: Drain::default(),
+    let unrouted_inbound = metrics.edge(Edge {
+        direction: Direction::Inbound,
+        port: 0,
+        virtual_service: String::new(),
+        route: String::new(),
+        target_virtual_node: String::new(),
+        caller: String::new(),
     });
+    let drain = Drain::default();
+    let shards = Shards::new(&workers, || Shared {
+        tracer: tracer.clone(),
+        routing: routing_tx.subscribe(),
+        unrouted_inbound: unrouted_inbound.clone(),
+        upstreams: Upstreams::new(identity.clone(), metrics.clone()),
+        metrics: metrics.clone(),
+        settings: settings.clone(),
+        drain: drain.clone(),
+    });
+    let shared = shards.first().clone();
     let mut tasks =
-        vec![tokio::spawn(inbound::serve(shared.clone(), listeners.inbound)).abort_handle()];
+        vec![tokio::spawn(inbound::serve(shards.clone(), listeners.inbound)).abort_handle()];
     if let Some(l) = listeners.outbound {
-        let s = shared.clone();
         let connections = shared.metrics.connections(ListenerKind::Outbound);
-        let task = tokio::spawn(serve(shared.clone(), l, connections, move |req| {
-            let s = s.clone();
-            async move { Ok::<_, Infallible>(outbound::explicit(&s, req).await) }
+        let task = tokio::spawn(serve(shards.clone(), l, connections, |s, req| async move {
+            Ok::<_, Infallible>(outbound::explicit(&s, req).await)
         }));
         tasks.push(task.abort_handle());
     }
@@ -546,13 +551,13 @@ pub async fn run(
                 Ok(r) => {
                     let wanted =
                         r.listeners(shared.settings.vip_listeners, shared.settings.gateway_host);
-                    shared.upstreams.identity().set_trust(
+                    identity.set_trust(
                         &applied.config.trust_bundle,
                         inbound::client_roots(&applied.config),
                     );
                     routing_tx.send_replace(Arc::new(r));
                     shared.metrics.set_config_version(applied.version);
-                    reconcile(&shared, &mut vips, &wanted).await;
+                    reconcile(&shards, &mut vips, &wanted).await;
                 }
                 // `discovery::check` refuses such configs; a cached one may still be bad.
                 Err(e) => tracing::warn!(error = %e, "config not applied to the data plane"),
@@ -584,7 +589,7 @@ pub async fn run(
 /// Binds new VIP and gateway listeners and stops the ones no longer wanted (their open
 /// connections finish).
 async fn reconcile(
-    shared: &Arc<Shared>,
+    shards: &Shards<Shared>,
     vips: &mut HashMap<SocketAddr, AbortHandle>,
     wanted: &[(SocketAddr, Kind)],
 ) {
@@ -602,18 +607,22 @@ async fn reconcile(
         }
         match TcpListener::bind(addr).await {
             Ok(listener) => {
-                let shared = shared.clone();
+                let shards = shards.clone();
                 let local = *addr;
                 let task = match *kind {
-                    Kind::Tcp => tokio::spawn(outbound::serve_tcp(shared, listener, local)),
+                    Kind::Tcp => tokio::spawn(outbound::serve_tcp(shards, listener, local)),
                     Kind::Http => {
-                        let connections = shared.metrics.connections(ListenerKind::Vip);
-                        tokio::spawn(serve(shared.clone(), listener, connections, move |req| {
-                            let shared = shared.clone();
-                            async move { Ok::<_, Infallible>(outbound::vip(&shared, local, req).await) }
-                        }))
+                        let connections = shards.first().metrics.connections(ListenerKind::Vip);
+                        tokio::spawn(serve(
+                            shards,
+                            listener,
+                            connections,
+                            move |s, req| async move {
+                                Ok::<_, Infallible>(outbound::vip(&s, local, req).await)
+                            },
+                        ))
                     }
-                    Kind::Gateway(port) => tokio::spawn(gateway_tls::serve(shared, listener, port)),
+                    Kind::Gateway(port) => tokio::spawn(gateway_tls::serve(shards, listener, port)),
                 };
                 vips.insert(*addr, task.abort_handle());
                 tracing::info!(%addr, ?kind, "listener open");
@@ -653,29 +662,29 @@ pub async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, SocketAdd
     }
 }
 
-/// Accepts connections and serves each (HTTP/1.1 or h2c) in its own task, counted on
-/// `connections` while open; requests carry their connection while access logs are on.
+/// Accepts connections and serves each (HTTP/1.1 or h2c) in its own task on a shard, counted
+/// on `connections` while open; requests carry their connection while access logs are on.
 pub async fn serve<F, Fut>(
-    shared: Arc<Shared>,
+    shards: Shards<Shared>,
     listener: TcpListener,
     connections: Gauge,
     handler: F,
 ) where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Arc<Shared>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     loop {
         let (tcp, from) = accept(&listener).await;
         let open = ConnectionGuard::new(connections.clone());
-        let downstream = shared.downstream(&tcp, from, None);
         let handler = handler.clone();
-        let handler = move |mut req: Request<Incoming>| {
-            Downstream::attach(&downstream, &mut req);
-            handler(req)
-        };
-        let served = serve_plain(shared.drain.clone(), tcp, handler);
-        tokio::spawn(async move {
-            served.await;
+        shards.place(tcp, move |shared, tcp| async move {
+            let downstream = shared.downstream(&tcp, from, None);
+            let drain = shared.drain.clone();
+            let handler = move |mut req: Request<Incoming>| {
+                Downstream::attach(&downstream, &mut req);
+                handler(shared.clone(), req)
+            };
+            serve_plain(drain, tcp, handler).await;
             drop(open);
         });
     }

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 
 use super::access::Downstream;
 use super::dataplane::{self, Shared};
+use super::shard::Shards;
 use super::tls::{self, ALPN_H1, ALPN_H2, Caller};
 use super::{gateway, guard, stats};
 use crate::identity::tls as pki;
@@ -101,13 +102,12 @@ impl GatewayTls {
 
 /// Serves a gateway listener on `port` until aborted, with the TLS its config says at the time
 /// each connection arrives.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, port: u16) {
-    let connections = shared.metrics.connections(ListenerKind::Gateway);
+pub async fn serve(shards: Shards<Shared>, listener: TcpListener, port: u16) {
+    let connections = shards.first().metrics.connections(ListenerKind::Gateway);
     loop {
         let (tcp, from) = dataplane::accept(&listener).await;
-        let shared = shared.clone();
         let open = ConnectionGuard::new(connections.clone());
-        tokio::spawn(async move {
+        shards.place(tcp, move |shared, tcp| async move {
             let _open = open;
             let tls = shared
                 .routing

@@ -23,6 +23,7 @@ use super::access::{AccessLogger, Downstream, Pending, Served};
 use super::dataplane::{Shared, http_builder};
 use super::guard;
 use super::idle;
+use super::shard::Shards;
 use super::stats;
 use super::tls::{self, Caller};
 use super::tunnel;
@@ -197,14 +198,13 @@ impl Pool {
 }
 
 /// Accepts peers' connections until aborted.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    let connections = shared.metrics.connections(ListenerKind::Inbound);
+pub async fn serve(shards: Shards<Shared>, listener: TcpListener) {
+    let connections = shards.first().metrics.connections(ListenerKind::Inbound);
     loop {
         let (tcp, from) = super::dataplane::accept(&listener).await;
         let open = ConnectionGuard::new(connections.clone());
-        let served = connection(shared.clone(), tcp, from);
-        tokio::spawn(async move {
-            served.await;
+        shards.place(tcp, move |shared, tcp| async move {
+            connection(shared, tcp, from).await;
             drop(open);
         });
     }

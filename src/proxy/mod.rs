@@ -3,7 +3,8 @@
 //! (its admin server), `stats` and `access` (metrics and access logs on the request path), and the
 //! request path: `dataplane` (listeners and the compiled routing), `outbound` (route, target,
 //! retries), `inbound` (mTLS, access, pools), `tunnel` (upgrades, TCP, CONNECT), `route`,
-//! `balance`, `outlier`, `retry`, `tls` and `upstream` (connection pools).
+//! `balance`, `outlier`, `retry`, `tls`, `upstream` (connection pools) and `shard` (the
+//! threads connections are served on).
 
 pub mod access;
 pub mod admin;
@@ -23,6 +24,7 @@ pub mod outlier;
 pub mod replay;
 pub mod retry;
 pub mod route;
+pub mod shard;
 pub mod stats;
 pub mod tls;
 pub mod tunnel;

@@ -26,6 +26,7 @@ use super::replay::Replayable;
 use super::retry::RetryBudget;
 use super::retry::{Outcome, retryable};
 use super::route::{RequestHead, SentScheme};
+use super::shard::Shards;
 use super::stats;
 use super::tls::PeerTls;
 use super::tunnel;
@@ -438,11 +439,14 @@ where
 }
 
 /// Accepts connections on a TCP backend's VIP:port.
-pub async fn serve_tcp(shared: Arc<Shared>, listener: tokio::net::TcpListener, local: SocketAddr) {
+pub async fn serve_tcp(
+    shards: Shards<Shared>,
+    listener: tokio::net::TcpListener,
+    local: SocketAddr,
+) {
     loop {
         let (tcp, _) = super::dataplane::accept(&listener).await;
-        let shared = shared.clone();
-        tokio::spawn(async move {
+        shards.place(tcp, move |shared, tcp| async move {
             let port = shared.routing.borrow().outbound.get(&local).cloned();
             if let Some(port) = port {
                 tcp_to_mesh(&shared, &port, tcp).await;
