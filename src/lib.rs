@@ -3,7 +3,7 @@
 //! `model` is the pure core (App Mesh resources, validation, the state machine); `control` runs
 //! a control-plane node (raft, sled store, the App Mesh REST API); `config` holds node-local
 //! settings. See DESIGN.md §7 for the layout and the dependency rules between modules.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod client;

@@ -200,3 +200,100 @@ mod tests {
         assert!(notify_to(&dir.path().join("nobody"), "READY=1").is_err());
     }
 }
+
+/// Unmaps this process's view of its own binary where it holds nothing of its own (its code,
+/// and read-only data never relocated), so the pages only startup used (argument parsing,
+/// certificate issuance, config checks) stop counting in its resident set. The bytes stay in
+/// the page cache, shared with every other trellis process, and what runs next is mapped
+/// again on its first fault. A sidecar calls this once it is ready: its resident set then
+/// reflects what serving traffic uses. Returns the bytes unmapped.
+/// The crate's one `unsafe` block: `madvise` takes a raw range.
+#[allow(unsafe_code)]
+pub fn release_startup_code() -> io::Result<usize> {
+    let exe = std::fs::read_link("/proc/self/exe")?;
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut released = 0;
+    for (start, end) in clean_file_mappings(&smaps, &exe.to_string_lossy()) {
+        // SAFETY: the range is a private, read-only mapping of the binary's file with no
+        // anonymous (copied-on-write) page: every page is the file's bytes, and read-only
+        // means none can become anything else. Relocated data (RELRO) has anonymous pages and
+        // is never picked. Dropping the pages loses nothing: the next access maps the same
+        // bytes from the file; threads running code in the range just fault.
+        unsafe {
+            rustix::mm::madvise(
+                start as *mut std::ffi::c_void,
+                end - start,
+                rustix::mm::Advice::LinuxDontNeed,
+            )?;
+        }
+        released += end - start;
+    }
+    Ok(released)
+}
+
+/// `(start, end)` of the read-only (`r--p`, `r-xp`) mappings of `path` without anonymous
+/// pages, in a `/proc/<pid>/smaps` text.
+fn clean_file_mappings(smaps: &str, path: &str) -> Vec<(usize, usize)> {
+    let mut found = Vec::new();
+    let mut current: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            )
+        {
+            // A mapping's header line: range, perms, offset, device, inode, path.
+            let perms = fields.next();
+            let file = fields.nth(3);
+            current = (matches!(perms, Some("r--p" | "r-xp")) && file == Some(path))
+                .then_some((start, end));
+        } else if first == "Anonymous:"
+            && let Some(range) = current.take()
+            && fields.next() == Some("0")
+        {
+            found.push(range);
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod code_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_binarys_read_only_pages_without_copies_are_picked() {
+        let smaps = "\
+5600a000-5600b000 r--p 00000000 fd:01 123 /usr/bin/trellis
+Rss:                 100 kB
+Anonymous:             0 kB
+5600b000-5610b000 r-xp 00001000 fd:01 123 /usr/bin/trellis
+Anonymous:             0 kB
+5610b000-5611b000 r--p 00101000 fd:01 123 /usr/bin/trellis
+Anonymous:            64 kB
+5611b000-5611c000 rw-p 00111000 fd:01 123 /usr/bin/trellis
+Anonymous:             0 kB
+7f000000-7f100000 r-xp 00000000 fd:01 456 /usr/lib/x86_64-linux-gnu/libc.so.6
+Anonymous:             0 kB
+7f200000-7f300000 rw-p 00000000 00:00 0 
+Anonymous:            12 kB
+";
+        assert_eq!(
+            clean_file_mappings(smaps, "/usr/bin/trellis"),
+            vec![(0x5600a000, 0x5600b000), (0x5600b000, 0x5610b000)]
+        );
+    }
+
+    /// The process keeps running the code, and reading the constants, it just unmapped.
+    #[test]
+    fn code_still_runs_after_it_is_released() {
+        let released = release_startup_code().unwrap();
+        assert!(released > 0);
+        let v: Vec<u64> = (0..1000).map(|i| i * 3).collect();
+        assert_eq!(v.iter().sum::<u64>(), 1_498_500);
+        assert_eq!(format!("{:?}", Some("text")), "Some(\"text\")");
+    }
+}

@@ -387,6 +387,12 @@ pub async fn run(
         service_tasks.push(tokio::spawn(async move {
             if ready_for_systemd.wait_for(|r| *r).await.is_ok() {
                 service::notify("READY=1");
+                // Started: what only startup ran (flags, certificate issuance, the first
+                // config) need not stay resident in a process of its own.
+                match service::release_startup_code() {
+                    Ok(n) => tracing::debug!(bytes = n, "startup pages unmapped"),
+                    Err(e) => tracing::debug!(error = %e, "startup pages not unmapped"),
+                }
             }
         }));
         let ready_now = ready.clone();
