@@ -711,7 +711,9 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    let service = hyper::service::service_fn(handler);
+    // Boxed: hyper moves a request's future into place (HTTP/1.1) or into a task of its own
+    // (HTTP/2); a pointer moves for nothing, the future itself is kilobytes.
+    let service = hyper::service::service_fn(move |req| Box::pin(handler(req)));
     let conn = http_builder()
         .serve_connection_with_upgrades(io, service)
         .into_owned();

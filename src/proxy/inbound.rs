@@ -267,7 +267,9 @@ async fn serve_http<I>(
         Downstream::attach(&downstream, &mut req);
         let shared = shared.clone();
         let caller = caller.clone();
-        async move { Ok::<_, Infallible>(request(&shared, &caller, req).await) }
+        // Boxed: hyper moves an HTTP/2 stream's future into a task of its own and through
+        // its stages; a pointer moves for nothing, the future itself is kilobytes.
+        Box::pin(async move { Ok::<_, Infallible>(request(&shared, &caller, req).await) })
     });
     let conn = http_builder()
         .serve_connection_with_upgrades(io, service)
@@ -362,7 +364,8 @@ async fn to_app(
         served.attempts = 1;
     }
     if tunnel::is_upgrade(&req) {
-        return match upgrade_to_app(listener, addr, req, slot).await {
+        // Boxed, as every rare path here: inline, its state would grow every request's future.
+        return match Box::pin(upgrade_to_app(listener, addr, req, slot)).await {
             Ok(resp) => (resp, Some(stats), log),
             Err(e) => failed(e, stats, log),
         };

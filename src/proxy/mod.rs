@@ -3,7 +3,7 @@
 //! (its admin server), `stats` and `access` (metrics and access logs on the request path), and the
 //! request path: `dataplane` (listeners and the compiled routing), `outbound` (route, target,
 //! retries), `inbound` (mTLS, access, pools), `tunnel` (upgrades, TCP, CONNECT), `route`,
-//! `balance`, `outlier`, `retry`, `tls`, `upstream` (connection pools) and `shard` (the
+//! `balance`, `outlier`, `retry`, `tls`, `upstream` and `pool` (connection pools) and `shard` (the
 //! threads connections are served on).
 
 pub mod access;
@@ -21,6 +21,7 @@ pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod outlier;
+pub mod pool;
 pub mod replay;
 pub mod retry;
 pub mod route;

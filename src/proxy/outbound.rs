@@ -50,7 +50,7 @@ pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Incoming>) -> 
 /// backend virtual service.
 pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
     if req.method() == Method::CONNECT {
-        return connect(shared, req).await;
+        return Box::pin(connect(shared, req)).await;
     }
     let Some((host, port)) = authority(&req) else {
         return UpstreamError::BadRequest(
@@ -208,7 +208,17 @@ async fn route_and_send<'p>(
     served.cluster = Cow::Borrowed(&cluster.name);
     if tunnel::is_upgrade(&req) {
         let downstream = hyper::upgrade::on(&mut req);
-        let resp = match upgrade(shared, cluster, target.port, route, req, downstream).await {
+        // Boxed: a rare path whose state would otherwise grow every request's future.
+        let resp = match Box::pin(upgrade(
+            shared,
+            cluster,
+            target.port,
+            route,
+            req,
+            downstream,
+        ))
+        .await
+        {
             Ok(resp) => resp,
             Err(e) => failed(e, served),
         };

@@ -1,25 +1,26 @@
 //! Sending a request on: to a peer proxy's inbound listener (pooled HTTP/2, so many requests
 //! share a few connections) or to the local app (HTTP/1.1 or h2c, as its listener's protocol
-//! says). Peer connections are mTLS when the target's profile asks (see `tls`). Hop-by-hop headers never cross a hop; the answer streams back as it arrives.
+//! says), over the shard's pools (see `pool`). Peer connections are mTLS when the target's
+//! profile asks (see `tls`). Hop-by-hop headers never cross a hop; the answer streams back as
+//! it arrives.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::pool::{Connect, H1Pool, H2Pool, SendError};
 use super::stats::tls_failure_reason;
 use super::tls::{ALPN_H1, ALPN_H2, PeerIdentity, PeerTls};
 use crate::telemetry::proxy::{Direction, ProxyMetrics};
@@ -109,40 +110,36 @@ pub fn full(text: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
-/// Connection pools: pooled HTTP/2 to peers (one pool per TLS profile, since the profile
-/// decides whom a connection may be to), h2c or HTTP/1.1 to the local app.
+/// Connection pools (see `pool`): HTTP/2 to peers (a connection per peer and TLS profile,
+/// since the profile decides whom a connection may be to), h2c or HTTP/1.1 to the local app.
 pub struct Upstreams {
     identity: Arc<PeerIdentity>,
     metrics: Arc<ProxyMetrics>,
-    plain_peers: Client<PeerConnector, Body>,
-    tls_peers: Mutex<HashMap<Arc<PeerTls>, Client<PeerConnector, Body>>>,
-    app_h2: Client<HttpConnector, Body>,
-    app_h1: Client<HttpConnector, Body>,
+    peers: H2Pool<Option<Arc<PeerTls>>>,
+    app_h2: H2Pool<()>,
+    app_h1: Arc<H1Pool>,
 }
 
-fn http_connector() -> HttpConnector {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
-    connector
+/// How long a new connection (TCP) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// TCP without Nagle, within [`CONNECT_TIMEOUT`].
+async fn tcp_connect(addr: SocketAddr) -> Result<TcpStream, BoxError> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("connect timed out after {CONNECT_TIMEOUT:?}"))??;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }
 
 impl Upstreams {
     pub fn new(identity: Arc<PeerIdentity>, metrics: Arc<ProxyMetrics>) -> Self {
         Self {
-            plain_peers: peer_client(PeerConnector {
-                http: http_connector(),
-                tls: None,
-                alpn: ALPN_H2,
-                metrics: metrics.clone(),
-            }),
-            metrics,
-            tls_peers: Mutex::new(HashMap::new()),
             identity,
-            app_h2: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build(http_connector()),
-            app_h1: Client::builder(TokioExecutor::new()).build(http_connector()),
+            metrics,
+            peers: H2Pool::default(),
+            app_h2: H2Pool::default(),
+            app_h1: Arc::default(),
         }
     }
 
@@ -150,42 +147,21 @@ impl Upstreams {
         &self.identity
     }
 
-    fn peer_client(&self, tls: Option<&Arc<PeerTls>>) -> Client<PeerConnector, Body> {
-        let Some(tls) = tls else {
-            return self.plain_peers.clone();
-        };
-        let mut clients = self.tls_peers.lock().unwrap_or_else(|e| e.into_inner());
-        clients
-            .entry(tls.clone())
-            .or_insert_with(|| {
-                peer_client(PeerConnector {
-                    http: http_connector(),
-                    tls: Some((self.identity.clone(), tls.clone())),
-                    alpn: ALPN_H2,
-                    metrics: self.metrics.clone(),
-                })
-            })
-            .clone()
+    fn peer_connect<'a>(
+        &'a self,
+        addr: SocketAddr,
+        tls: Option<&'a Arc<PeerTls>>,
+        alpn: &'static [u8],
+    ) -> PeerConnect<'a> {
+        PeerConnect {
+            addr,
+            tls,
+            alpn,
+            identity: &self.identity,
+            metrics: &self.metrics,
+        }
     }
-}
 
-fn peer_client(connector: PeerConnector) -> Client<PeerConnector, Body> {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(connector)
-}
-
-/// TCP, then TLS when the profile asks for it.
-#[derive(Clone)]
-pub struct PeerConnector {
-    http: HttpConnector,
-    tls: Option<(Arc<PeerIdentity>, Arc<PeerTls>)>,
-    alpn: &'static [u8],
-    /// Where failed handshakes are counted.
-    metrics: Arc<ProxyMetrics>,
-}
-
-impl Upstreams {
     /// A connection of its own to a peer's inbound listener, for HTTP/1.1 (upgrades and
     /// tunnels).
     pub async fn connect_peer(
@@ -193,16 +169,8 @@ impl Upstreams {
         addr: SocketAddr,
         tls: Option<&Arc<PeerTls>>,
     ) -> Result<TokioIo<PeerStream>, UpstreamError> {
-        let mut c = PeerConnector {
-            http: http_connector(),
-            tls: tls.map(|t| (self.identity.clone(), t.clone())),
-            alpn: ALPN_H1,
-            metrics: self.metrics.clone(),
-        };
-        let uri: Uri = format!("http://{addr}/")
-            .parse()
-            .map_err(|_| UpstreamError::BadRequest(format!("peer address {addr}")))?;
-        tower::Service::call(&mut c, uri)
+        self.peer_connect(addr, tls, ALPN_H1)
+            .connect()
             .await
             .map_err(|e| UpstreamError::Connect {
                 addr,
@@ -211,35 +179,44 @@ impl Upstreams {
     }
 }
 
-impl tower::Service<Uri> for PeerConnector {
-    type Response = TokioIo<PeerStream>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+/// TCP to a peer, then TLS when the profile asks for it.
+struct PeerConnect<'a> {
+    addr: SocketAddr,
+    tls: Option<&'a Arc<PeerTls>>,
+    alpn: &'static [u8],
+    identity: &'a Arc<PeerIdentity>,
+    /// Where failed handshakes are counted.
+    metrics: &'a ProxyMetrics,
+}
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
+impl Connect for PeerConnect<'_> {
+    type Io = TokioIo<PeerStream>;
+
+    async fn connect(&self) -> Result<Self::Io, BoxError> {
+        let tcp = tcp_connect(self.addr).await?;
+        let Some(peer) = self.tls else {
+            return Ok(TokioIo::new(PeerStream::Plain(tcp)));
+        };
+        let config = self.identity.client_config(peer, self.alpn)?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::IpAddress(self.addr.ip().into()), tcp)
+            .await
+            .inspect_err(|e| {
+                self.metrics
+                    .tls_handshake_failed(Direction::Outbound, tls_failure_reason(e))
+            })?;
+        Ok(TokioIo::new(PeerStream::Tls(Box::new(stream))))
     }
+}
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let mut http = self.http.clone();
-        let tls = self.tls.clone();
-        let alpn = self.alpn;
-        let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let tcp = http.call(uri).await?.into_inner();
-            let Some((identity, peer)) = tls else {
-                return Ok(TokioIo::new(PeerStream::Plain(tcp)));
-            };
-            let config = identity.client_config(&peer, alpn)?;
-            let ip = tcp.peer_addr()?.ip();
-            let stream = tokio_rustls::TlsConnector::from(config)
-                .connect(ServerName::IpAddress(ip.into()), tcp)
-                .await
-                .inspect_err(|e| {
-                    metrics.tls_handshake_failed(Direction::Outbound, tls_failure_reason(e))
-                })?;
-            Ok(TokioIo::new(PeerStream::Tls(Box::new(stream))))
-        })
+/// Plain TCP to the local app.
+struct AppConnect(SocketAddr);
+
+impl Connect for AppConnect {
+    type Io = TokioIo<TcpStream>;
+
+    async fn connect(&self) -> Result<Self::Io, BoxError> {
+        Ok(TokioIo::new(tcp_connect(self.0).await?))
     }
 }
 
@@ -247,23 +224,6 @@ impl tower::Service<Uri> for PeerConnector {
 pub enum PeerStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl Connection for PeerStream {
-    fn connected(&self) -> Connected {
-        match self {
-            Self::Plain(s) => s.connected(),
-            Self::Tls(s) => {
-                let (tcp, tls) = s.get_ref();
-                let c = tcp.connected();
-                if tls.alpn_protocol() == Some(ALPN_H2) {
-                    c.negotiated_h2()
-                } else {
-                    c
-                }
-            }
-        }
-    }
 }
 
 impl AsyncRead for PeerStream {
@@ -369,51 +329,87 @@ impl Upstreams {
         hop: Hop,
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let (addr, h2, keep_host) = match &hop {
-            Hop::Peer { addr, .. } => (*addr, true, true),
-            Hop::App { addr, h2 } => (*addr, *h2, !*h2),
+        let (addr, h2) = match &hop {
+            Hop::Peer { addr, .. } => (*addr, true),
+            Hop::App { addr, h2 } => (*addr, *h2),
         };
         let (mut parts, body) = req.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = format!("http://{addr}{path}")
-            .parse()
-            .map_err(|_| UpstreamError::BadRequest(format!("request target {path:?}")))?;
         strip_hop_by_hop(&mut parts.headers);
-        // The HTTP version is the client's business per hop.
-        parts.version = if h2 {
-            http::Version::HTTP_2
+        if h2 {
+            // HTTP/2 carries scheme and authority as pseudo-headers, taken from the URI. To
+            // the app a Host header must agree with :authority or go; a peer reads it for
+            // routing and the log.
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(authority(addr)?);
+            if uri.path_and_query.is_none() {
+                uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+            }
+            parts.uri =
+                Uri::from_parts(uri).map_err(|e| UpstreamError::BadRequest(e.to_string()))?;
+            parts.version = http::Version::HTTP_2;
+            if matches!(hop, Hop::App { .. }) {
+                parts.headers.remove(header::HOST);
+            }
         } else {
-            http::Version::HTTP_11
-        };
-        if !keep_host {
-            // HTTP/2 carries the authority in :authority; a Host header must agree or go.
-            parts.headers.remove(header::HOST);
+            // Origin-form; the Host the client sent stays (the app's virtual hosts).
+            let path = parts.uri.path_and_query().cloned();
+            parts.uri =
+                Uri::from(path.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+            parts.version = http::Version::HTTP_11;
+            if !parts.headers.contains_key(header::HOST) {
+                let host = http::HeaderValue::try_from(addr.to_string())
+                    .map_err(|e| UpstreamError::BadRequest(e.to_string()))?;
+                parts.headers.insert(header::HOST, host);
+            }
         }
         let req = Request::from_parts(parts, body);
         let resp = match &hop {
-            Hop::Peer { tls, .. } => self.peer_client(tls.as_ref()).request(req).await,
-            Hop::App { .. } if h2 => self.app_h2.request(req).await,
-            Hop::App { .. } => self.app_h1.request(req).await,
+            Hop::Peer { tls, .. } => {
+                let connect = self.peer_connect(addr, tls.as_ref(), ALPN_H2);
+                self.peers
+                    .send(addr, tls, &connect, req)
+                    .await
+                    .map(|r| r.map(boxed))
+            }
+            Hop::App { .. } if h2 => self
+                .app_h2
+                .send(addr, &(), &AppConnect(addr), req)
+                .await
+                .map(|r| r.map(boxed)),
+            Hop::App { .. } => self
+                .app_h1
+                .send(addr, &AppConnect(addr), req)
+                .await
+                .map(|r| r.map(boxed)),
         }
-        .map_err(|e| classify(addr, &e))?;
+        .map_err(|e| classify(addr, e))?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, boxed(body)))
+        Ok(Response::from_parts(parts, body))
     }
 }
 
-fn classify(addr: SocketAddr, e: &hyper_util::client::legacy::Error) -> UpstreamError {
-    let message = error_chain(e);
-    if e.is_connect() {
-        UpstreamError::Connect { addr, message }
-    } else if message.contains("refused stream") {
-        UpstreamError::Refused { addr, message }
-    } else {
-        UpstreamError::Reset { addr, message }
+/// `addr` as a URI authority.
+fn authority(addr: SocketAddr) -> Result<http::uri::Authority, UpstreamError> {
+    http::uri::Authority::try_from(addr.to_string())
+        .map_err(|e| UpstreamError::BadRequest(format!("authority {addr}: {e}")))
+}
+
+fn classify(addr: SocketAddr, e: SendError) -> UpstreamError {
+    match e {
+        SendError::Connect(e) => UpstreamError::Connect {
+            addr,
+            message: error_chain(e.as_ref()),
+        },
+        SendError::Request(e) => {
+            let message = error_chain(&e);
+            if message.contains("refused stream") {
+                UpstreamError::Refused { addr, message }
+            } else {
+                UpstreamError::Reset { addr, message }
+            }
+        }
     }
 }
 

@@ -1,0 +1,431 @@
+//! Connection pools on hyper's connection API, one set per shard (see `shard`). HTTP/2 (to
+//! peer proxies, and to an h2c app) keeps one connection per destination that every request
+//! multiplexes on; HTTP/1.1 (to the app) keeps the connections that are free, takes one per
+//! request and gets it back when the response body has ended. A request that a connection
+//! never began to send (it closed first) is sent once more on a new one.
+//!
+//! Why not hyper-util's pooled client: per request it built a pool key from the URI, hashed it
+//! under a lock shared by every thread, cloned the client, and for HTTP/1.1 spawned a task to
+//! put the connection back; here a request costs one map lookup in its own shard's pool.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::OnceCell;
+
+use super::upstream::{Body, BoxError};
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made; nothing was sent.
+    Connect(BoxError),
+    /// The connection failed with the request on it (or refused the stream).
+    Request(hyper::Error),
+}
+
+/// The pool's work on a destination: a fresh connection's transport.
+pub trait Connect {
+    type Io: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static;
+    fn connect(&self) -> impl Future<Output = Result<Self::Io, BoxError>> + Send;
+}
+
+type H2Slot = Arc<OnceCell<http2::SendRequest<Body>>>;
+
+/// One shared HTTP/2 connection per (address, profile); `P` is what else decides whom a
+/// connection may be to (the peer TLS profile).
+pub struct H2Pool<P> {
+    slots: Mutex<HashMap<SocketAddr, Vec<(P, H2Slot)>>>,
+}
+
+impl<P> Default for H2Pool<P> {
+    fn default() -> Self {
+        Self {
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<P: PartialEq + Clone> H2Pool<P> {
+    /// Sends `req` on the connection to `addr` under `profile`, making it with `connect` when
+    /// there is none (requests arriving meanwhile wait for that one connection).
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        profile: &P,
+        connect: &impl Connect,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut fresh = false;
+        loop {
+            let slot = self.slot(addr, profile);
+            // Boxed: connecting is rare, and inline its state would make every request's
+            // future (moved whole into its task) kilobytes larger.
+            let made = slot
+                .get_or_try_init(|| {
+                    fresh = true;
+                    Box::pin(async {
+                        let io = connect.connect().await.map_err(SendError::Connect)?;
+                        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                            .timer(TokioTimer::new())
+                            .handshake(io)
+                            .await
+                            .map_err(|e| SendError::Connect(Box::new(e)))?;
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(%addr, error = %e, "HTTP/2 connection ended");
+                            }
+                        });
+                        Ok(tx)
+                    })
+                })
+                .await;
+            let mut tx = match made {
+                Ok(tx) => tx.clone(),
+                Err(e) => {
+                    self.forget(addr, &slot);
+                    return Err(e);
+                }
+            };
+            if tx.is_closed() {
+                self.forget(addr, &slot);
+                if fresh {
+                    return Err(SendError::Connect(
+                        "the new connection closed at once".into(),
+                    ));
+                }
+                continue;
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    // Never sent: the connection was closing. Once more on a new one.
+                    Some(back) if !fresh => {
+                        self.forget(addr, &slot);
+                        req = back;
+                    }
+                    _ => return Err(SendError::Request(e.into_error())),
+                },
+            }
+        }
+    }
+
+    fn slot(&self, addr: SocketAddr, profile: &P) -> H2Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let list = slots.entry(addr).or_default();
+        if let Some((_, s)) = list.iter().find(|(p, _)| p == profile) {
+            return s.clone();
+        }
+        let s = H2Slot::default();
+        list.push((profile.clone(), s.clone()));
+        s
+    }
+
+    /// Drops `slot` (a closed or failed connection) unless it was replaced already.
+    fn forget(&self, addr: SocketAddr, slot: &H2Slot) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = slots.get_mut(&addr) {
+            list.retain(|(_, s)| !Arc::ptr_eq(s, slot));
+            if list.is_empty() {
+                slots.remove(&addr);
+            }
+        }
+    }
+}
+
+/// Free HTTP/1.1 connections per address.
+#[derive(Default)]
+pub struct H1Pool {
+    idle: Mutex<HashMap<SocketAddr, VecDeque<http1::SendRequest<Body>>>>,
+}
+
+impl H1Pool {
+    /// Sends `req` on a free connection to `addr`, or on a new one made with `connect`; the
+    /// connection comes back to the pool when the response body has ended.
+    pub async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        connect: &impl Connect,
+        mut req: Request<Body>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        loop {
+            let (mut tx, fresh) = match self.checkout(addr).await {
+                Some(tx) => (tx, false),
+                // Boxed: see `H2Pool::send`.
+                None => (Box::pin(self.open(addr, connect)).await?, true),
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    let back = Some((self.clone(), addr, tx));
+                    return Ok(resp.map(|inner| PooledBody { inner, back }));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never sent: the app closed the kept connection. Once more on a new one.
+                    Some(back) if !fresh => req = back,
+                    _ => return Err(SendError::Request(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn open(
+        &self,
+        addr: SocketAddr,
+        connect: &impl Connect,
+    ) -> Result<http1::SendRequest<Body>, SendError> {
+        let io = connect.connect().await.map_err(SendError::Connect)?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(Box::new(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "HTTP/1.1 connection ended");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// The most recently freed connection that still works.
+    async fn checkout(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        loop {
+            let mut tx = {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                idle.get_mut(&addr)?.pop_back()?
+            };
+            if tx.is_ready() {
+                return Some(tx);
+            }
+            // Its response just ended; the connection's task may not have run since. It
+            // either takes requests again shortly or turns out closed.
+            if !tx.is_closed() && tx.ready().await.is_ok() {
+                return Some(tx);
+            }
+        }
+    }
+
+    fn give_back(&self, addr: SocketAddr, tx: http1::SendRequest<Body>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let free = idle.entry(addr).or_default();
+        // The oldest free one may have been closed by the app meanwhile: one check per return
+        // keeps closed connections from piling up.
+        if free.front().is_some_and(|t| t.is_closed()) {
+            free.pop_front();
+        }
+        free.push_back(tx);
+    }
+}
+
+/// A response body from an HTTP/1.1 connection of the pool: when it has ended, the connection
+/// goes back to the pool (one dropped before its end is closed, as it cannot carry more).
+pub struct PooledBody {
+    inner: Incoming,
+    back: Option<(Arc<H1Pool>, SocketAddr, http1::SendRequest<Body>)>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((pool, addr, tx)) = self.back.take() {
+            pool.give_back(addr, tx);
+        }
+    }
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // An empty body (204, HEAD, Content-Length: 0) may never be polled.
+        if hyper::body::Body::is_end_stream(&self.inner) {
+            self.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use crate::proxy::upstream::full;
+    use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
+
+    struct Tcp(SocketAddr);
+
+    impl Connect for Tcp {
+        type Io = TokioIo<TcpStream>;
+        async fn connect(&self) -> Result<Self::Io, BoxError> {
+            Ok(TokioIo::new(TcpStream::connect(self.0).await?))
+        }
+    }
+
+    /// An app answering each request with the number of the connection it came on; `close`
+    /// makes it end every connection after one response.
+    async fn app(h2: bool, close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                            let _ = req.into_body().collect().await;
+                            let mut resp = Response::new(full(n.to_string()));
+                            if close {
+                                resp.headers_mut()
+                                    .insert(http::header::CONNECTION, "close".parse().unwrap());
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        });
+                    let io = TokioIo::new(tcp);
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, service)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await;
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get(addr: SocketAddr, h2: bool) -> Request<Body> {
+        let uri = if h2 {
+            format!("http://{addr}/")
+        } else {
+            "/".to_string()
+        };
+        Request::builder()
+            .uri(uri)
+            .header(http::header::HOST, addr.to_string())
+            .body(full(""))
+            .unwrap()
+    }
+
+    async fn text<B: hyper::body::Body>(resp: Response<B>) -> String
+    where
+        B::Error: std::fmt::Debug,
+    {
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn http1_reuses_a_free_connection_and_opens_one_per_concurrent_request() {
+        let (addr, accepted) = app(false, false).await;
+        let pool = Arc::new(H1Pool::default());
+        for _ in 0..3 {
+            let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+            assert_eq!(text(resp).await, "1");
+        }
+        // Two at once: the second cannot wait for the first's connection.
+        let a = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+        let b = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+        let (a, b) = (text(a).await, text(b).await);
+        assert_eq!((a.as_str(), b.as_str()), ("1", "2"));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Both are free again: no third connection.
+        let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+        text(resp).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn http1_a_body_dropped_unread_does_not_return_its_connection() {
+        let (addr, accepted) = app(false, false).await;
+        let pool = Arc::new(H1Pool::default());
+        let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+        drop(resp);
+        let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+        assert_eq!(text(resp).await, "2");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn http1_a_connection_the_app_closed_is_replaced() {
+        let (addr, accepted) = app(false, true).await;
+        let pool = Arc::new(H1Pool::default());
+        for want in ["1", "2", "3"] {
+            let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+            assert_eq!(text(resp).await, want);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn http2_shares_one_connection_and_reconnects_after_it_ends() {
+        let (addr, accepted) = app(true, false).await;
+        let pool: H2Pool<()> = H2Pool::default();
+        let tcp = Tcp(addr);
+        let sends = (0..8).map(|_| pool.send(addr, &(), &tcp, get(addr, true)));
+        for resp in futures_util::future::join_all(sends).await {
+            assert_eq!(text(resp.unwrap()).await, "1");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // A connection that failed: the next request makes a new one.
+        let slot = pool.slot(addr, &());
+        pool.forget(addr, &slot);
+        let resp = pool
+            .send(addr, &(), &Tcp(addr), get(addr, true))
+            .await
+            .unwrap();
+        assert_eq!(text(resp).await, "2");
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_error() {
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let pool: H2Pool<()> = H2Pool::default();
+        let err = pool.send(addr, &(), &Tcp(addr), get(addr, true)).await;
+        assert!(matches!(err, Err(SendError::Connect(_))), "{err:?}");
+        let h1 = Arc::new(H1Pool::default());
+        let err = h1.send(addr, &Tcp(addr), get(addr, false)).await;
+        assert!(matches!(err, Err(SendError::Connect(_))));
+    }
+}
