@@ -235,7 +235,8 @@ async fn route_and_send<'p>(
     });
     let result = {
         let target = (cluster, target.port);
-        let attempts = attempts(shared, port, route, target, &stats, req, served);
+        // Pinned where it is made: wrapping it in the timeout would move kilobytes.
+        let attempts = std::pin::pin!(attempts(shared, port, route, target, &stats, req, served));
         if limit == 0 {
             attempts.await
         } else {
