@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -142,10 +143,17 @@ impl<P: PartialEq + Clone> H2Pool<P> {
     }
 }
 
+/// How long a free HTTP/1.1 connection is kept (hyper-util's default): after a burst, the
+/// connections it needed do not stay open for good.
+const H1_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Free HTTP/1.1 connections to one address, oldest first, with when each was freed.
+type Free = VecDeque<(http1::SendRequest<Body>, Instant)>;
+
 /// Free HTTP/1.1 connections per address.
 #[derive(Default)]
 pub struct H1Pool {
-    idle: Mutex<HashMap<SocketAddr, VecDeque<http1::SendRequest<Body>>>>,
+    idle: Mutex<HashMap<SocketAddr, Free>>,
 }
 
 impl H1Pool {
@@ -200,7 +208,7 @@ impl H1Pool {
         loop {
             let mut tx = {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                idle.get_mut(&addr)?.pop_back()?
+                idle.get_mut(&addr)?.pop_back()?.0
             };
             if tx.is_ready() {
                 return Some(tx);
@@ -216,12 +224,16 @@ impl H1Pool {
     fn give_back(&self, addr: SocketAddr, tx: http1::SendRequest<Body>) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let free = idle.entry(addr).or_default();
-        // The oldest free one may have been closed by the app meanwhile: one check per return
-        // keeps closed connections from piling up.
-        if free.front().is_some_and(|t| t.is_closed()) {
+        // The oldest free one may have been closed by the app meanwhile, or kept too long:
+        // one check per return keeps such connections from piling up.
+        let now = Instant::now();
+        if free
+            .front()
+            .is_some_and(|(t, since)| t.is_closed() || now - *since > H1_IDLE_TIMEOUT)
+        {
             free.pop_front();
         }
-        free.push_back(tx);
+        free.push_back((tx, now));
     }
 }
 
