@@ -40,6 +40,15 @@ pub trait Connect {
     fn connect(&self) -> impl Future<Output = Result<Self::Io, BoxError>> + Send;
 }
 
+/// Runs a new connection's I/O in a task of its own (on this shard) until it ends.
+fn drive(addr: SocketAddr, conn: impl Future<Output = hyper::Result<()>> + Send + 'static) {
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "upstream connection ended");
+        }
+    });
+}
+
 type H2Slot = Arc<OnceCell<http2::SendRequest<Body>>>;
 
 /// One shared HTTP/2 connection per (address, profile); `P` is what else decides whom a
@@ -81,11 +90,7 @@ impl<P: PartialEq + Clone> H2Pool<P> {
                             .handshake(io)
                             .await
                             .map_err(|e| SendError::Connect(Box::new(e)))?;
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!(%addr, error = %e, "HTTP/2 connection ended");
-                            }
-                        });
+                        drive(addr, conn);
                         Ok(tx)
                     })
                 })
@@ -195,11 +200,7 @@ impl H1Pool {
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(Box::new(e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "HTTP/1.1 connection ended");
-            }
-        });
+        drive(addr, conn);
         Ok(tx)
     }
 
