@@ -202,14 +202,15 @@ mod tests {
 }
 
 /// Unmaps this process's view of its own binary where it holds nothing of its own (its code,
-/// and read-only data never relocated), so the pages only startup used (argument parsing,
-/// certificate issuance, config checks) stop counting in its resident set. The bytes stay in
-/// the page cache, shared with every other trellis process, and what runs next is mapped
-/// again on its first fault. A sidecar calls this once it is ready: its resident set then
-/// reflects what serving traffic uses. Returns the bytes unmapped.
+/// and read-only data never relocated), so pages it no longer runs (argument parsing,
+/// certificate issuance and config checks after startup; the request path after traffic
+/// stops) stop counting in its resident set. The bytes stay in the page cache, shared with
+/// every other trellis process, and what runs next is mapped again on its first fault. A
+/// sidecar calls this once it is ready and again whenever it goes idle (`proxy::trim`): its
+/// resident set then reflects what it is using. Returns the bytes unmapped.
 /// The crate's one `unsafe` block: `madvise` takes a raw range.
 #[allow(unsafe_code)]
-pub fn release_startup_code() -> io::Result<usize> {
+pub fn release_code_pages() -> io::Result<usize> {
     let exe = std::fs::read_link("/proc/self/exe")?;
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut released = 0;
@@ -290,7 +291,7 @@ Anonymous:            12 kB
     /// The process keeps running the code, and reading the constants, it just unmapped.
     #[test]
     fn code_still_runs_after_it_is_released() {
-        let released = release_startup_code().unwrap();
+        let released = release_code_pages().unwrap();
         assert!(released > 0);
         let v: Vec<u64> = (0..1000).map(|i| i * 3).collect();
         assert_eq!(v.iter().sum::<u64>(), 1_498_500);

@@ -389,10 +389,10 @@ pub async fn run(
                 service::notify("READY=1");
                 // Started: what only startup ran (flags, certificate issuance, the first
                 // config) need not stay resident in a process of its own.
-                match service::release_startup_code() {
-                    Ok(n) => tracing::debug!(bytes = n, "startup pages unmapped"),
-                    Err(e) => tracing::debug!(error = %e, "startup pages not unmapped"),
-                }
+                release_code_pages("startup");
+                // And again whenever traffic stops for a while: an idle sidecar need not keep
+                // the request path's pages mapped (the next request maps what it runs).
+                trellis::proxy::trim::run(IDLE_RELEASE, || release_code_pages("idle")).await;
             }
         }));
         let ready_now = ready.clone();
@@ -473,6 +473,17 @@ pub async fn run(
         task.abort();
     }
     code
+}
+
+/// How long a standalone proxy serves no request before it gives its code pages back.
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Unmaps the binary's pages this process no longer runs (see `service::release_code_pages`).
+fn release_code_pages(when: &str) {
+    match service::release_code_pages() {
+        Ok(n) => tracing::debug!(bytes = n, when, "code pages unmapped"),
+        Err(e) => tracing::debug!(error = %e, when, "code pages not unmapped"),
+    }
 }
 
 /// SIGHUP: the log filter from the file again, and access-log files reopened (after

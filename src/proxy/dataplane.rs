@@ -638,8 +638,10 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The HTTP server settings every listener shares.
 pub fn http_builder() -> Builder<TokioExecutor> {
     let mut b = Builder::new(TokioExecutor::new());
+    // The header-read deadline is armed before every request head: a timer with slack, one
+    // per connection (see `timer`), makes that a comparison, not a timer-wheel move.
     b.http1()
-        .timer(TokioTimer::new())
+        .timer(super::timer::SlackTimer::default())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(guard::MAX_HEAD_BYTES);
     b.http2().timer(TokioTimer::new());
@@ -713,7 +715,10 @@ where
 {
     // Boxed: hyper moves a request's future into place (HTTP/1.1) or into a task of its own
     // (HTTP/2); a pointer moves for nothing, the future itself is kilobytes.
-    let service = hyper::service::service_fn(move |req| Box::pin(handler(req)));
+    let service = hyper::service::service_fn(move |req| {
+        super::trim::note_request();
+        Box::pin(handler(req))
+    });
     let conn = http_builder()
         .serve_connection_with_upgrades(io, service)
         .into_owned();

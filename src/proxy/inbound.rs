@@ -264,6 +264,7 @@ async fn serve_http<I>(
 {
     let drain = shared.drain.clone();
     let service = hyper::service::service_fn(move |mut req| {
+        super::trim::note_request();
         Downstream::attach(&downstream, &mut req);
         let shared = shared.clone();
         let caller = caller.clone();

@@ -3,8 +3,9 @@
 //! (its admin server), `stats` and `access` (metrics and access logs on the request path), and the
 //! request path: `dataplane` (listeners and the compiled routing), `outbound` (route, target,
 //! retries), `inbound` (mTLS, access, pools), `tunnel` (upgrades, TCP, CONNECT), `route`,
-//! `balance`, `outlier`, `retry`, `tls`, `upstream` and `pool` (connection pools) and `shard` (the
-//! threads connections are served on).
+//! `balance`, `outlier`, `retry`, `tls`, `upstream` and `pool` (connection pools), `shard` (the
+//! threads connections are served on), `timer` (hyper's timer, with slack) and `trim` (memory
+//! given back when idle).
 
 pub mod access;
 pub mod admin;
@@ -27,6 +28,8 @@ pub mod retry;
 pub mod route;
 pub mod shard;
 pub mod stats;
+pub mod timer;
 pub mod tls;
+pub mod trim;
 pub mod tunnel;
 pub mod upstream;
