@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::ops::Bound;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -51,8 +52,12 @@ struct TokenEntry {
 /// The whole replicated App Mesh state.
 #[derive(Debug, Clone, Default)]
 pub struct MeshState {
-    resources: BTreeMap<ResourceKey, Record>,
-    tokens: HashMap<TokenKey, TokenEntry>,
+    /// Shared with snapshots: taking one copies pointers, not specs, so writes wait for a
+    /// snapshot of a large mesh no longer than for a pass over its keys. A write to a record
+    /// a snapshot still holds copies that one record (`Arc::make_mut`).
+    resources: BTreeMap<ResourceKey, Arc<Record>>,
+    /// Shared with snapshots, like `resources`.
+    tokens: HashMap<TokenKey, Arc<TokenEntry>>,
     /// Token keys in the order they were stored, for eviction.
     token_order: VecDeque<TokenKey>,
     /// Sum of the stored answers' sizes.
@@ -78,8 +83,8 @@ pub struct MeshState {
 /// The serialized form of [`MeshState`], used for raft snapshots and backups.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StateSnapshot {
-    pub resources: Vec<Record>,
-    tokens: Vec<TokenEntry>,
+    pub resources: Vec<Arc<Record>>,
+    tokens: Vec<Arc<TokenEntry>>,
     pub quotas: Quotas,
     #[serde(default)]
     vips: VipPool,
@@ -105,7 +110,7 @@ impl MeshState {
     }
 
     pub fn get(&self, key: &ResourceKey) -> Option<&Record> {
-        self.resources.get(key)
+        self.resources.get(key).map(Arc::as_ref)
     }
 
     pub fn len(&self) -> usize {
@@ -118,7 +123,7 @@ impl MeshState {
 
     /// Every stored resource, in key order.
     pub fn records(&self) -> impl Iterator<Item = &Record> {
-        self.resources.values()
+        self.resources.values().map(Arc::as_ref)
     }
 
     /// Resources of `kind` under `mesh` / `parent`, in name order.
@@ -136,7 +141,7 @@ impl MeshState {
         };
         self.resources
             .range((Bound::Included(start), Bound::Unbounded))
-            .map(|(_, r)| r)
+            .map(|(_, r)| r.as_ref())
             .take_while(move |r| {
                 r.key.kind == kind
                     && (kind == ResourceKind::Mesh
@@ -443,13 +448,13 @@ impl MeshState {
             self.token_order.push_back(tk.clone());
             self.tokens.insert(
                 tk.clone(),
-                TokenEntry {
+                Arc::new(TokenEntry {
                     key: tk,
                     fingerprint: idem.fingerprint,
                     at: now,
                     outcome: v.clone(),
                     size,
-                },
+                }),
             );
             self.evict_tokens(now);
         }
@@ -514,7 +519,7 @@ impl MeshState {
                 key.mesh
             )));
         }
-        self.resources.get(&pk).ok_or_else(|| {
+        self.resources.get(&pk).map(Arc::as_ref).ok_or_else(|| {
             ApiError::not_found(format!(
                 "{} with name {} is not present under mesh {}",
                 pk.kind, pk.name, pk.mesh
@@ -527,7 +532,10 @@ impl MeshState {
         if key.kind != ResourceKind::Mesh {
             self.find_parent(key)?;
         }
-        self.resources.get(key).ok_or_else(|| not_found(key))
+        self.resources
+            .get(key)
+            .map(Arc::as_ref)
+            .ok_or_else(|| not_found(key))
     }
 
     fn create(
@@ -597,7 +605,7 @@ impl MeshState {
         let data = record.to_data(Status::Active);
         self.count(key, 1);
         self.index_hostname(key, spec, true);
-        self.resources.insert(key.clone(), record);
+        self.resources.insert(key.clone(), Arc::new(record));
         Ok(data)
     }
 
@@ -608,7 +616,7 @@ impl MeshState {
             self.index_hostname(key, &old, false);
         }
         self.index_hostname(key, spec, true);
-        let record = self.resources.get_mut(key).ok_or_else(|| not_found(key))?;
+        let record = Arc::make_mut(self.resources.get_mut(key).ok_or_else(|| not_found(key))?);
         record.spec = spec.clone();
         record.metadata.version += 1;
         record.metadata.last_updated_at = now.max(record.metadata.last_updated_at);
@@ -632,7 +640,7 @@ impl MeshState {
     }
 
     fn tag(&mut self, key: &ResourceKey, tags: &[TagRef]) -> Outcome {
-        let record = self.resources.get_mut(key).ok_or_else(|| not_found(key))?;
+        let record = Arc::make_mut(self.resources.get_mut(key).ok_or_else(|| not_found(key))?);
         let mut merged = record.tags.clone();
         for t in tags {
             merged.insert(t.key.clone(), t.value.clone());
@@ -645,7 +653,7 @@ impl MeshState {
     }
 
     fn untag(&mut self, key: &ResourceKey, tag_keys: &[String]) -> Outcome {
-        let record = self.resources.get_mut(key).ok_or_else(|| not_found(key))?;
+        let record = Arc::make_mut(self.resources.get_mut(key).ok_or_else(|| not_found(key))?);
         for k in tag_keys {
             record.tags.remove(k);
         }
