@@ -115,21 +115,33 @@ impl Peers {
             .entry(addr.to_string())
             .or_default()
             .clone();
-        let mut slot = slot.lock().await;
-        if let Some(s) = slot.as_ref().filter(|s| !s.is_closed()) {
+        if let Some(s) = slot.lock().await.as_ref().filter(|s| !s.is_closed()) {
             return Ok(s.clone());
         }
-        *slot = None;
-        let unreachable = |message: String| CallError::Unreachable {
-            addr: addr.to_string(),
-            message,
-        };
-        let sender = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(addr))
-            .await
-            .map_err(|_| unreachable(format!("no connection within {CONNECT_TIMEOUT:?}")))?
-            .map_err(unreachable)?;
-        *slot = Some(sender.clone());
-        Ok(sender)
+        // Made in a task of its own, which stores it: a caller that gives up (a heartbeat
+        // allows 100 ms) must not cancel a connection that takes longer to make, TLS over a
+        // slow link, or no call would ever find one made.
+        let peers = self.clone();
+        let to = addr.to_string();
+        let made = tokio::spawn(async move {
+            let mut slot = slot.lock_owned().await;
+            if let Some(s) = slot.as_ref().filter(|s| !s.is_closed()) {
+                return Ok(s.clone());
+            }
+            *slot = None;
+            let sender = tokio::time::timeout(CONNECT_TIMEOUT, peers.connect(&to))
+                .await
+                .map_err(|_| format!("no connection within {CONNECT_TIMEOUT:?}"))??;
+            *slot = Some(sender.clone());
+            Ok(sender)
+        });
+        made.await
+            .map_err(|e| e.to_string())
+            .and_then(|made| made)
+            .map_err(|message| CallError::Unreachable {
+                addr: addr.to_string(),
+                message,
+            })
     }
 
     async fn connect(&self, addr: &str) -> Result<Sender, String> {
@@ -160,8 +172,17 @@ impl Peers {
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Nothing is sent before there is a connection: running out of time here is
+        // unreachable, which a caller may retry elsewhere.
+        let sender = tokio::time::timeout_at(deadline, self.sender(addr))
+            .await
+            .map_err(|_| CallError::Unreachable {
+                addr: addr.to_string(),
+                message: format!("no connection within {timeout:?}"),
+            })??;
         let call = async {
-            let mut sender = self.sender(addr).await?;
+            let mut sender = sender;
             // A connection that broke since it was last used takes nothing: unreachable.
             sender.ready().await.map_err(|e| CallError::Unreachable {
                 addr: addr.to_string(),
@@ -175,7 +196,7 @@ impl Peers {
                 .await
                 .map_err(|e| e.at(addr))
         };
-        match tokio::time::timeout(timeout, call).await {
+        match tokio::time::timeout_at(deadline, call).await {
             Ok(answer) => answer,
             // It may have been delivered: no unreachable peer (see `Failure`).
             Err(_) => Err(CallError::Status {
@@ -351,7 +372,44 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::percent_decode;
+    use super::*;
+
+    /// A call that runs out of time while the connection is still being made reports the
+    /// peer unreachable (nothing was sent, so it may go elsewhere), on time.
+    #[tokio::test]
+    async fn a_call_timing_out_while_connecting_was_not_delivered() {
+        // A listener whose accept queue is full drops the next SYN: that connect hangs.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..2 {
+            if let Ok(Ok(c)) =
+                tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+            {
+                queued.push(c);
+            }
+        }
+        let peers = Peers::new(None).unwrap();
+        let started = std::time::Instant::now();
+        let err = peers
+            .call(
+                &addr.to_string(),
+                Rpc::Hello,
+                b"{}".to_vec(),
+                Duration::from_millis(100),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.not_delivered(), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(listener);
+    }
 
     #[test]
     fn grpc_messages_are_percent_decoded() {
