@@ -4,17 +4,21 @@
 //! the raft network and the cluster operations (forwarding, joining, read-index) call through
 //! here.
 //!
-//! The calls are made on hyper's HTTP/2 client directly, not through tonic's client and
-//! `Channel`: a `Channel` hands every call to a buffer task of its own before the connection
-//! sees it, and tonic's request body takes three writes (so three wake-ups of the peer) where
-//! one will do; each is time on every raft round trip, which is the write path's latency.
+//! The calls are made on the `h2` crate directly, not through tonic's client and `Channel` or
+//! hyper's client: a `Channel` hands every call to a buffer task of its own before the
+//! connection sees it, tonic's request body takes three writes (so three wake-ups of the peer)
+//! and hyper's two (HEADERS, then DATA from a task it spawns once the stream has flow-control
+//! capacity), where one will do: here HEADERS and the whole DATA are queued together and leave
+//! in one write. Each wake-up is time on every raft round trip, which is the write path's
+//! latency.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -76,7 +80,19 @@ impl CallError {
     }
 }
 
-type Sender = http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+/// A connection to a peer: its request handle, and whether it has ended.
+#[derive(Clone)]
+struct Sender {
+    requests: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
 /// A peer's connection, if made; callers wait on the lock while one is being made.
 type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
 
@@ -182,17 +198,11 @@ impl Peers {
                 message: format!("no connection within {timeout:?}"),
             })??;
         let call = async {
-            let mut sender = sender;
-            // A connection that broke since it was last used takes nothing: unreachable.
-            sender.ready().await.map_err(|e| CallError::Unreachable {
-                addr: addr.to_string(),
-                message: e.to_string(),
-            })?;
             let uri = format!(
                 "{scheme}://{addr}/trellis.cluster.v1.Cluster/{}",
                 rpc.method()
             );
-            unary(sender, &uri, body, timeout)
+            unary(sender.requests, &uri, body, timeout)
                 .await
                 .map_err(|e| e.at(addr))
         };
@@ -247,16 +257,15 @@ impl Failure {
     }
 }
 
-/// One unary gRPC call of the `Cluster` service (whose messages are all `Json`): the request
-/// as one body that ends with its only frame, so HEADERS and DATA leave in one write. tonic's
-/// streaming request body ends a frame later, and its three writes woke the peer three times.
+/// One unary gRPC call of the `Cluster` service (whose messages are all `Json`): HEADERS and
+/// the one DATA frame (which ends the stream) are queued before the connection writes, so they
+/// leave in one write.
 async fn unary(
-    mut sender: Sender,
+    requests: h2::client::SendRequest<Bytes>,
     uri: &str,
     json: Vec<u8>,
     timeout: Duration,
 ) -> Result<Vec<u8>, Failure> {
-    use http_body_util::BodyExt;
     use prost::Message;
 
     let message = Json { json }.encode_to_vec();
@@ -270,18 +279,22 @@ async fn unary(
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
         .header("grpc-timeout", format!("{}m", timeout.as_millis().max(1)))
-        .body(http_body_util::Full::new(bytes::Bytes::from(framed)))
+        .body(())
         .map_err(|e| Failure::Status(tonic::Code::Internal, e.to_string()))?;
-    let answer = sender.send_request(req).await.map_err(|e| {
-        if e.is_canceled() || e.is_closed() {
-            Failure::Unsent(e.to_string())
-        } else {
-            // It may have reached the handler: Unknown, never the Unavailable that means
-            // "not delivered" (a forwarded write must not be sent twice).
-            Failure::Status(tonic::Code::Unknown, e.to_string())
-        }
-    })?;
-    let (head, body) = answer.into_parts();
+    // A connection that broke, or is going away, takes nothing: unsent.
+    let mut requests = requests
+        .ready()
+        .await
+        .map_err(|e| Failure::Unsent(e.to_string()))?;
+    let (answer, mut stream) = requests
+        .send_request(req, false)
+        .map_err(|e| Failure::Unsent(e.to_string()))?;
+    // Queued whatever the stream's flow-control window: h2 sends it as the window allows.
+    stream
+        .send_data(Bytes::from(framed), true)
+        .map_err(|e| sent_failure(&e))?;
+    let answer = answer.await.map_err(|e| sent_failure(&e))?;
+    let (head, mut body) = answer.into_parts();
     if head.status != http::StatusCode::OK {
         return Err(Failure::Status(
             tonic::Code::Unknown,
@@ -302,11 +315,15 @@ async fn unary(
     if let Some((code, message)) = status(&head.headers) {
         return Err(Failure::Status(code, message));
     }
-    let body = body
-        .collect()
-        .await
-        .map_err(|e| Failure::Status(tonic::Code::Unknown, e.to_string()))?;
-    match body.trailers().and_then(status) {
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| sent_failure(&e))?;
+        // Read is read: the peer may send more.
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.map_err(|e| sent_failure(&e))?;
+    match trailers.as_ref().and_then(status) {
         Some((tonic::Code::Ok, _)) => {}
         Some((code, message)) => return Err(Failure::Status(code, message)),
         None => {
@@ -316,7 +333,6 @@ async fn unary(
             ));
         }
     }
-    let data = body.to_bytes();
     let malformed = || Failure::Status(tonic::Code::Internal, "a malformed answer".into());
     let (head, message) = data.split_at_checked(5).ok_or_else(malformed)?;
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
@@ -351,23 +367,61 @@ fn percent_decode(raw: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A failure once the request may have gone out. A refused stream was not processed
+/// (RFC 9113 §8.7): unsent. Anything else may have reached the handler: Unknown, never the
+/// Unavailable that means "not delivered" (a forwarded write must not be sent twice).
+fn sent_failure(e: &h2::Error) -> Failure {
+    if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        Failure::Unsent(e.to_string())
+    } else {
+        Failure::Status(tonic::Code::Unknown, e.to_string())
+    }
+}
+
+/// HTTP/2 on `io`, driven by a task of its own, which pings the peer after [`KEEP_ALIVE`]
+/// without a frame from it and closes the connection when the pong does not come within
+/// another [`KEEP_ALIVE`]: a dead peer is noticed without a call.
 async fn handshake<I>(io: I) -> Result<Sender, String>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(KEEP_ALIVE)
-        .keep_alive_timeout(KEEP_ALIVE)
-        .handshake(TokioIo::new(io))
+    // hyper's client windows: a snapshot chunk or a large forwarded answer is megabytes.
+    let (requests, mut connection) = h2::client::Builder::new()
+        .enable_push(false)
+        .initial_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(5 * 1024 * 1024)
+        .handshake(io)
         .await
         .map_err(|e| e.to_string())?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let pings = connection.ping_pong();
+    let ended = closed.clone();
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "connection to a peer control node ended");
+        let alive = async {
+            let Some(mut pings) = pings else {
+                return std::future::pending().await;
+            };
+            loop {
+                tokio::time::sleep(KEEP_ALIVE).await;
+                let pong = tokio::time::timeout(KEEP_ALIVE, pings.ping(h2::Ping::opaque()));
+                match pong.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return e.to_string(),
+                    Err(_) => return format!("no pong within {KEEP_ALIVE:?}"),
+                }
+            }
+        };
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection to a peer control node ended");
+                }
+            }
+            why = alive => tracing::debug!(%why, "a peer control node stopped answering pings"),
         }
+        ended.store(true, Ordering::Release);
     });
-    Ok(sender)
+    Ok(Sender { requests, closed })
 }
 
 #[cfg(test)]
