@@ -457,6 +457,7 @@ pub async fn serve_tcp(
 ) {
     loop {
         let (tcp, _) = super::dataplane::accept(&listener).await;
+        super::trim::note_request();
         shards.place(tcp, move |shared, tcp| async move {
             let port = shared.routing.borrow().outbound.get(&local).cloned();
             if let Some(port) = port {

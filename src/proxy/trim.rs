@@ -4,8 +4,9 @@
 //! the code its last burst of traffic faulted in. Envoy's periodic memory release is the same
 //! idea for its allocator.
 //!
-//! Requests mark activity with [`note_request`]: a load, and a store only on the first request
-//! after each check, so the request path writes nothing shared between shards while busy.
+//! Requests (and connections to a TCP route's VIP) mark activity with [`note_request`]: a
+//! load, and a store only on the first request after each check, so the request path writes
+//! nothing shared between shards while busy.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
