@@ -83,8 +83,9 @@ pub struct ControlConfig {
     /// Build a raft snapshot (and compact the log behind it) every this many entries; a node
     /// that falls further behind than a fifth of it catches up from a snapshot. A snapshot
     /// writes the whole state (on every node at once): on a mesh of 10,000 virtual nodes
-    /// that is some hundreds of milliseconds of CPU, which a low value pays often. Default
-    /// 20000 (Consul snapshots every 8192 entries, etcd every 100,000).
+    /// that is some hundreds of milliseconds of CPU (at nice 10, so writes go first), which a
+    /// low value pays often. Default 20000 (Consul snapshots every 8192 entries, etcd every
+    /// 100,000).
     pub snapshot_every: u64,
     /// Remove a voter that has not answered the leader for this many seconds (Consul
     /// autopilot's dead-server cleanup); 0 (the default) leaves it to `trellis members
