@@ -519,7 +519,7 @@ impl MeshState {
                 key.mesh
             )));
         }
-        self.resources.get(&pk).map(Arc::as_ref).ok_or_else(|| {
+        self.get(&pk).ok_or_else(|| {
             ApiError::not_found(format!(
                 "{} with name {} is not present under mesh {}",
                 pk.kind, pk.name, pk.mesh
@@ -532,10 +532,7 @@ impl MeshState {
         if key.kind != ResourceKind::Mesh {
             self.find_parent(key)?;
         }
-        self.resources
-            .get(key)
-            .map(Arc::as_ref)
-            .ok_or_else(|| not_found(key))
+        self.get(key).ok_or_else(|| not_found(key))
     }
 
     fn create(

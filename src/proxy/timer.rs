@@ -91,14 +91,12 @@ impl Timer for SlackTimer {
 
     fn reset(&self, sleep: &mut Pin<Box<dyn Sleep>>, new_deadline: Instant) {
         match sleep.as_mut().downcast_mut_pin::<SlackSleep>() {
-            Some(mut s) => match s.sleep.as_mut() {
-                Some(sleep) => arm(sleep, new_deadline),
-                None => {
-                    s.sleep = Some(Box::pin(tokio::time::sleep_until(
-                        (new_deadline + SLACK).into(),
-                    )))
+            // Its tokio sleep is gone only while it is dropped.
+            Some(mut s) => {
+                if let Some(sleep) = s.sleep.as_mut() {
+                    arm(sleep, new_deadline);
                 }
-            },
+            }
             None => *sleep = self.sleep_until(new_deadline),
         }
     }
