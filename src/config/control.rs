@@ -84,8 +84,10 @@ pub struct ControlConfig {
     /// that falls further behind than a fifth of it catches up from a snapshot. A snapshot
     /// writes the whole state (on every node at once): on a mesh of 10,000 virtual nodes
     /// that is some hundreds of milliseconds of CPU (at nice 10, so writes go first), which a
-    /// low value pays often. Default 20000 (Consul snapshots every 8192 entries, etcd every
-    /// 100,000).
+    /// low value pays often. On a state of more records than this, the interval is the number
+    /// of records at the last snapshot (as Redis rewrites its append-only file once it has
+    /// doubled), so a large mesh pays no more per write than a small one. Default 20000
+    /// (Consul snapshots every 8192 entries, etcd every 100,000).
     pub snapshot_every: u64,
     /// Remove a voter that has not answered the leader for this many seconds (Consul
     /// autopilot's dead-server cleanup); 0 (the default) leaves it to `trellis members

@@ -303,7 +303,19 @@ impl MeshState {
     /// Applies one committed command. Errors are App Mesh answers (the state is unchanged), not
     /// failures of the state machine.
     pub fn apply(&mut self, cmd: &Command) -> Outcome {
-        let out = self.apply_inner(cmd);
+        self.apply_as(cmd, Answer::Rendered)
+    }
+
+    /// Applies a command no caller waits on here (a follower applying its leader's entries):
+    /// the state changes exactly as with [`apply`](Self::apply), but a created, updated or
+    /// deleted resource is not described (`Ok(Value::Null)` stands for its description). A
+    /// clientToken's stored answer is rendered all the same: any node may have to replay it.
+    pub fn apply_unanswered(&mut self, cmd: &Command) -> Outcome {
+        self.apply_as(cmd, Answer::Unwanted)
+    }
+
+    fn apply_as(&mut self, cmd: &Command, answer: Answer) -> Outcome {
+        let out = self.apply_inner(cmd, answer);
         // Everything that succeeded changed what proxies may see, except a registry batch of
         // mere lease renewals.
         let visible = match cmd {
@@ -336,7 +348,7 @@ impl MeshState {
         self.generation = previous.generation + 1;
     }
 
-    fn apply_inner(&mut self, cmd: &Command) -> Outcome {
+    fn apply_inner(&mut self, cmd: &Command, answer: Answer) -> Outcome {
         let operation = cmd.operation();
         match cmd {
             Command::Create {
@@ -347,18 +359,25 @@ impl MeshState {
                 uid,
                 owner,
                 now,
-            } => self.idempotent(&operation, key, idempotency.as_ref(), *now, |s| {
-                s.create(key, spec, tags, uid, owner, *now)
-            }),
+            } => {
+                let answer = answer.or_for(idempotency.as_ref());
+                self.idempotent(&operation, key, idempotency.as_ref(), *now, |s| {
+                    let record = s.create(key, spec, tags, uid, owner, *now)?;
+                    Ok(answer.render(&record, Status::Active))
+                })
+            }
             Command::Update {
                 key,
                 spec,
                 idempotency,
                 now,
-            } => self.idempotent(&operation, key, idempotency.as_ref(), *now, |s| {
-                s.update(key, spec, *now)
-            }),
-            Command::Delete { key, .. } => self.delete(key),
+            } => {
+                let answer = answer.or_for(idempotency.as_ref());
+                self.idempotent(&operation, key, idempotency.as_ref(), *now, |s| {
+                    s.update(key, spec, *now, answer)
+                })
+            }
+            Command::Delete { key, .. } => self.delete(key, answer),
             Command::Tag { key, tags } => self.tag(key, tags),
             Command::Untag { key, tag_keys } => self.untag(key, tag_keys),
             Command::SetQuotas(q) => {
@@ -543,7 +562,7 @@ impl MeshState {
         uid: &str,
         owner: &Owner,
         now: f64,
-    ) -> Outcome {
+    ) -> Result<Arc<Record>, ApiError> {
         let mesh_owner = if key.kind == ResourceKind::Mesh {
             owner.account.clone()
         } else {
@@ -599,14 +618,14 @@ impl MeshState {
                 .map(|t| (t.key.clone(), t.value.clone()))
                 .collect(),
         };
-        let data = record.to_data(Status::Active);
+        let record = Arc::new(record);
         self.count(key, 1);
         self.index_hostname(key, spec, true);
-        self.resources.insert(key.clone(), Arc::new(record));
-        Ok(data)
+        self.resources.insert(key.clone(), record.clone());
+        Ok(record)
     }
 
-    fn update(&mut self, key: &ResourceKey, spec: &Spec, now: f64) -> Outcome {
+    fn update(&mut self, key: &ResourceKey, spec: &Spec, now: f64, answer: Answer) -> Outcome {
         self.find(key)?;
         self.check_spec_in_context(key, spec)?;
         if let Some(old) = self.resources.get(key).map(|r| r.spec.clone()) {
@@ -617,10 +636,10 @@ impl MeshState {
         record.spec = spec.clone();
         record.metadata.version += 1;
         record.metadata.last_updated_at = now.max(record.metadata.last_updated_at);
-        Ok(record.to_data(Status::Active))
+        Ok(answer.render(record, Status::Active))
     }
 
-    fn delete(&mut self, key: &ResourceKey) -> Outcome {
+    fn delete(&mut self, key: &ResourceKey, answer: Answer) -> Outcome {
         self.find(key)?;
         if let Some(why) = self.in_use(key) {
             return Err(ApiError::in_use(why));
@@ -633,7 +652,7 @@ impl MeshState {
             self.services
                 .remove(&(key.name.to_ascii_lowercase(), key.mesh.clone()));
         }
-        Ok(record.to_data(Status::Deleted))
+        Ok(answer.render(&record, Status::Deleted))
     }
 
     fn tag(&mut self, key: &ResourceKey, tags: &[TagRef]) -> Outcome {
@@ -831,5 +850,31 @@ impl Instances for MeshState {
             .healthy(mesh, &role)
             .map(|i| i.endpoint())
             .collect()
+    }
+}
+
+/// Whether a caller waits for a command's answer on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Rendered,
+    /// Nobody here reads it: a resource's description is left out.
+    Unwanted,
+}
+
+impl Answer {
+    /// A stored clientToken answer is always rendered.
+    fn or_for(self, idempotency: Option<&Idempotency>) -> Self {
+        if idempotency.is_some() {
+            Answer::Rendered
+        } else {
+            self
+        }
+    }
+
+    fn render(self, record: &Record, status: Status) -> Value {
+        match self {
+            Answer::Rendered => record.to_data(status),
+            Answer::Unwanted => Value::Null,
+        }
     }
 }

@@ -719,3 +719,66 @@ fn node_hostnames_resolve_to_healthy_instances() {
         "leases end"
     );
 }
+
+/// A follower applies its leader's entries unanswered: the same state, no descriptions, except
+/// a clientToken's answer, which any later leader may have to replay.
+#[test]
+fn unanswered_commands_change_the_state_alike() {
+    let mut answered = Harness::new();
+    let mut quiet = Harness::new();
+    let cmds = |token: Option<&str>| {
+        let create = |key: ResourceKey, spec: Value, uid: &str| Command::Create {
+            spec: parse_spec(key.kind, spec),
+            key,
+            tags: vec![],
+            idempotency: token.map(|t| Idempotency {
+                token: t.into(),
+                fingerprint: 7,
+            }),
+            uid: uid.into(),
+            owner: owner(),
+            now: 1.0,
+        };
+        vec![
+            create(ResourceKey::mesh("m"), json!({}), "u1"),
+            create(vn("a"), color_node(), "u2"),
+            Command::Update {
+                key: vn("a"),
+                spec: parse_spec(K::VirtualNode, json!({})),
+                idempotency: None,
+                now: 2.0,
+            },
+            Command::Delete {
+                key: vn("a"),
+                now: 3.0,
+            },
+        ]
+    };
+    for cmd in cmds(None) {
+        let loud = answered.state.apply(&cmd).unwrap();
+        assert!(loud["metadata"]["arn"].is_string(), "{loud}");
+        assert_eq!(quiet.state.apply_unanswered(&cmd).unwrap(), Value::Null);
+    }
+    assert_eq!(
+        serde_json::to_value(answered.state.snapshot()).unwrap(),
+        serde_json::to_value(quiet.state.snapshot()).unwrap()
+    );
+    assert_eq!(answered.state.generation(), quiet.state.generation());
+    // With a clientToken the answer is kept, so it is rendered on every node alike.
+    let create = cmds(Some("tok")).swap_remove(1);
+    let loud = answered.state.apply(&create).unwrap();
+    assert_eq!(quiet.state.apply_unanswered(&create).unwrap(), loud);
+    assert_eq!(
+        serde_json::to_value(answered.state.snapshot()).unwrap(),
+        serde_json::to_value(quiet.state.snapshot()).unwrap()
+    );
+    // An error is an error either way.
+    assert_eq!(
+        quiet
+            .state
+            .apply_unanswered(&cmds(None)[0])
+            .unwrap_err()
+            .kind,
+        ErrorKind::Conflict
+    );
+}

@@ -6,6 +6,7 @@
 //! (applies commands, builds and installs snapshots), `network` (RPCs to peers).
 
 mod autopilot;
+mod compaction;
 mod durable;
 mod forming;
 mod log_store;
@@ -95,7 +96,8 @@ pub enum StartError {
 pub struct RaftSettings {
     pub heartbeat_interval: Duration,
     pub election_timeout: (Duration, Duration),
-    /// Build a snapshot (and compact the log) after this many applied entries.
+    /// Build a snapshot (and compact the log) after this many applied entries, or after as many
+    /// as the state had records at the last one, where that is more (see `compaction`).
     pub snapshot_every: u64,
     /// Entries kept in the log behind a snapshot, so a briefly lagging follower can catch up
     /// from the log instead of a whole snapshot.
@@ -227,7 +229,8 @@ impl Consensus {
             heartbeat_interval: settings.heartbeat_interval.as_millis() as u64,
             election_timeout_min: settings.election_timeout.0.as_millis() as u64,
             election_timeout_max: settings.election_timeout.1.as_millis() as u64,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
+            // Built when `compaction` says so: openraft's policy knows only a fixed count.
+            snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: settings.logs_kept_after_snapshot,
             // A new or lagging node gets the snapshot in few large chunks, each of which may
             // take a while on a busy node: openraft's 200 ms default made a follower that fell
@@ -243,7 +246,7 @@ impl Consensus {
         );
         let durable = durable::Durable::default();
         let (sm, applied, applied_index) =
-            state_machine::StateMachine::open(store.clone(), durable.clone())
+            state_machine::StateMachine::open(node_id, store.clone(), durable.clone())
                 .map_err(|e| StartError::Storage(e.to_string()))?;
         let log = log_store::LogStore::new(store, node_id, durable.clone());
         let committed = log.committed();
@@ -270,7 +273,12 @@ impl Consensus {
         let (proposals, rx) = mpsc::channel(4 * proposer::MAX_BATCH);
         let proposer = tokio::spawn(proposer::run(raft.clone(), rx)).abort_handle();
         let leader_since = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        tokio::spawn(watch_leadership(raft.metrics(), leader_since.clone()));
+        tokio::spawn(watch_metrics(
+            raft.clone(),
+            leader_since.clone(),
+            compaction::Compaction::new(settings.snapshot_every),
+            applied.clone(),
+        ));
         let c = Self {
             node_id,
             addr: addr.to_string(),
@@ -685,13 +693,29 @@ impl Consensus {
 }
 
 /// Records when this node becomes leader; ends with raft.
-async fn watch_leadership(
-    mut metrics: watch::Receiver<openraft::RaftMetrics<u64, BasicNode>>,
+/// Follows the node's raft metrics: notes when it became leader, and triggers a snapshot when
+/// `compaction` says one is due.
+async fn watch_metrics(
+    raft: Raft<TypeConfig>,
     since: Arc<std::sync::atomic::AtomicU64>,
+    mut compaction: compaction::Compaction,
+    applied: Arc<std::sync::RwLock<Applied>>,
 ) {
+    let mut metrics = raft.metrics();
     let mut leading = false;
+    // A build takes a while and the metrics change meanwhile: ask once per snapshot, and again
+    // only after a pause, in case a request was dropped (openraft ignores one while a build
+    // runs, as while an installed snapshot arrives).
+    let mut asked: Option<(u64, std::time::Instant)> = None;
     loop {
-        let now_leading = metrics.borrow().state == ServerState::Leader;
+        let (now_leading, applied_index, snapshot_index) = {
+            let m = metrics.borrow_and_update();
+            (
+                m.state == ServerState::Leader,
+                m.last_applied.map_or(0, |l| l.index),
+                m.snapshot.map_or(0, |l| l.index),
+            )
+        };
         if now_leading && !leading {
             let ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -699,11 +723,26 @@ async fn watch_leadership(
             since.store(ms, std::sync::atomic::Ordering::Relaxed);
         }
         leading = now_leading;
+        let records = || {
+            let a = applied.read().unwrap_or_else(|e| e.into_inner());
+            a.state.len()
+        };
+        if compaction.due(applied_index, snapshot_index, records)
+            && asked.is_none_or(|(at, t)| at != snapshot_index || t.elapsed() >= SNAPSHOT_ASK_AGAIN)
+        {
+            asked = Some((snapshot_index, std::time::Instant::now()));
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+        }
         if metrics.changed().await.is_err() {
             return;
         }
     }
 }
+
+/// How long a snapshot request may go unanswered before it is made again.
+const SNAPSHOT_ASK_AGAIN: Duration = Duration::from_secs(5);
 
 /// A member further behind the leader than this many entries is reported `lagging`.
 const LAGGING: u64 = 1000;
@@ -729,7 +768,7 @@ mod tests {
             let dir = tempfile::tempdir().map_err(|e| openraft::StorageIOError::write(&e))?;
             let store = Store::open(dir.path()).map_err(|e| openraft::StorageIOError::write(&e))?;
             let durable = super::durable::Durable::default();
-            let (sm, _, _) = StateMachine::open(store.clone(), durable.clone())
+            let (sm, _, _) = StateMachine::open(1, store.clone(), durable.clone())
                 .map_err(|e| openraft::StorageIOError::read(&e))?;
             Ok((dir, LogStore::new(store, 1, durable), sm))
         }
@@ -787,11 +826,14 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
+            // A small state (20 meshes) under many writes: a snapshot every 50 entries.
             for i in 0..400 {
-                node.write(mesh(&format!("m{i:03}")))
-                    .await
-                    .unwrap()
-                    .unwrap();
+                let cmd = if i < 20 {
+                    mesh(&format!("m{i:03}"))
+                } else {
+                    Command::SetQuotas(quotas.clone())
+                };
+                node.write(cmd).await.unwrap().unwrap();
             }
             let mut applied = node.applied_index();
             // Compaction runs in the background after the snapshot; wait for it.
@@ -826,7 +868,7 @@ mod tests {
             .await
             .unwrap();
         let after = node.read(|s| s.snapshot().resources);
-        assert_eq!(after.len(), 400);
+        assert_eq!(after.len(), 20);
         assert_eq!(after, before);
         assert_eq!(node.read(|s| s.quotas().clone()), quotas);
         node.shutdown().await;

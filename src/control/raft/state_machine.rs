@@ -27,6 +27,8 @@ pub struct Applied {
 }
 
 pub struct StateMachine {
+    /// This node: only entries it proposed as leader have a caller waiting for their answer.
+    node_id: u64,
     store: Store,
     applied: Arc<RwLock<Applied>>,
     applied_tx: watch::Sender<u64>,
@@ -44,7 +46,7 @@ type Shared = (StateMachine, Arc<RwLock<Applied>>, watch::Receiver<u64>);
 
 impl StateMachine {
     /// Opens the state machine, restoring the last persisted snapshot.
-    pub fn open(store: Store, durable: Durable) -> Result<Shared, StoreError> {
+    pub fn open(node_id: u64, store: Store, durable: Durable) -> Result<Shared, StoreError> {
         let mut applied = Applied::default();
         let mut stored = None;
         if let Some(bytes) = store.get_snapshot()? {
@@ -61,6 +63,7 @@ impl StateMachine {
         let applied = Arc::new(RwLock::new(applied));
         Ok((
             StateMachine {
+                node_id,
                 store,
                 applied: applied.clone(),
                 applied_tx: tx,
@@ -157,6 +160,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 a.last_applied = Some(entry.log_id);
                 let r = match entry.payload {
                     EntryPayload::Blank => Vec::new(),
+                    // Another leader's entry: the answer went to its caller there, so none is
+                    // rendered here (a resource's description costs more than applying it).
+                    EntryPayload::Normal(proposal)
+                        if entry.log_id.leader_id.node_id != self.node_id =>
+                    {
+                        proposal
+                            .0
+                            .iter()
+                            .map(|cmd| a.state.apply_unanswered(cmd))
+                            .collect()
+                    }
                     EntryPayload::Normal(proposal) => {
                         proposal.0.iter().map(|cmd| a.state.apply(cmd)).collect()
                     }
