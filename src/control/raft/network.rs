@@ -1,6 +1,7 @@
 //! openraft's network: append-entries, vote and install-snapshot to peer control nodes over
-//! their `Cluster` gRPC service (`peers`), as JSON of openraft's own types. A peer that cannot
-//! be reached is reported `Unreachable`, so openraft backs off instead of spinning.
+//! their `Cluster` gRPC service (`peers`), as JSON of openraft's own types; append-entries on
+//! one stream per replication. A peer that cannot be reached is reported `Unreachable`, so
+//! openraft backs off instead of spinning.
 //!
 //! The fault hook ([`Faults`]) drops RPCs to chosen peers: the tests cut a node off the
 //! cluster with it (a partition) without network namespaces. It is reachable only through the
@@ -24,7 +25,7 @@ use serde::de::DeserializeOwned;
 
 use super::TypeConfig;
 use super::durable::Durable;
-use super::peers::{CallError, Peers, Rpc};
+use super::peers::{AppendStream, CallError, Peers, Rpc};
 
 /// Peers whose raft RPCs are dropped, both ways (this node neither sends to them nor accepts
 /// from them).
@@ -56,6 +57,8 @@ pub struct Peer {
     target: u64,
     addr: String,
     peers: Peers,
+    /// This replication's AppendEntries stream to the peer.
+    append: AppendStream,
     faults: Faults,
     durable: Durable,
 }
@@ -67,6 +70,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Peer {
             target,
             addr: node.addr.clone(),
+            append: AppendStream::new(&node.addr),
             peers: self.peers.clone(),
             faults: self.faults.clone(),
             durable: self.durable.clone(),
@@ -80,7 +84,7 @@ struct Failure(String);
 
 impl Peer {
     async fn send<Req, Resp, E>(
-        &self,
+        &mut self,
         rpc: Rpc,
         req: &Req,
         option: &RPCOption,
@@ -97,14 +101,14 @@ impl Peer {
         let body = serde_json::to_vec(req)
             .map_err(|e| RPCError::Network(NetworkError::new(&Failure(e.to_string()))))?;
         let timeout = option.hard_ttl().max(Duration::from_millis(50));
-        let answer = self
-            .peers
-            .call(&self.addr, rpc, body, timeout)
-            .await
-            .map_err(|e| match e {
-                CallError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
-                CallError::Status { .. } => RPCError::Network(NetworkError::new(&e)),
-            })?;
+        let answer = match rpc {
+            Rpc::AppendEntries => self.append.call(&self.peers, body, timeout).await,
+            _ => self.peers.call(&self.addr, rpc, body, timeout).await,
+        };
+        let answer = answer.map_err(|e| match e {
+            CallError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+            CallError::Status { .. } => RPCError::Network(NetworkError::new(&e)),
+        })?;
         let result: Result<Resp, RaftError<u64, E>> = serde_json::from_slice(&answer)
             .map_err(|e| RPCError::Network(NetworkError::new(&Failure(e.to_string()))))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))

@@ -3,11 +3,18 @@
 //! (join, forwarded writes, read-index, removal, leadership transfer). With TLS on, a caller
 //! must present a control-node certificate of this cluster (`spiffe://<td>/control/<id>`):
 //! a proxy's certificate, or none, is refused.
+//!
+//! AppendEntries comes on a long-lived stream per leader (`AppendStream`, see `peers`): a
+//! follower gets two per write (the entry, then the new commit index), and on a stream each
+//! costs a DATA frame, not a request's headers, trailers and task.
 
+use std::pin::Pin;
+
+use futures_util::Stream;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::{Consensus, JoinRequest, TypeConfig, WriteError};
 use crate::identity::spiffe::{self, Identity};
@@ -31,7 +38,7 @@ impl ClusterService {
         .max_encoding_message_size(usize::MAX)
     }
 
-    fn check_caller(&self, req: &Request<Json>) -> Result<(), Status> {
+    fn check_caller<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let Some(td) = &self.trust_domain else {
             return Ok(());
         };
@@ -51,13 +58,38 @@ impl ClusterService {
     }
 
     fn cut(&self, from: u64) -> Result<(), Status> {
-        if self.consensus.faults.is_cut(from) {
-            return Err(Status::unavailable(format!(
-                "node {from} is cut off by the fault hook"
-            )));
-        }
-        Ok(())
+        cut(&self.consensus, from)
     }
+}
+
+/// The fault-injection hook (tests): RPCs from a node cut off are refused.
+fn cut(consensus: &Consensus, from: u64) -> Result<(), Status> {
+    if consensus.faults.is_cut(from) {
+        return Err(Status::unavailable(format!(
+            "node {from} is cut off by the fault hook"
+        )));
+    }
+    Ok(())
+}
+
+/// The answers of an `AppendStream`, in the order of its requests.
+type AppendAnswers = Pin<Box<dyn Stream<Item = Result<Json, Status>> + Send>>;
+
+/// One AppendEntries from a stream, handed to the local raft; `None` once the stream ended.
+async fn append_one(
+    consensus: &Consensus,
+    incoming: &mut Streaming<Json>,
+) -> Result<Option<Json>, Status> {
+    let Some(msg) = incoming.message().await? else {
+        return Ok(None);
+    };
+    let rpc: AppendEntriesRequest<TypeConfig> = serde_json::from_slice(&msg.json)
+        .map_err(|e| Status::invalid_argument(format!("malformed message: {e}")))?;
+    cut(consensus, rpc.vote.leader_id.node_id)?;
+    let answer = consensus.raft.append_entries(rpc).await;
+    serde_json::to_vec(&answer)
+        .map(|json| Some(Json { json }))
+        .map_err(|e| Status::internal(e.to_string()))
 }
 
 fn decode<T: DeserializeOwned>(req: Request<Json>) -> Result<T, Status> {
@@ -88,6 +120,28 @@ impl Cluster for ClusterService {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
         self.cut(rpc.vote.leader_id.node_id)?;
         encode(&self.consensus.raft.append_entries(rpc).await)
+    }
+
+    type AppendStreamStream = AppendAnswers;
+
+    /// Answered in the task that serves the stream (no task per message): each answer is made
+    /// when the connection asks for the next one.
+    async fn append_stream(
+        &self,
+        req: Request<Streaming<Json>>,
+    ) -> Result<Response<AppendAnswers>, Status> {
+        self.check_caller(&req)?;
+        let state = Some((self.consensus.clone(), req.into_inner()));
+        let answers = futures_util::stream::unfold(state, |state| async move {
+            let (consensus, mut incoming) = state?;
+            match append_one(&consensus, &mut incoming).await {
+                Ok(Some(answer)) => Some((Ok(answer), Some((consensus, incoming)))),
+                Ok(None) => None,
+                // An error ends the stream; the leader opens another.
+                Err(status) => Some((Err(status), None)),
+            }
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn vote(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
