@@ -285,19 +285,13 @@ fn concurrent_operations_stay_linearizable_through_kills_pauses_and_partitions()
     if let Err(e) = linearizable::check(&history) {
         panic!("{e}");
     }
-    // Most elections take 1–1.8 s. openraft 0.9 adds a penalty of twice the election
-    // timeout to a candidate that learned of a longer log, which now and then pushes one
-    // to about 3.5 s: the median must stay under 3 s, and no election may take 6.
-    let mut sorted = elections.clone();
-    sorted.sort();
+    // Elections take about 1 s (a leader lease of 600 ms, then a randomized 300–600 ms). A
+    // candidate with a shorter log than a voter's would wait twice the election timeout
+    // before trying again and now and then held the election up past 3 s; the voter now
+    // campaigns at once (`Consensus::outrun`). Every election within 3 s, as the issue asks.
+    let slowest = elections.iter().max().copied().unwrap_or_default();
     assert!(
-        sorted[sorted.len() / 2] < Duration::from_secs(3),
-        "median election {:?} of {sorted:?}",
-        sorted[sorted.len() / 2]
-    );
-    assert!(
-        sorted[sorted.len() - 1] < Duration::from_secs(6),
-        "an election took {:?}",
-        sorted[sorted.len() - 1]
+        slowest < Duration::from_secs(3),
+        "an election took {slowest:?}: {elections:?}"
     );
 }

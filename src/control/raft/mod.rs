@@ -202,6 +202,30 @@ pub struct Consensus {
     leader_since: Arc<std::sync::atomic::AtomicU64>,
     /// The commit index as raft last saved it (`LogStore::save_committed`).
     committed: Arc<std::sync::atomic::AtomicU64>,
+    /// When an AppendEntries last came: whether this node still hears a leader.
+    contact: Arc<Contact>,
+}
+
+/// When this node last heard from a leader.
+#[derive(Debug)]
+struct Contact {
+    started: std::time::Instant,
+    /// Milliseconds after `started`.
+    last: std::sync::atomic::AtomicU64,
+    /// Silence longer than this (openraft's leader lease, the longest election timeout) means
+    /// the leader is gone.
+    lease: Duration,
+}
+
+impl Contact {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn silent(&self) -> bool {
+        let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
+        self.now().saturating_sub(last) > self.lease.as_millis() as u64
+    }
 }
 
 /// How long a write or read waits for a leader before answering 503.
@@ -273,6 +297,11 @@ impl Consensus {
         let (proposals, rx) = mpsc::channel(4 * proposer::MAX_BATCH);
         let proposer = tokio::spawn(proposer::run(raft.clone(), rx)).abort_handle();
         let leader_since = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let contact = Arc::new(Contact {
+            started: std::time::Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+            lease: settings.election_timeout.1,
+        });
         tokio::spawn(watch_metrics(
             raft.clone(),
             leader_since.clone(),
@@ -291,6 +320,7 @@ impl Consensus {
             faults,
             leader_since,
             committed,
+            contact,
         };
         if !clustered {
             c.wait_for_leader(Duration::from_secs(30)).await?;
@@ -321,6 +351,51 @@ impl Consensus {
 
     pub fn node_id(&self) -> u64 {
         self.node_id
+    }
+
+    /// An AppendEntries came (from whichever leader).
+    fn heard_leader(&self) {
+        let now = self.contact.now();
+        self.contact
+            .last
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// This node refused its vote to a candidate (of `candidate_term`) whose log is shorter
+    /// than its own (`answer`). That candidate cannot win here, and openraft makes it wait
+    /// twice the longest election timeout before it tries again (it saw a longer log), while
+    /// this node, whose own timer may fire in the term the candidate already holds, can lose
+    /// a round to it: the tail of the election times. Where this node no longer hears a
+    /// leader either, it campaigns now, at a term past the candidate's, so the node that can
+    /// win is the one that tries. A node that still hears its leader leaves it alone.
+    fn outrun(
+        &self,
+        candidate_term: u64,
+        candidate_log: Option<openraft::LogId<u64>>,
+        answer: &openraft::raft::VoteResponse<u64>,
+    ) {
+        if answer.vote_granted || answer.last_log_id <= candidate_log || !self.contact.silent() {
+            return;
+        }
+        let term = self.raft.metrics().borrow().current_term;
+        // Each campaign is one term past the last; a candidate far ahead is left to time out.
+        let campaigns = (candidate_term + 1).saturating_sub(term);
+        if campaigns == 0 || campaigns > MAX_OUTRUN {
+            return;
+        }
+        tracing::info!(
+            candidate_term,
+            term,
+            "a candidate with a shorter log asked for a vote and no leader is heard: campaigning"
+        );
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            for _ in 0..campaigns {
+                if raft.trigger().elect().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     /// The fault-injection hook of the raft network (tests only).
@@ -743,6 +818,9 @@ async fn watch_metrics(
 
 /// How long a snapshot request may go unanswered before it is made again.
 const SNAPSHOT_ASK_AGAIN: Duration = Duration::from_secs(5);
+
+/// The most terms a node skips to outrun a candidate with a shorter log (see `outrun`).
+const MAX_OUTRUN: u64 = 3;
 
 /// A member further behind the leader than this many entries is reported `lagging`.
 const LAGGING: u64 = 1000;

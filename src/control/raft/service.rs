@@ -86,6 +86,7 @@ async fn append_one(
     let rpc: AppendEntriesRequest<TypeConfig> = serde_json::from_slice(&msg.json)
         .map_err(|e| Status::invalid_argument(format!("malformed message: {e}")))?;
     cut(consensus, rpc.vote.leader_id.node_id)?;
+    consensus.heard_leader();
     let answer = consensus.raft.append_entries(rpc).await;
     serde_json::to_vec(&answer)
         .map(|json| Some(Json { json }))
@@ -119,6 +120,7 @@ impl Cluster for ClusterService {
         self.check_caller(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
         self.cut(rpc.vote.leader_id.node_id)?;
+        self.consensus.heard_leader();
         encode(&self.consensus.raft.append_entries(rpc).await)
     }
 
@@ -148,7 +150,12 @@ impl Cluster for ClusterService {
         self.check_caller(&req)?;
         let rpc: VoteRequest<u64> = decode(req)?;
         self.cut(rpc.vote.leader_id.node_id)?;
-        encode(&self.consensus.raft.vote(rpc).await)
+        let (term, log) = (rpc.vote.leader_id.term, rpc.last_log_id);
+        let answer = self.consensus.raft.vote(rpc).await;
+        if let Ok(refused) = &answer {
+            self.consensus.outrun(term, log, refused);
+        }
+        encode(&answer)
     }
 
     async fn install_snapshot(&self, req: Request<Json>) -> Result<Response<Json>, Status> {
