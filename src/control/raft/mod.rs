@@ -202,7 +202,8 @@ pub struct Consensus {
     leader_since: Arc<std::sync::atomic::AtomicU64>,
     /// The commit index as raft last saved it (`LogStore::save_committed`).
     committed: Arc<std::sync::atomic::AtomicU64>,
-    /// When an AppendEntries last came: whether this node still hears a leader.
+    /// When an AppendEntries or snapshot chunk last came: whether this node still hears a
+    /// leader.
     contact: Arc<Contact>,
 }
 
@@ -353,7 +354,7 @@ impl Consensus {
         self.node_id
     }
 
-    /// An AppendEntries came (from whichever leader).
+    /// An AppendEntries or a snapshot chunk came (from whichever leader).
     fn heard_leader(&self) {
         let now = self.contact.now();
         self.contact
@@ -377,7 +378,14 @@ impl Consensus {
         if answer.vote_granted || answer.last_log_id <= candidate_log || !self.contact.silent() {
             return;
         }
-        let term = self.raft.metrics().borrow().current_term;
+        let (term, leading) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.current_term, m.state == ServerState::Leader)
+        };
+        if leading {
+            return;
+        }
         // Each campaign is one term past the last; a candidate far ahead is left to time out.
         let campaigns = (candidate_term + 1).saturating_sub(term);
         if campaigns == 0 || campaigns > MAX_OUTRUN {

@@ -162,6 +162,7 @@ impl Cluster for ClusterService {
         self.check_caller(&req)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
         self.cut(rpc.vote.leader_id.node_id)?;
+        self.consensus.heard_leader();
         encode(&self.consensus.raft.install_snapshot(rpc).await)
     }
 
