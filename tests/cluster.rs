@@ -609,6 +609,12 @@ fn a_leader_stopped_with_sigterm_hands_leadership_over() {
         c.log(leader)
     );
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // A follower stops as promptly, though the new leader's AppendEntries stream to it never
+    // ends by itself (a graceful stop waits for every stream).
+    let new_leader = c.leader().unwrap();
+    let follower = (0..3).find(|i| *i != leader && *i != new_leader).unwrap();
+    let code = c.stop_within(follower, Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{}", c.log(follower));
 }
 
 fn dig(dns: std::net::SocketAddr, name: &str) -> Vec<String> {

@@ -334,6 +334,9 @@ struct GrpcServer {
     proxies: super::xds::ProxyTable,
     traffic: super::traffic::TrafficTable,
     stop: tokio::sync::oneshot::Sender<()>,
+    /// Ends the streams that would otherwise hold a graceful stop forever (a leader's
+    /// AppendEntries stream to this node).
+    closing: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
@@ -347,6 +350,7 @@ impl GrpcServer {
         consensus: &Consensus,
     ) -> Result<Self, NodeError> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (closing, closed) = tokio::sync::watch::channel(false);
         let mut builder = tonic::transport::Server::builder();
         if let Some(t) = tls {
             // Proxies without a certificate yet must reach Identity.Issue: client certificates
@@ -367,7 +371,11 @@ impl GrpcServer {
         let trust_domain = tls.map(|_| trust_domain.to_string());
         let task = tokio::spawn(
             builder
-                .add_service(ClusterService::server(consensus.clone(), trust_domain))
+                .add_service(ClusterService::server(
+                    consensus.clone(),
+                    trust_domain,
+                    closed,
+                ))
                 .add_service(xds.into_service())
                 .add_service(certs.into_service())
                 .serve_with_incoming_shutdown(
@@ -383,11 +391,13 @@ impl GrpcServer {
             proxies,
             traffic,
             stop,
+            closing,
             task,
         })
     }
 
     async fn stop(self) {
+        self.closing.send_replace(true);
         let _ = self.stop.send(());
         match self.task.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "grpc server"),

@@ -256,6 +256,26 @@ impl Cluster {
         c.wait().ok().and_then(|s| s.code())
     }
 
+    /// Sends SIGTERM to node `i` and waits up to `within` for it to exit: its exit code, or
+    /// `None` if it is still running (then it is killed).
+    pub fn stop_within(&mut self, i: usize, within: Duration) -> Option<i32> {
+        self.signal(i, "TERM");
+        let mut c = self.nodes[i].child.take()?;
+        let mut code = None;
+        let exited = wait_until(within, || match c.try_wait() {
+            Ok(Some(status)) => {
+                code = status.code();
+                true
+            }
+            _ => false,
+        });
+        if !exited {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        code
+    }
+
     /// Cuts node `i` off from the others: every node drops raft RPCs across the cut.
     pub fn partition(&self, i: usize) {
         let id = self.nodes[i].id;

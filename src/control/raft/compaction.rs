@@ -6,9 +6,10 @@
 //! large mesh pay it ever more often per write (100k virtual nodes: a second of CPU on every node
 //! at once, every 20,000 writes). Tying the interval to the state's size, as Redis rewrites its
 //! append-only file once it has grown by the size it had at the last rewrite, keeps the
-//! snapshot's share of each write's cost constant, and the log never longer than the state it
-//! would replay onto. openraft's own policy knows only a fixed count, so the node runs with
-//! `SnapshotPolicy::Never` and this triggers the builds.
+//! snapshot's share of each write's cost constant, and the log about as long (in entries; an
+//! entry may batch several commands) as the state has resources. openraft's own policy knows
+//! only a fixed count, so the node runs with `SnapshotPolicy::Never` and this triggers the
+//! builds.
 
 /// Decides, from what the node has applied, when the next snapshot is due.
 #[derive(Debug)]
@@ -27,8 +28,8 @@ impl Compaction {
     }
 
     /// Whether a snapshot is due now that the node has applied up to `applied`, with its last
-    /// snapshot at `snapshot` (`None`: none yet). `records` counts the state; it is asked only
-    /// when a snapshot appears (to remember its size) or when the fixed interval has passed.
+    /// snapshot at `snapshot` (0: none yet). `records` counts the state's resources; it is
+    /// asked only when a snapshot appears (to remember its size).
     pub fn due(&mut self, applied: u64, snapshot: u64, records: impl FnOnce() -> usize) -> bool {
         let mut records = Some(records);
         let mut count = || records.take().map_or(0, |f| f());

@@ -216,6 +216,8 @@ struct Contact {
     /// Silence longer than this (openraft's leader lease, the longest election timeout) means
     /// the leader is gone.
     lease: Duration,
+    /// A campaign to outrun a candidate is under way (see `Consensus::outrun`).
+    outrunning: std::sync::atomic::AtomicBool,
 }
 
 impl Contact {
@@ -302,6 +304,7 @@ impl Consensus {
             started: std::time::Instant::now(),
             last: std::sync::atomic::AtomicU64::new(0),
             lease: settings.election_timeout.1,
+            outrunning: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(watch_metrics(
             raft.clone(),
@@ -367,8 +370,10 @@ impl Consensus {
     /// twice the longest election timeout before it tries again (it saw a longer log), while
     /// this node, whose own timer may fire in the term the candidate already holds, can lose
     /// a round to it: the tail of the election times. Where this node no longer hears a
-    /// leader either, it campaigns now, at a term past the candidate's, so the node that can
-    /// win is the one that tries. A node that still hears its leader leaves it alone.
+    /// leader either, and is still in an older term than the candidate's, it campaigns now, to
+    /// a term past the candidate's, so the node that can win is the one that tries. A node that
+    /// hears its leader, leads, or has moved to the candidate's term (it voted there, perhaps
+    /// for the leader about to be, or campaigns itself) leaves things alone.
     fn outrun(
         &self,
         candidate_term: u64,
@@ -378,17 +383,22 @@ impl Consensus {
         if answer.vote_granted || answer.last_log_id <= candidate_log || !self.contact.silent() {
             return;
         }
-        let (term, leading) = {
+        let target = candidate_term + 1;
+        let term = {
             let m = self.raft.metrics();
             let m = m.borrow();
-            (m.current_term, m.state == ServerState::Leader)
+            if m.state == ServerState::Leader || m.current_term >= candidate_term {
+                return;
+            }
+            m.current_term
         };
-        if leading {
-            return;
-        }
         // Each campaign is one term past the last; a candidate far ahead is left to time out.
-        let campaigns = (candidate_term + 1).saturating_sub(term);
-        if campaigns == 0 || campaigns > MAX_OUTRUN {
+        if target - term > MAX_OUTRUN
+            || self
+                .contact
+                .outrunning
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             return;
         }
         tracing::info!(
@@ -396,13 +406,32 @@ impl Consensus {
             term,
             "a candidate with a shorter log asked for a vote and no leader is heard: campaigning"
         );
-        let raft = self.raft.clone();
+        let (raft, contact) = (self.raft.clone(), self.contact.clone());
         tokio::spawn(async move {
-            for _ in 0..campaigns {
-                if raft.trigger().elect().await.is_err() {
-                    return;
+            loop {
+                let term = {
+                    let m = raft.metrics();
+                    let m = m.borrow();
+                    if m.state == ServerState::Leader || m.current_term >= target {
+                        break;
+                    }
+                    m.current_term
+                };
+                if !contact.silent() || raft.trigger().elect().await.is_err() {
+                    break;
+                }
+                // The trigger is queued to the raft task: see the term move before the next.
+                let moved = raft
+                    .wait(Some(OUTRUN_STEP))
+                    .metrics(|m| m.current_term > term, "the term moved")
+                    .await;
+                if moved.is_err() {
+                    break;
                 }
             }
+            contact
+                .outrunning
+                .store(false, std::sync::atomic::Ordering::Release);
         });
     }
 
@@ -829,6 +858,8 @@ const SNAPSHOT_ASK_AGAIN: Duration = Duration::from_secs(5);
 
 /// The most terms a node skips to outrun a candidate with a shorter log (see `outrun`).
 const MAX_OUTRUN: u64 = 3;
+/// How long one of those campaigns may take to move the term before the rest are given up.
+const OUTRUN_STEP: Duration = Duration::from_millis(200);
 
 /// A member further behind the leader than this many entries is reported `lagging`.
 const LAGGING: u64 = 1000;

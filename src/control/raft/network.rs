@@ -59,6 +59,9 @@ pub struct Peer {
     peers: Peers,
     /// This replication's AppendEntries stream to the peer.
     append: AppendStream,
+    /// The peer has no `AppendStream` (an older version, during a rolling upgrade): its
+    /// AppendEntries go as unary calls.
+    append_unary: bool,
     faults: Faults,
     durable: Durable,
 }
@@ -71,6 +74,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.clone(),
             append: AppendStream::new(&node.addr),
+            append_unary: false,
             peers: self.peers.clone(),
             faults: self.faults.clone(),
             durable: self.durable.clone(),
@@ -102,7 +106,19 @@ impl Peer {
             .map_err(|e| RPCError::Network(NetworkError::new(&Failure(e.to_string()))))?;
         let timeout = option.hard_ttl().max(Duration::from_millis(50));
         let answer = match rpc {
-            Rpc::AppendEntries => self.append.call(&self.peers, body, timeout).await,
+            Rpc::AppendEntries if !self.append_unary => {
+                match self.append.call(&self.peers, &body, timeout).await {
+                    // Nothing was handled: unary, now and from now on.
+                    Err(CallError::Status {
+                        code: tonic::Code::Unimplemented,
+                        ..
+                    }) => {
+                        self.append_unary = true;
+                        self.peers.call(&self.addr, rpc, body, timeout).await
+                    }
+                    answer => answer,
+                }
+            }
             _ => self.peers.call(&self.addr, rpc, body, timeout).await,
         };
         let answer = answer.map_err(|e| match e {

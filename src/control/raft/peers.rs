@@ -228,8 +228,8 @@ impl Peers {
 
 /// A long-lived `AppendStream` call to one peer, carrying one replication's AppendEntries: one
 /// request at a time, each answered in order before the next is sent. Opened by the first call;
-/// a failure or a timeout drops it (a late answer can then never be taken for the next one's),
-/// and the next call opens another.
+/// a failure, a timeout or a call dropped before its answer drops it (a late answer can then
+/// never be taken for the next one's), and the next call opens another.
 pub struct AppendStream {
     addr: String,
     open: Option<OpenStream>,
@@ -263,14 +263,14 @@ impl AppendStream {
     pub async fn call(
         &mut self,
         peers: &Peers,
-        json: Vec<u8>,
+        json: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let framed = grpc_frame(json).map_err(|f| f.at(&self.addr))?;
         let mut fresh = false;
-        let open = loop {
-            let open = match self.open.take().filter(|o| !o.connection.is_closed()) {
+        let mut open = loop {
+            let mut open = match self.open.take().filter(|o| !o.connection.is_closed()) {
                 Some(open) => open,
                 None => {
                     // Nothing is sent before there is a connection (see `Peers::call`).
@@ -281,12 +281,16 @@ impl AppendStream {
                             message: format!("no connection within {timeout:?}"),
                         })??;
                     fresh = true;
-                    OpenStream::start(connection, peers.scheme(), &self.addr)
+                    let start = OpenStream::start(connection, peers.scheme(), &self.addr);
+                    tokio::time::timeout_at(deadline, start)
                         .await
+                        .map_err(|_| CallError::Unreachable {
+                            addr: self.addr.clone(),
+                            message: format!("no stream within {timeout:?}"),
+                        })?
                         .map_err(|f| f.at(&self.addr))?
                 }
             };
-            let mut open = open;
             match open.requests.send_data(framed.clone(), false) {
                 Ok(()) => break open,
                 Err(e) if fresh => return Err(sent_failure(&e).at(&self.addr)),
@@ -295,20 +299,22 @@ impl AppendStream {
                 Err(_) => continue,
             }
         };
-        let open = self.open.insert(open);
-        let answer = match tokio::time::timeout_at(deadline, open.next_answer()).await {
-            Ok(answer) => answer.map_err(|f| f.at(&self.addr)),
+        // Held here, not in `self`, until the answer is in: if this call is dropped first
+        // (openraft times its RPCs out too) the stream goes with it, and no later call can
+        // read this one's answer as its own.
+        match tokio::time::timeout_at(deadline, open.next_answer()).await {
+            Ok(Ok(answer)) => {
+                self.open = Some(open);
+                Ok(answer)
+            }
+            Ok(Err(f)) => Err(f.at(&self.addr)),
             // It may have been delivered (see `Failure`).
             Err(_) => Err(CallError::Status {
                 addr: self.addr.clone(),
                 code: tonic::Code::Cancelled,
                 message: format!("no answer within {timeout:?}"),
             }),
-        };
-        if answer.is_err() {
-            self.open = None;
         }
-        answer
     }
 }
 
@@ -422,7 +428,7 @@ async fn unary(
     json: Vec<u8>,
     timeout: Duration,
 ) -> Result<Vec<u8>, Failure> {
-    let framed = grpc_frame(json)?;
+    let framed = grpc_frame(&json)?;
     let req = http::Request::post(uri)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
@@ -472,16 +478,20 @@ async fn unary(
 }
 
 /// `Json { json }` as one length-prefixed gRPC message.
-fn grpc_frame(json: Vec<u8>) -> Result<Bytes, Failure> {
-    use prost::Message;
+fn grpc_frame(json: &[u8]) -> Result<Bytes, Failure> {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
-    let message = Json { json }.encode_to_vec();
-    let len = u32::try_from(message.len())
+    // The message is its one field: key, length, bytes (written here, not through a `Json`,
+    // so the caller keeps its bytes).
+    let message_len = 1 + encoded_len_varint(json.len() as u64) + json.len();
+    let len = u32::try_from(message_len)
         .map_err(|_| Failure::Status(tonic::Code::Internal, "request over 4 GiB".into()))?;
-    let mut framed = Vec::with_capacity(5 + message.len());
+    let mut framed = Vec::with_capacity(5 + message_len);
     framed.push(0);
     framed.extend_from_slice(&len.to_be_bytes());
-    framed.extend_from_slice(&message);
+    encode_key(1, WireType::LengthDelimited, &mut framed);
+    encode_varint(json.len() as u64, &mut framed);
+    framed.extend_from_slice(json);
     Ok(Bytes::from(framed))
 }
 
@@ -693,7 +703,7 @@ mod tests {
                                     if msg == b"slow" {
                                         tokio::time::sleep(Duration::from_millis(300)).await;
                                     }
-                                    let framed = grpc_frame(msg).ok().unwrap();
+                                    let framed = grpc_frame(&msg).ok().unwrap();
                                     let _ = send.send_data(framed, false);
                                 }
                             }
@@ -705,9 +715,9 @@ mod tests {
         (addr, streams)
     }
 
-    /// Calls share one stream; one that fails (the peer ended the stream, or no answer in
-    /// time) drops it, and the next call opens another, so a late answer is never taken for
-    /// the next call's.
+    /// Calls share one stream; one that fails (the peer ended the stream, no answer in time,
+    /// or the call was dropped) drops it, and the next call opens another, so a late answer is
+    /// never taken for the next call's.
     #[tokio::test]
     async fn the_append_stream_answers_in_order_and_reopens_after_a_failure() {
         let (addr, streams) = echo_peer().await;
@@ -715,7 +725,7 @@ mod tests {
         let mut stream = AppendStream::new(&addr);
         let wait = Duration::from_secs(5);
         for m in ["one", "two", "three"] {
-            let answer = stream.call(&peers, m.into(), wait).await.unwrap();
+            let answer = stream.call(&peers, m.as_bytes(), wait).await.unwrap();
             assert_eq!(answer, m.as_bytes());
         }
         assert_eq!(
@@ -724,25 +734,16 @@ mod tests {
             "one stream for every call"
         );
 
-        let err = stream
-            .call(&peers, b"end".to_vec(), wait)
-            .await
-            .unwrap_err();
+        let err = stream.call(&peers, b"end", wait).await.unwrap_err();
         assert!(
             matches!(&err, CallError::Status { code: tonic::Code::Unavailable, message, .. } if message == "going away"),
             "{err}"
         );
-        assert_eq!(
-            stream.call(&peers, b"four".to_vec(), wait).await.unwrap(),
-            b"four"
-        );
+        assert_eq!(stream.call(&peers, b"four", wait).await.unwrap(), b"four");
         assert_eq!(streams.load(Ordering::SeqCst), 2);
 
         let short = Duration::from_millis(100);
-        let err = stream
-            .call(&peers, b"slow".to_vec(), short)
-            .await
-            .unwrap_err();
+        let err = stream.call(&peers, b"slow", short).await.unwrap_err();
         assert!(
             matches!(
                 &err,
@@ -754,11 +755,15 @@ mod tests {
             "{err}"
         );
         assert!(!err.not_delivered(), "it may have been delivered: {err}");
-        assert_eq!(
-            stream.call(&peers, b"five".to_vec(), wait).await.unwrap(),
-            b"five"
-        );
+        assert_eq!(stream.call(&peers, b"five", wait).await.unwrap(), b"five");
         assert_eq!(streams.load(Ordering::SeqCst), 3);
+
+        // A call dropped before its answer (openraft's own timeout) takes its stream along.
+        let dropped = tokio::time::timeout(short, stream.call(&peers, b"slow", wait));
+        assert!(dropped.await.is_err());
+        let six = stream.call(&peers, b"six", wait).await.unwrap();
+        assert_eq!(six, b"six");
+        assert_eq!(streams.load(Ordering::SeqCst), 4);
     }
 
     #[test]

@@ -26,13 +26,21 @@ pub struct ClusterService {
     consensus: Consensus,
     /// With TLS: the trust domain callers' control-node certificates must name.
     trust_domain: Option<String>,
+    /// Turns true when the server stops: append streams end then (a graceful stop waits for
+    /// every stream, and a leader's would never end by itself).
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ClusterService {
-    pub fn server(consensus: Consensus, trust_domain: Option<String>) -> ClusterServer<Self> {
+    pub fn server(
+        consensus: Consensus,
+        trust_domain: Option<String>,
+        closing: tokio::sync::watch::Receiver<bool>,
+    ) -> ClusterServer<Self> {
         ClusterServer::new(Self {
             consensus,
             trust_domain,
+            closing,
         })
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX)
@@ -70,6 +78,13 @@ fn cut(consensus: &Consensus, from: u64) -> Result<(), Status> {
         )));
     }
     Ok(())
+}
+
+/// Resolves once the server stops (never, if its sender is gone without saying so).
+async fn stopping(closing: &mut tokio::sync::watch::Receiver<bool>) {
+    if closing.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// The answers of an `AppendStream`, in the order of its requests.
@@ -133,11 +148,19 @@ impl Cluster for ClusterService {
         req: Request<Streaming<Json>>,
     ) -> Result<Response<AppendAnswers>, Status> {
         self.check_caller(&req)?;
-        let state = Some((self.consensus.clone(), req.into_inner()));
+        let state = Some((
+            self.consensus.clone(),
+            req.into_inner(),
+            self.closing.clone(),
+        ));
         let answers = futures_util::stream::unfold(state, |state| async move {
-            let (consensus, mut incoming) = state?;
-            match append_one(&consensus, &mut incoming).await {
-                Ok(Some(answer)) => Some((Ok(answer), Some((consensus, incoming)))),
+            let (consensus, mut incoming, mut closing) = state?;
+            let answer = tokio::select! {
+                answer = append_one(&consensus, &mut incoming) => answer,
+                _ = stopping(&mut closing) => Err(Status::unavailable("this node is stopping")),
+            };
+            match answer {
+                Ok(Some(answer)) => Some((Ok(answer), Some((consensus, incoming, closing)))),
                 Ok(None) => None,
                 // An error ends the stream; the leader opens another.
                 Err(status) => Some((Err(status), None)),
