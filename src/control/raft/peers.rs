@@ -667,8 +667,9 @@ mod tests {
     }
 
     /// A gRPC peer that answers each message of a stream with the same message, after 300 ms
-    /// for `slow`, and ends the stream with Unavailable at `end`; it counts the streams.
-    async fn echo_peer() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    /// for `slow`, and ends the stream with Unavailable at `end`; it counts the streams. An
+    /// `old` peer has no AppendStream method (tonic's trailers-only Unimplemented).
+    async fn echo_peer(old: bool) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -681,6 +682,15 @@ mod tests {
                     let mut conn = h2::server::handshake(tcp).await.unwrap();
                     while let Some(Ok((req, mut respond))) = conn.accept().await {
                         counted.fetch_add(1, Ordering::SeqCst);
+                        if old && req.uri().path().ends_with("/AppendStream") {
+                            let head = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", "12")
+                                .body(())
+                                .unwrap();
+                            let _ = respond.send_response(head, true);
+                            continue;
+                        }
                         tokio::spawn(async move {
                             let mut body = req.into_body();
                             let head = http::Response::builder()
@@ -720,7 +730,7 @@ mod tests {
     /// never taken for the next call's.
     #[tokio::test]
     async fn the_append_stream_answers_in_order_and_reopens_after_a_failure() {
-        let (addr, streams) = echo_peer().await;
+        let (addr, streams) = echo_peer(false).await;
         let peers = Peers::new(None).unwrap();
         let mut stream = AppendStream::new(&addr);
         let wait = Duration::from_secs(5);
@@ -764,6 +774,29 @@ mod tests {
         let six = stream.call(&peers, b"six", wait).await.unwrap();
         assert_eq!(six, b"six");
         assert_eq!(streams.load(Ordering::SeqCst), 4);
+    }
+
+    /// A peer of an older version answers Unimplemented, which the raft network takes as its
+    /// cue to send AppendEntries unary (see `network::Peer`).
+    #[tokio::test]
+    async fn a_peer_without_the_append_stream_answers_unimplemented() {
+        let (addr, _) = echo_peer(true).await;
+        let peers = Peers::new(None).unwrap();
+        let mut stream = AppendStream::new(&addr);
+        let err = stream
+            .call(&peers, b"one", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CallError::Status {
+                    code: tonic::Code::Unimplemented,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
