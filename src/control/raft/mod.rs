@@ -3,7 +3,8 @@
 //! [`Consensus::write`] and reads the applied `model::MeshState` through [`Consensus::read`].
 //!
 //! Layout follows openraft's examples: `log_store` (the raft log on `Store`), `state_machine`
-//! (applies commands, builds and installs snapshots), `network` (RPCs to peers).
+//! (applies commands, builds and installs snapshots), `network` (RPCs to peers); `compaction`
+//! says when to snapshot, `outrun` cuts the tail of election times.
 
 mod autopilot;
 mod compaction;
@@ -11,6 +12,7 @@ mod durable;
 mod forming;
 mod log_store;
 mod network;
+mod outrun;
 mod peers;
 mod proposer;
 mod service;
@@ -204,31 +206,7 @@ pub struct Consensus {
     committed: Arc<std::sync::atomic::AtomicU64>,
     /// When an AppendEntries or snapshot chunk last came: whether this node still hears a
     /// leader.
-    contact: Arc<Contact>,
-}
-
-/// When this node last heard from a leader.
-#[derive(Debug)]
-struct Contact {
-    started: std::time::Instant,
-    /// Milliseconds after `started`.
-    last: std::sync::atomic::AtomicU64,
-    /// Silence longer than this (openraft's leader lease, the longest election timeout) means
-    /// the leader is gone.
-    lease: Duration,
-    /// A campaign to outrun a candidate is under way (see `Consensus::outrun`).
-    outrunning: std::sync::atomic::AtomicBool,
-}
-
-impl Contact {
-    fn now(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    fn silent(&self) -> bool {
-        let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
-        self.now().saturating_sub(last) > self.lease.as_millis() as u64
-    }
+    contact: Arc<outrun::Contact>,
 }
 
 /// How long a write or read waits for a leader before answering 503.
@@ -300,12 +278,7 @@ impl Consensus {
         let (proposals, rx) = mpsc::channel(4 * proposer::MAX_BATCH);
         let proposer = tokio::spawn(proposer::run(raft.clone(), rx)).abort_handle();
         let leader_since = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let contact = Arc::new(Contact {
-            started: std::time::Instant::now(),
-            last: std::sync::atomic::AtomicU64::new(0),
-            lease: settings.election_timeout.1,
-            outrunning: std::sync::atomic::AtomicBool::new(false),
-        });
+        let contact = Arc::new(outrun::Contact::new(settings.election_timeout.1));
         tokio::spawn(watch_metrics(
             raft.clone(),
             leader_since.clone(),
@@ -359,80 +332,23 @@ impl Consensus {
 
     /// An AppendEntries or a snapshot chunk came (from whichever leader).
     fn heard_leader(&self) {
-        let now = self.contact.now();
-        self.contact
-            .last
-            .store(now, std::sync::atomic::Ordering::Relaxed);
+        self.contact.heard();
     }
 
-    /// This node refused its vote to a candidate (of `candidate_term`) whose log is shorter
-    /// than its own (`answer`). That candidate cannot win here, and openraft makes it wait
-    /// twice the longest election timeout before it tries again (it saw a longer log), while
-    /// this node, whose own timer may fire in the term the candidate already holds, can lose
-    /// a round to it: the tail of the election times. Where this node no longer hears a
-    /// leader either, and is still in an older term than the candidate's, it campaigns now, to
-    /// a term past the candidate's, so the node that can win is the one that tries. A node that
-    /// hears its leader, leads, or has moved to the candidate's term (it voted there, perhaps
-    /// for the leader about to be, or campaigns itself) leaves things alone.
+    /// A vote this node refused; see [`outrun::outrun`].
     fn outrun(
         &self,
         candidate_term: u64,
         candidate_log: Option<openraft::LogId<u64>>,
         answer: &openraft::raft::VoteResponse<u64>,
     ) {
-        if answer.vote_granted || answer.last_log_id <= candidate_log || !self.contact.silent() {
-            return;
-        }
-        let target = candidate_term + 1;
-        let term = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            if m.state == ServerState::Leader || m.current_term >= candidate_term {
-                return;
-            }
-            m.current_term
-        };
-        // Each campaign is one term past the last; a candidate far ahead is left to time out.
-        if target - term > MAX_OUTRUN
-            || self
-                .contact
-                .outrunning
-                .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
-            return;
-        }
-        tracing::info!(
+        outrun::outrun(
+            &self.raft,
+            &self.contact,
             candidate_term,
-            term,
-            "a candidate with a shorter log asked for a vote and no leader is heard: campaigning"
+            candidate_log,
+            answer,
         );
-        let (raft, contact) = (self.raft.clone(), self.contact.clone());
-        tokio::spawn(async move {
-            loop {
-                let term = {
-                    let m = raft.metrics();
-                    let m = m.borrow();
-                    if m.state == ServerState::Leader || m.current_term >= target {
-                        break;
-                    }
-                    m.current_term
-                };
-                if !contact.silent() || raft.trigger().elect().await.is_err() {
-                    break;
-                }
-                // The trigger is queued to the raft task: see the term move before the next.
-                let moved = raft
-                    .wait(Some(OUTRUN_STEP))
-                    .metrics(|m| m.current_term > term, "the term moved")
-                    .await;
-                if moved.is_err() {
-                    break;
-                }
-            }
-            contact
-                .outrunning
-                .store(false, std::sync::atomic::Ordering::Release);
-        });
     }
 
     /// The fault-injection hook of the raft network (tests only).
@@ -855,11 +771,6 @@ async fn watch_metrics(
 
 /// How long a snapshot request may go unanswered before it is made again.
 const SNAPSHOT_ASK_AGAIN: Duration = Duration::from_secs(5);
-
-/// The most terms a node skips to outrun a candidate with a shorter log (see `outrun`).
-const MAX_OUTRUN: u64 = 3;
-/// How long one of those campaigns may take to move the term before the rest are given up.
-const OUTRUN_STEP: Duration = Duration::from_millis(200);
 
 /// A member further behind the leader than this many entries is reported `lagging`.
 const LAGGING: u64 = 1000;
