@@ -76,13 +76,8 @@ pub fn outrun(
         return;
     }
     let target = candidate_term + 1;
-    let term = {
-        let m = raft.metrics();
-        let m = m.borrow();
-        if m.state == ServerState::Leader || m.current_term >= candidate_term {
-            return;
-        }
-        m.current_term
+    let Some(term) = follower_term_below(raft, candidate_term) else {
+        return;
     };
     // Each campaign is one term past the last; a candidate far ahead is left to time out.
     if target - term > MAX_OUTRUN || contact.outrunning.swap(true, Ordering::AcqRel) {
@@ -95,15 +90,7 @@ pub fn outrun(
     );
     let (raft, contact) = (raft.clone(), contact.clone());
     tokio::spawn(async move {
-        loop {
-            let term = {
-                let m = raft.metrics();
-                let m = m.borrow();
-                if m.state == ServerState::Leader || m.current_term >= target {
-                    break;
-                }
-                m.current_term
-            };
+        while let Some(term) = follower_term_below(&raft, target) {
             if !contact.silent() || raft.trigger().elect().await.is_err() {
                 break;
             }
@@ -118,4 +105,11 @@ pub fn outrun(
         }
         contact.outrunning.store(false, Ordering::Release);
     });
+}
+
+/// This node's term, where it does not lead and the term is below `limit`.
+fn follower_term_below(raft: &Raft<TypeConfig>, limit: u64) -> Option<u64> {
+    let m = raft.metrics();
+    let m = m.borrow();
+    (m.state != ServerState::Leader && m.current_term < limit).then_some(m.current_term)
 }
