@@ -16,6 +16,7 @@ pub mod fuzz;
 pub mod gateway;
 pub mod gateway_tls;
 pub mod guard;
+pub mod h2stream;
 pub mod health;
 pub mod identity;
 pub mod idle;

@@ -1,8 +1,9 @@
-//! Connection pools on hyper's connection API, one set per shard (see `shard`). HTTP/2 (to
-//! peer proxies, and to an h2c app) keeps one connection per destination that every request
-//! multiplexes on; HTTP/1.1 (to the app) keeps the connections that are free, takes one per
+//! Connection pools, one set per shard (see `shard`). HTTP/2 (to peer proxies, and to an h2c
+//! app; on the `h2` crate, see `h2stream`) keeps one connection per destination that every
+//! request multiplexes on; HTTP/1.1 (to the app) keeps the connections that are free, takes one per
 //! request and gets it back when the response body has ended. A request that a connection
-//! never began to send (it closed first) is sent once more on a new one.
+//! never began to send (it closed first) is sent once more on a new one. HTTP/1.1 is hyper's
+//! client connection.
 //!
 //! Why not hyper-util's pooled client: per request it built a pool key from the URI, hashed it
 //! under a lock shared by every thread, cloned the client, and for HTTP/1.1 spawned a task to
@@ -19,10 +20,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::sync::OnceCell;
 
+use super::h2stream::{self, H2Body, StreamError};
 use super::upstream::{Body, BoxError};
 
 /// Why a request got no response.
@@ -30,18 +32,23 @@ use super::upstream::{Body, BoxError};
 pub enum SendError {
     /// No connection could be made; nothing was sent.
     Connect(BoxError),
-    /// The connection failed with the request on it (or refused the stream).
-    Request(hyper::Error),
+    /// The connection failed with the request on it.
+    Request(BoxError),
+    /// The peer refused the stream unprocessed.
+    Refused(BoxError),
 }
 
 /// The pool's work on a destination: a fresh connection's transport.
 pub trait Connect {
-    type Io: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static;
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
     fn connect(&self) -> impl Future<Output = Result<Self::Io, BoxError>> + Send;
 }
 
 /// Runs a new connection's I/O in a task of its own (on this shard) until it ends.
-fn drive(addr: SocketAddr, conn: impl Future<Output = hyper::Result<()>> + Send + 'static) {
+fn drive<E: std::fmt::Display>(
+    addr: SocketAddr,
+    conn: impl Future<Output = Result<(), E>> + Send + 'static,
+) {
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(%addr, error = %e, "upstream connection ended");
@@ -49,7 +56,7 @@ fn drive(addr: SocketAddr, conn: impl Future<Output = hyper::Result<()>> + Send 
     });
 }
 
-type H2Slot = Arc<OnceCell<http2::SendRequest<Body>>>;
+type H2Slot = Arc<OnceCell<h2::client::SendRequest<Bytes>>>;
 
 /// One shared HTTP/2 connection per (address, profile); `P` is what else decides whom a
 /// connection may be to (the peer TLS profile).
@@ -73,9 +80,10 @@ impl<P: PartialEq + Clone> H2Pool<P> {
         addr: SocketAddr,
         profile: &P,
         connect: &impl Connect,
-        mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError> {
+        req: Request<Body>,
+    ) -> Result<Response<H2Body>, SendError> {
         let mut fresh = false;
+        let mut req = h2stream::head(req);
         loop {
             let slot = self.slot(addr, profile);
             // Boxed: connecting is rare, and inline its state would make every request's
@@ -85,8 +93,7 @@ impl<P: PartialEq + Clone> H2Pool<P> {
                     fresh = true;
                     Box::pin(async {
                         let io = connect.connect().await.map_err(SendError::Connect)?;
-                        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-                            .timer(TokioTimer::new())
+                        let (tx, conn) = h2stream::builder()
                             .handshake(io)
                             .await
                             .map_err(|e| SendError::Connect(Box::new(e)))?;
@@ -95,32 +102,31 @@ impl<P: PartialEq + Clone> H2Pool<P> {
                     })
                 })
                 .await;
-            let mut tx = match made {
-                Ok(tx) => tx.clone(),
+            let tx = match made {
+                Ok(tx) => tx,
                 Err(e) => {
                     self.forget(addr, &slot);
                     return Err(e);
                 }
             };
-            if tx.is_closed() {
-                self.forget(addr, &slot);
-                if fresh {
-                    return Err(SendError::Connect(
-                        "the new connection closed at once".into(),
-                    ));
-                }
-                continue;
-            }
-            match tx.try_send_request(req).await {
+            let (head, body) = req;
+            match h2stream::send(tx, head, body).await {
                 Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    // Never sent: the connection was closing. Once more on a new one.
-                    Some(back) if !fresh => {
-                        self.forget(addr, &slot);
-                        req = back;
+                // Never sent: the connection was closing. Once more on a new one.
+                Err((StreamError::Closed(e), back)) => {
+                    self.forget(addr, &slot);
+                    match back {
+                        Some(back) if !fresh => req = back,
+                        Some(_) => {
+                            return Err(SendError::Connect(
+                                format!("the new connection closed at once: {e}").into(),
+                            ));
+                        }
+                        None => return Err(SendError::Request(Box::new(e))),
                     }
-                    _ => return Err(SendError::Request(e.into_error())),
-                },
+                }
+                Err((StreamError::Refused(e), _)) => return Err(SendError::Refused(Box::new(e))),
+                Err((StreamError::Failed(e), _)) => return Err(SendError::Request(Box::new(e))),
             }
         }
     }
@@ -184,7 +190,7 @@ impl H1Pool {
                 Err(mut e) => match e.take_message() {
                     // Never sent: the app closed the kept connection. Once more on a new one.
                     Some(back) if !fresh => req = back,
-                    _ => return Err(SendError::Request(e.into_error())),
+                    _ => return Err(SendError::Request(Box::new(e.into_error()))),
                 },
             }
         }
@@ -197,7 +203,7 @@ impl H1Pool {
     ) -> Result<http1::SendRequest<Body>, SendError> {
         let io = connect.connect().await.map_err(SendError::Connect)?;
         let (tx, conn) = http1::Builder::new()
-            .handshake(io)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| SendError::Connect(Box::new(e)))?;
         drive(addr, conn);
@@ -296,14 +302,14 @@ mod tests {
 
     use crate::proxy::upstream::full;
     use http_body_util::BodyExt;
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::TokioExecutor;
 
     struct Tcp(SocketAddr);
 
     impl Connect for Tcp {
-        type Io = TokioIo<TcpStream>;
+        type Io = TcpStream;
         async fn connect(&self) -> Result<Self::Io, BoxError> {
-            Ok(TokioIo::new(TcpStream::connect(self.0).await?))
+            Ok(TcpStream::connect(self.0).await?)
         }
     }
 

@@ -172,6 +172,7 @@ impl Upstreams {
         self.peer_connect(addr, tls, ALPN_H1)
             .connect()
             .await
+            .map(TokioIo::new)
             .map_err(|e| UpstreamError::Connect {
                 addr,
                 message: error_chain(e.as_ref()),
@@ -190,12 +191,12 @@ struct PeerConnect<'a> {
 }
 
 impl Connect for PeerConnect<'_> {
-    type Io = TokioIo<PeerStream>;
+    type Io = PeerStream;
 
     async fn connect(&self) -> Result<Self::Io, BoxError> {
         let tcp = tcp_connect(self.addr).await?;
         let Some(peer) = self.tls else {
-            return Ok(TokioIo::new(PeerStream::Plain(tcp)));
+            return Ok(PeerStream::Plain(tcp));
         };
         let config = self.identity.client_config(peer, self.alpn)?;
         let stream = tokio_rustls::TlsConnector::from(config)
@@ -205,7 +206,7 @@ impl Connect for PeerConnect<'_> {
                 self.metrics
                     .tls_handshake_failed(Direction::Outbound, tls_failure_reason(e))
             })?;
-        Ok(TokioIo::new(PeerStream::Tls(Box::new(stream))))
+        Ok(PeerStream::Tls(Box::new(stream)))
     }
 }
 
@@ -213,10 +214,10 @@ impl Connect for PeerConnect<'_> {
 struct AppConnect(SocketAddr);
 
 impl Connect for AppConnect {
-    type Io = TokioIo<TcpStream>;
+    type Io = TcpStream;
 
     async fn connect(&self) -> Result<Self::Io, BoxError> {
-        Ok(TokioIo::new(tcp_connect(self.0).await?))
+        tcp_connect(self.0).await
     }
 }
 
@@ -402,14 +403,14 @@ fn classify(addr: SocketAddr, e: SendError) -> UpstreamError {
             addr,
             message: error_chain(e.as_ref()),
         },
-        SendError::Request(e) => {
-            let message = error_chain(&e);
-            if message.contains("refused stream") {
-                UpstreamError::Refused { addr, message }
-            } else {
-                UpstreamError::Reset { addr, message }
-            }
-        }
+        SendError::Refused(e) => UpstreamError::Refused {
+            addr,
+            message: error_chain(e.as_ref()),
+        },
+        SendError::Request(e) => UpstreamError::Reset {
+            addr,
+            message: error_chain(e.as_ref()),
+        },
     }
 }
 
