@@ -339,7 +339,7 @@ mod tests {
         let resp = send(&tx, head, body).await.map_err(|e| e.0).unwrap();
         let got = resp.into_body().collect().await.unwrap();
         assert_eq!(got.trailers().unwrap()["x-echo"], "48");
-        assert_eq!(got.to_bytes(), (48 * 64 << 10).to_string());
+        assert_eq!(got.to_bytes(), (48 * (64 << 10)).to_string());
     }
 
     #[tokio::test]
@@ -384,8 +384,16 @@ mod tests {
                 .unwrap();
             let (head, body) = head(req);
             let e = send(&tx, head, body).await.unwrap_err().0;
-            assert_eq!(matches!(e, StreamError::Refused(_)), refused, "{path}: {e:?}");
-            assert_eq!(matches!(e, StreamError::Failed(_)), !refused, "{path}: {e:?}");
+            assert_eq!(
+                matches!(e, StreamError::Refused(_)),
+                refused,
+                "{path}: {e:?}"
+            );
+            assert_eq!(
+                matches!(e, StreamError::Failed(_)),
+                !refused,
+                "{path}: {e:?}"
+            );
         }
     }
 }
