@@ -40,6 +40,8 @@ pub fn builder() -> h2::client::Builder {
 pub enum StreamError {
     /// The connection takes no more streams (closed, or going away); nothing was sent.
     Closed(h2::Error),
+    /// h2 would not open the stream (a head it cannot send); nothing was sent.
+    Rejected(h2::Error),
     /// The peer refused the stream unprocessed (REFUSED_STREAM, or above a graceful GOAWAY's
     /// last stream): safe to send again.
     Refused(h2::Error),
@@ -65,21 +67,29 @@ pub fn head(req: Request<Body>) -> (Request<()>, Body) {
     (Request::from_parts(parts, ()), body)
 }
 
+/// A connection's request handle, shared by every request on it. One at a time: a stream
+/// the peer's `SETTINGS_MAX_CONCURRENT_STREAMS` does not let open yet waits under the lock,
+/// so later requests wait here and a caller that gives up meanwhile never reaches the peer
+/// (hyper's dispatcher did the same; clones of the handle would each queue a stream in h2,
+/// which sends it once a slot frees, after its caller has retried elsewhere).
+pub type Conn = tokio::sync::Mutex<SendRequest<Bytes>>;
+
 /// Sends `head` and `body` as a new stream on `conn`; the answer once its head has arrived.
-/// `head` comes back (as `Err((Closed, Some(head)))`) when nothing was sent.
+/// `head` and `body` come back (as `Err((Closed, Some(..)))`) when nothing was sent.
 pub async fn send(
-    conn: &SendRequest<Bytes>,
+    conn: &Conn,
     head: Request<()>,
     body: Body,
 ) -> Result<Response<H2Body>, (StreamError, Option<(Request<()>, Body)>)> {
-    let mut tx = conn.clone();
-    if let Err(e) = std::future::poll_fn(|cx| tx.poll_ready(cx)).await {
-        return Err((StreamError::Closed(e), Some((head, body))));
-    }
     let eos = body.is_end_stream();
-    let (response, stream) = tx
-        .send_request(head, eos)
-        .map_err(|e| (StreamError::Closed(e), None))?;
+    let (response, stream) = {
+        let mut tx = conn.lock().await;
+        if let Err(e) = std::future::poll_fn(|cx| tx.poll_ready(cx)).await {
+            return Err((StreamError::Closed(e), Some((head, body))));
+        }
+        tx.send_request(head, eos)
+            .map_err(|e| (StreamError::Rejected(e), None))?
+    };
     let mut cancel = (!eos).then(|| pump(body, stream));
     let answer = response.await;
     if let Some(c) = cancel.as_mut() {
@@ -100,9 +110,10 @@ fn refused(e: &h2::Error) -> bool {
         || (e.is_go_away() && e.is_remote() && e.reason() == Some(Reason::NO_ERROR))
 }
 
-/// Sends `body` on `stream`: at once when it is all there, else from a task of its own. The
-/// stream is reset if what this returns is dropped armed (the caller gave up before the
-/// answer came); once disarmed, the body goes on until it ends or the peer resets.
+/// Sends `body` on `stream`: inline when it is in one frame, else from a task of its own
+/// (a new stream has no window until the connection's task opens it). The stream is reset if
+/// what this returns is dropped armed (the caller gave up before the answer came); once
+/// disarmed, the body goes on until it ends or the peer resets.
 fn pump(body: Body, stream: SendStream<Bytes>) -> CancelOnDrop {
     let (cancel, cancelled) = oneshot::channel();
     let mut pumping = Box::pin(pump_body(body, stream, cancelled));
@@ -155,24 +166,25 @@ async fn pump_body(
     }
 }
 
-/// The pump in hyper's order: watch for a reset; send the chunk in hand once the window has
-/// room for some of it (h2 buffers the rest, so at most one chunk waits beyond the window);
-/// then the next frame. `held` is that chunk and whether it ends the body.
+/// The pump in hyper's order: watch for a reset; send the chunk in hand (`held`) once the
+/// window has room for some of it (h2 buffers the rest, so at most one chunk waits beyond the
+/// window); then the next frame. The body's last chunk goes at once, so a body in one frame
+/// (a replay buffer's) is sent without a task.
 fn poll_pump(
     body: &mut Body,
     stream: &mut SendStream<Bytes>,
-    held: &mut Option<(Bytes, bool)>,
+    held: &mut Option<Bytes>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<(), BoxError>> {
     loop {
         if let Poll::Ready(reason) = stream.poll_reset(cx)? {
             return Poll::Ready(Err(format!("the peer reset the stream: {reason:?}").into()));
         }
-        if let Some((data, eos)) = held.take() {
+        if let Some(data) = held.take() {
             while stream.capacity() == 0 {
                 match stream.poll_capacity(cx) {
                     Poll::Pending => {
-                        *held = Some((data, eos));
+                        *held = Some(data);
                         return Poll::Pending;
                     }
                     Poll::Ready(Some(Ok(_))) => {}
@@ -180,10 +192,7 @@ fn poll_pump(
                     Poll::Ready(None) => return Poll::Ready(Err("the stream closed".into())),
                 }
             }
-            stream.send_data(data, eos)?;
-            if eos {
-                return Poll::Ready(Ok(()));
-            }
+            stream.send_data(data, false)?;
             continue;
         }
         let Some(frame) = ready!(Pin::new(&mut *body).poll_frame(cx)) else {
@@ -198,18 +207,19 @@ fn poll_pump(
             }
         };
         match frame.into_data() {
-            Ok(data) if data.is_empty() => {
-                let eos = body.is_end_stream();
-                stream.send_data(data, eos)?;
-                if eos {
-                    return Poll::Ready(Ok(()));
-                }
-            }
             Ok(data) => {
-                // A claim of one byte, not the chunk: reserving it all would pin the
-                // connection's window for a stream that cannot use it yet (hyper #4003).
-                stream.reserve_capacity(1);
-                *held = Some((data, body.is_end_stream()));
+                let eos = body.is_end_stream();
+                if eos || data.is_empty() {
+                    stream.send_data(data, eos)?;
+                    if eos {
+                        return Poll::Ready(Ok(()));
+                    }
+                } else {
+                    // A claim of one byte, not the chunk: reserving it all would pin the
+                    // connection's window for a stream that cannot use it yet (hyper #4003).
+                    stream.reserve_capacity(1);
+                    *held = Some(data);
+                }
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
@@ -275,7 +285,15 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     /// An h2 server running `answer` on each request; the client end of a connection to it.
-    async fn connect<F, Fut>(answer: F) -> SendRequest<Bytes>
+    async fn connect<F, Fut>(answer: F) -> Conn
+    where
+        F: Fn(Request<RecvStream>, h2::server::SendResponse<Bytes>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        connect_to(h2::server::Builder::new(), answer).await
+    }
+
+    async fn connect_to<F, Fut>(server: h2::server::Builder, answer: F) -> Conn
     where
         F: Fn(Request<RecvStream>, h2::server::SendResponse<Bytes>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -284,7 +302,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            let mut conn = server.handshake(tcp).await.unwrap();
             while let Some(Ok((req, respond))) = conn.accept().await {
                 tokio::spawn(answer(req, respond));
             }
@@ -294,7 +312,7 @@ mod tests {
             .await
             .unwrap();
         tokio::spawn(conn);
-        tx
+        Conn::new(tx)
     }
 
     fn post(body: Body) -> (Request<()>, Body) {
@@ -395,5 +413,59 @@ mod tests {
                 "{path}: {e:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn past_the_peers_stream_limit_a_caller_that_gave_up_never_reaches_it() {
+        // The peer takes one stream at a time and holds "/slow" until told.
+        let (release, released) = tokio::sync::watch::channel(false);
+        let (seen, mut saw) = tokio::sync::mpsc::unbounded_channel();
+        let mut server = h2::server::Builder::new();
+        server.max_concurrent_streams(1);
+        let tx = connect_to(server, move |req, mut respond| {
+            let (seen, mut released) = (seen.clone(), released.clone());
+            async move {
+                let path = req.uri().path().to_string();
+                let _ = seen.send(path.clone());
+                if path == "/slow" {
+                    let _ = released.wait_for(|r| *r).await;
+                }
+                let _ = respond.send_response(Response::new(()), true);
+            }
+        })
+        .await;
+        let get = |path: &str| {
+            head(
+                Request::get(format!("http://peer{path}"))
+                    .body(crate::proxy::upstream::full(""))
+                    .unwrap(),
+            )
+        };
+        let tx = std::sync::Arc::new(tx);
+        let slow = tokio::spawn({
+            let tx = tx.clone();
+            let (h, b) = get("/slow");
+            async move { send(&tx, h, b).await.map(|r| r.status()).map_err(|e| e.0) }
+        });
+        assert_eq!(saw.recv().await.as_deref(), Some("/slow"));
+        // No slot: the first request past the limit is queued in h2, as hyper's dispatcher
+        // left one, and goes out once a slot frees even though its caller gave up; a later
+        // one waits for that before it is sent, and its caller gives up first.
+        for path in ["/queued", "/gave-up"] {
+            let (h, b) = get(path);
+            let r = tokio::time::timeout(Duration::from_millis(100), send(&tx, h, b)).await;
+            assert!(r.is_err(), "{path}");
+        }
+        release.send(true).unwrap();
+        assert_eq!(slow.await.unwrap().unwrap(), 200);
+        let (h, b) = get("/next");
+        let r = send(&tx, h, b).await.map_err(|e| e.0).unwrap();
+        assert_eq!(r.status(), 200);
+        let mut paths = Vec::new();
+        while let Ok(p) = saw.try_recv() {
+            paths.push(p);
+        }
+        assert!(paths.contains(&"/next".to_string()), "{paths:?}");
+        assert!(!paths.contains(&"/gave-up".to_string()), "{paths:?}");
     }
 }

@@ -56,7 +56,7 @@ fn drive<E: std::fmt::Display>(
     });
 }
 
-type H2Slot = Arc<OnceCell<h2::client::SendRequest<Bytes>>>;
+type H2Slot = Arc<OnceCell<h2stream::Conn>>;
 
 /// One shared HTTP/2 connection per (address, profile); `P` is what else decides whom a
 /// connection may be to (the peer TLS profile).
@@ -98,7 +98,7 @@ impl<P: PartialEq + Clone> H2Pool<P> {
                             .await
                             .map_err(|e| SendError::Connect(Box::new(e)))?;
                         drive(addr, conn);
-                        Ok(tx)
+                        Ok(h2stream::Conn::new(tx))
                     })
                 })
                 .await;
@@ -117,14 +117,14 @@ impl<P: PartialEq + Clone> H2Pool<P> {
                     self.forget(addr, &slot);
                     match back {
                         Some(back) if !fresh => req = back,
-                        Some(_) => {
+                        _ => {
                             return Err(SendError::Connect(
                                 format!("the new connection closed at once: {e}").into(),
                             ));
                         }
-                        None => return Err(SendError::Request(Box::new(e))),
                     }
                 }
+                Err((StreamError::Rejected(e), _)) => return Err(SendError::Request(Box::new(e))),
                 Err((StreamError::Refused(e), _)) => return Err(SendError::Refused(Box::new(e))),
                 Err((StreamError::Failed(e), _)) => return Err(SendError::Request(Box::new(e))),
             }
