@@ -5,7 +5,7 @@
 //! Why not hyper's HTTP/2 client: per request it sent the request through a channel to a
 //! dispatch task, spawned a task to await the response and answered through a oneshot, so a
 //! request woke three tasks besides the connection's. Here the caller's task opens the stream
-//! and awaits the answer itself; only a body that is not all there at once gets a task.
+//! and awaits the answer itself; only a request body of more than one frame gets a task.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -67,11 +67,12 @@ pub fn head(req: Request<Body>) -> (Request<()>, Body) {
     (Request::from_parts(parts, ()), body)
 }
 
-/// A connection's request handle, shared by every request on it. One at a time: a stream
-/// the peer's `SETTINGS_MAX_CONCURRENT_STREAMS` does not let open yet waits under the lock,
-/// so later requests wait here and a caller that gives up meanwhile never reaches the peer
-/// (hyper's dispatcher did the same; clones of the handle would each queue a stream in h2,
-/// which sends it once a slot frees, after its caller has retried elsewhere).
+/// A connection's request handle, shared by every request on it and taken in turn. At most
+/// one stream waits inside h2 for a slot under the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`
+/// (as with hyper's dispatcher): the next request's `poll_ready` waits for it under the lock,
+/// so later requests wait here, where a caller that gives up never reaches the peer. Clones
+/// of the handle would each queue a stream in h2, sent once a slot frees, after its caller
+/// may have retried elsewhere.
 pub type Conn = tokio::sync::Mutex<SendRequest<Bytes>>;
 
 /// Sends `head` and `body` as a new stream on `conn`; the answer once its head has arrived.
