@@ -15,7 +15,7 @@ use futures_util::FutureExt;
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderMap, Method, Request, Response, header};
-use hyper::body::{Body as _, Frame, SizeHint};
+use hyper::body::{Body as _, Frame};
 use tokio::sync::oneshot;
 
 use super::upstream::{Body, BoxError};
@@ -38,8 +38,10 @@ pub fn builder() -> h2::client::Builder {
 /// Why a stream gave no response.
 #[derive(Debug)]
 pub enum StreamError {
-    /// The connection takes no more streams (closed, or going away); nothing was sent.
-    Closed(h2::Error),
+    /// The connection takes no more streams (closed, or going away); nothing was sent, and
+    /// the request comes back to be sent elsewhere (boxed: a rare path that would otherwise
+    /// widen every request's result).
+    Closed(h2::Error, Box<(Request<()>, Body)>),
     /// h2 would not open the stream (a head it cannot send); nothing was sent.
     Rejected(h2::Error),
     /// The peer refused the stream unprocessed (REFUSED_STREAM, or above a graceful GOAWAY's
@@ -76,20 +78,19 @@ pub fn head(req: Request<Body>) -> (Request<()>, Body) {
 pub type Conn = tokio::sync::Mutex<SendRequest<Bytes>>;
 
 /// Sends `head` and `body` as a new stream on `conn`; the answer once its head has arrived.
-/// `head` and `body` come back (as `Err((Closed, Some(..)))`) when nothing was sent.
+/// `head` and `body` come back in [`StreamError::Closed`] when nothing was sent.
 pub async fn send(
     conn: &Conn,
     head: Request<()>,
     body: Body,
-) -> Result<Response<H2Body>, (StreamError, Option<(Request<()>, Body)>)> {
+) -> Result<Response<H2Body>, StreamError> {
     let eos = body.is_end_stream();
     let (response, stream) = {
         let mut tx = conn.lock().await;
         if let Err(e) = std::future::poll_fn(|cx| tx.poll_ready(cx)).await {
-            return Err((StreamError::Closed(e), Some((head, body))));
+            return Err(StreamError::Closed(e, Box::new((head, body))));
         }
-        tx.send_request(head, eos)
-            .map_err(|e| (StreamError::Rejected(e), None))?
+        tx.send_request(head, eos).map_err(StreamError::Rejected)?
     };
     let mut cancel = (!eos).then(|| pump(body, stream));
     let answer = response.await;
@@ -101,8 +102,8 @@ pub async fn send(
             recv,
             data_done: false,
         })),
-        Err(e) if refused(&e) => Err((StreamError::Refused(e), None)),
-        Err(e) => Err((StreamError::Failed(e), None)),
+        Err(e) if refused(&e) => Err(StreamError::Refused(e)),
+        Err(e) => Err(StreamError::Failed(e)),
     }
 }
 
@@ -271,10 +272,6 @@ impl hyper::body::Body for H2Body {
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
     }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
 }
 
 #[cfg(test)]
@@ -355,7 +352,7 @@ mod tests {
         t.insert("x-sum", "48".parse().unwrap());
         frames.push(Frame::trailers(t));
         let (head, body) = post(streamed(frames, false));
-        let resp = send(&tx, head, body).await.map_err(|e| e.0).unwrap();
+        let resp = send(&tx, head, body).await.unwrap();
         let got = resp.into_body().collect().await.unwrap();
         assert_eq!(got.trailers().unwrap()["x-echo"], "48");
         assert_eq!(got.to_bytes(), (48 * (64 << 10)).to_string());
@@ -402,7 +399,7 @@ mod tests {
                 .body(crate::proxy::upstream::full(""))
                 .unwrap();
             let (head, body) = head(req);
-            let e = send(&tx, head, body).await.unwrap_err().0;
+            let e = send(&tx, head, body).await.unwrap_err();
             assert_eq!(
                 matches!(e, StreamError::Refused(_)),
                 refused,
@@ -446,7 +443,7 @@ mod tests {
         let slow = tokio::spawn({
             let tx = tx.clone();
             let (h, b) = get("/slow");
-            async move { send(&tx, h, b).await.map(|r| r.status()).map_err(|e| e.0) }
+            async move { send(&tx, h, b).await.map(|r| r.status()) }
         });
         assert_eq!(saw.recv().await.as_deref(), Some("/slow"));
         // No slot: the first request past the limit is queued in h2, as hyper's dispatcher
@@ -460,7 +457,7 @@ mod tests {
         release.send(true).unwrap();
         assert_eq!(slow.await.unwrap().unwrap(), 200);
         let (h, b) = get("/next");
-        let r = send(&tx, h, b).await.map_err(|e| e.0).unwrap();
+        let r = send(&tx, h, b).await.unwrap();
         assert_eq!(r.status(), 200);
         let mut paths = Vec::new();
         while let Ok(p) = saw.try_recv() {

@@ -113,20 +113,19 @@ impl<P: PartialEq + Clone> H2Pool<P> {
             match h2stream::send(tx, head, body).await {
                 Ok(resp) => return Ok(resp),
                 // Never sent: the connection was closing. Once more on a new one.
-                Err((StreamError::Closed(e), back)) => {
+                Err(StreamError::Closed(e, back)) => {
                     self.forget(addr, &slot);
-                    match back {
-                        Some(back) if !fresh => req = back,
-                        _ => {
-                            return Err(SendError::Connect(
-                                format!("the new connection closed at once: {e}").into(),
-                            ));
-                        }
+                    if fresh {
+                        return Err(SendError::Connect(
+                            format!("the new connection closed at once: {e}").into(),
+                        ));
                     }
+                    req = *back;
                 }
-                Err((StreamError::Rejected(e), _)) => return Err(SendError::Request(Box::new(e))),
-                Err((StreamError::Refused(e), _)) => return Err(SendError::Refused(Box::new(e))),
-                Err((StreamError::Failed(e), _)) => return Err(SendError::Request(Box::new(e))),
+                Err(StreamError::Rejected(e) | StreamError::Failed(e)) => {
+                    return Err(SendError::Request(Box::new(e)));
+                }
+                Err(StreamError::Refused(e)) => return Err(SendError::Refused(Box::new(e))),
             }
         }
     }
