@@ -479,18 +479,20 @@ fn admit(
             caller.sans, listener.client_sans
         )));
     }
-    let me = routing
-        .role
-        .as_ref()
-        .map_or_else(String::new, |r| r.resource_name());
     match &caller.role {
         Some((mesh, role)) if *mesh == routing.mesh && routing.allowed_callers.contains(role) => {
             Ok(())
         }
-        Some((mesh, role)) => Err(UpstreamError::Forbidden(format!(
-            "{} of mesh {mesh} may not call {me}: it does not list a virtual service that routes to {me} among its backends",
-            role.resource_name()
-        ))),
+        Some((mesh, role)) => {
+            let me = routing
+                .role
+                .as_ref()
+                .map_or_else(String::new, |r| r.resource_name());
+            Err(UpstreamError::Forbidden(format!(
+                "{} of mesh {mesh} may not call {me}: it does not list a virtual service that routes to {me} among its backends",
+                role.resource_name()
+            )))
+        }
         None => Err(UpstreamError::Forbidden(format!(
             "{} is not a virtual node or gateway of mesh {}",
             caller.describe(),

@@ -19,7 +19,7 @@ use super::upstream::{Body, BoxError, TARGET_PORT, UpstreamError, full};
 /// retried.
 pub const MAX_REPLAY_BYTES: u64 = 1 << 20;
 /// The header that tells the app which attempt this is (1 for the first).
-pub const ATTEMPT: &str = "x-trellis-attempt";
+pub const ATTEMPT: http::HeaderName = http::HeaderName::from_static("x-trellis-attempt");
 
 /// What every attempt sends: the head, and the body (or its copy).
 pub struct Replayable {
