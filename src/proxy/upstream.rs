@@ -298,8 +298,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    // Headers named in Connection are hop-by-hop too; its usual tokens name none that the
-    // fixed list does not already cover.
+    // Headers named in Connection are hop-by-hop too; `keep-alive` and `upgrade` are in the
+    // fixed list already.
     let mut present: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -307,7 +307,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|t| {
-            !["keep-alive", "close", "upgrade"]
+            !["keep-alive", "upgrade"]
                 .iter()
                 .any(|c| t.eq_ignore_ascii_case(c))
         })
@@ -503,6 +503,11 @@ mod tests {
                 "x-request-id: abc"
             ]
         );
+
+        // `close` names a header too (a reserved name, but the rule is every name listed).
+        let mut h = headers(&[("connection", "Close"), ("close", "x"), ("x-keep", "y")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-keep"]);
 
         let mut te = headers(&[("te", "gzip"), ("host", "a")]);
         strip_hop_by_hop(&mut te);
