@@ -273,8 +273,13 @@ impl AsyncWrite for PeerStream {
 /// bytes costs less than comparing it with each of a list of `HeaderName`s, and it runs on
 /// every header of every request and response, both ways.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
+    is_hop_by_hop_name(name.as_str())
+}
+
+/// [`is_hop_by_hop`] on a lowercase name.
+fn is_hop_by_hop_name(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "connection"
             | "keep-alive"
             | "proxy-connection"
@@ -298,19 +303,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    // Headers named in Connection are hop-by-hop too; `keep-alive` and `upgrade` are in the
-    // fixed list already.
+    // Headers named in Connection are hop-by-hop too; a token such as `keep-alive` that is
+    // already one of the fixed names needs no name of its own.
     let mut present: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|t| {
-            !["keep-alive", "upgrade"]
-                .iter()
-                .any(|c| t.eq_ignore_ascii_case(c))
-        })
+        .filter(|t| !is_hop_by_hop_name(t))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     present.extend(headers.keys().filter(|n| is_hop_by_hop(n)).cloned());
