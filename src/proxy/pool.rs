@@ -3,7 +3,7 @@
 //! request multiplexes on; HTTP/1.1 (to the app) keeps the connections that are free, takes one per
 //! request and gets it back when the response body has ended. A request that a connection
 //! never began to send (it closed first) is sent once more on a new one. HTTP/1.1 is hyper's
-//! client connection.
+//! client connection, driven by the request that uses it (see `H1Conn`).
 //!
 //! Why not hyper-util's pooled client: per request it built a pool key from the URI, hashed it
 //! under a lock shared by every thread, cloned the client, and for HTTP/1.1 spawned a task to
@@ -22,6 +22,7 @@ use http::{Request, Response};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
 
 use super::h2stream::{self, H2Body, StreamError};
@@ -157,8 +158,36 @@ impl<P: PartialEq + Clone> H2Pool<P> {
 /// connections it needed do not stay open for good.
 const H1_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// An HTTP/1.1 connection to the app: the handle requests go in by, and the connection's I/O,
+/// which the request using it drives (there is no task per connection). So a request is
+/// written to the app as soon as its own task has routed it, not when a connection task's
+/// turn comes after every other task that was ready; and no wakeup crosses tasks.
+struct H1Conn {
+    tx: http1::SendRequest<Body>,
+    /// Boxed: the connection's state (its buffers) is large, and it moves in and out of the
+    /// pool and into the response body with every request.
+    io: Box<H1Io>,
+}
+
+type H1Io = http1::Connection<TokioIo<TcpStream>, Body>;
+
+impl H1Conn {
+    fn poll_io(&mut self, cx: &mut Context<'_>, addr: SocketAddr) -> Poll<()> {
+        poll_h1_io(&mut self.io, cx, addr)
+    }
+}
+
+/// Drives an HTTP/1.1 connection's I/O; `Ready` once it has ended (it cannot be polled again).
+fn poll_h1_io(io: &mut H1Io, cx: &mut Context<'_>, addr: SocketAddr) -> Poll<()> {
+    Pin::new(io).poll(cx).map(|ended| {
+        if let Err(e) = ended {
+            tracing::debug!(%addr, error = %e, "upstream connection ended");
+        }
+    })
+}
+
 /// Free HTTP/1.1 connections to one address, oldest first, with when each was freed.
-type Free = VecDeque<(http1::SendRequest<Body>, Instant)>;
+type Free = VecDeque<(H1Conn, Instant)>;
 
 /// Free HTTP/1.1 connections per address.
 #[derive(Default)]
@@ -172,19 +201,40 @@ impl H1Pool {
     pub async fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
-        connect: &impl Connect,
+        connect: &impl Connect<Io = TcpStream>,
         mut req: Request<Body>,
     ) -> Result<Response<PooledBody>, SendError> {
         loop {
-            let (mut tx, fresh) = match self.checkout(addr).await {
-                Some(tx) => (tx, false),
+            let (conn, fresh) = match self.checkout(addr).await {
+                Some(conn) => (conn, false),
                 // Boxed: see `H2Pool::send`.
-                None => (Box::pin(self.open(addr, connect)).await?, true),
+                None => (Box::pin(Self::open(connect)).await?, true),
             };
-            match tx.try_send_request(req).await {
+            let H1Conn { mut tx, io } = conn;
+            let mut io = Some(io);
+            let mut response = std::pin::pin!(tx.try_send_request(req));
+            // The I/O first, so the request is written before this task waits. Once the
+            // connection has ended it is dropped, which answers a request still queued on it
+            // (with the request back when it was never sent).
+            let sent = std::future::poll_fn(|cx| {
+                if io
+                    .as_mut()
+                    .is_some_and(|io| poll_h1_io(io, cx, addr).is_ready())
+                {
+                    io = None;
+                }
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match sent {
                 Ok(resp) => {
-                    let back = Some((self.clone(), addr, tx));
-                    return Ok(resp.map(|inner| PooledBody { inner, back }));
+                    let conn = io.map(|io| H1Conn { tx, io });
+                    return Ok(resp.map(|inner| PooledBody {
+                        inner,
+                        conn,
+                        pool: self.clone(),
+                        addr,
+                    }));
                 }
                 Err(mut e) => match e.take_message() {
                     // Never sent: the app closed the kept connection. Once more on a new one.
@@ -195,65 +245,73 @@ impl H1Pool {
         }
     }
 
-    async fn open(
-        &self,
-        addr: SocketAddr,
-        connect: &impl Connect,
-    ) -> Result<http1::SendRequest<Body>, SendError> {
+    async fn open(connect: &impl Connect<Io = TcpStream>) -> Result<H1Conn, SendError> {
         let io = connect.connect().await.map_err(SendError::Connect)?;
-        let (tx, conn) = http1::Builder::new()
+        let (tx, io) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| SendError::Connect(Box::new(e)))?;
-        drive(addr, conn);
-        Ok(tx)
+        Ok(H1Conn {
+            tx,
+            io: Box::new(io),
+        })
     }
 
     /// The most recently freed connection that still works.
-    async fn checkout(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+    async fn checkout(&self, addr: SocketAddr) -> Option<H1Conn> {
         loop {
-            let mut tx = {
+            let mut conn = {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
                 idle.get_mut(&addr)?.pop_back()?.0
             };
-            if tx.is_ready() {
-                return Some(tx);
-            }
-            // Its response just ended; the connection's task may not have run since. It
-            // either takes requests again shortly or turns out closed.
-            if !tx.is_closed() && tx.ready().await.is_ok() {
-                return Some(tx);
+            // Nothing drove it while it was free: this reads what came meanwhile (the app
+            // closing it, say) and finishes the last exchange, after which the connection
+            // asks for the next request. One that is still busy (a request body not yet
+            // all written) is waited for, as a task of its own would have been.
+            let usable = std::future::poll_fn(|cx| {
+                if conn.poll_io(cx, addr).is_ready() {
+                    return Poll::Ready(false);
+                }
+                conn.tx.poll_ready(cx).map(|ready| ready.is_ok())
+            })
+            .await;
+            if usable {
+                return Some(conn);
             }
         }
     }
 
-    fn give_back(&self, addr: SocketAddr, tx: http1::SendRequest<Body>) {
+    fn give_back(&self, addr: SocketAddr, conn: H1Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let free = idle.entry(addr).or_default();
-        // The oldest free one may have been closed by the app meanwhile, or kept too long:
-        // one check per return keeps such connections from piling up.
+        // The oldest free one may have been kept too long: one check per return keeps such
+        // connections from piling up. (One the app closed is found out when it is taken.)
         let now = Instant::now();
         if free
             .front()
-            .is_some_and(|(t, since)| t.is_closed() || now - *since > H1_IDLE_TIMEOUT)
+            .is_some_and(|(_, since)| now - *since > H1_IDLE_TIMEOUT)
         {
             free.pop_front();
         }
-        free.push_back((tx, now));
+        free.push_back((conn, now));
     }
 }
 
-/// A response body from an HTTP/1.1 connection of the pool: when it has ended, the connection
-/// goes back to the pool (one dropped before its end is closed, as it cannot carry more).
+/// A response body from an HTTP/1.1 connection of the pool, which drives that connection while
+/// it is read (the body arrives through it): when it has ended, the connection goes back to
+/// the pool (one dropped before its end is closed, as it cannot carry more).
 pub struct PooledBody {
     inner: Incoming,
-    back: Option<(Arc<H1Pool>, SocketAddr, http1::SendRequest<Body>)>,
+    /// None once the connection has ended or failed, or has gone back to the pool.
+    conn: Option<H1Conn>,
+    pool: Arc<H1Pool>,
+    addr: SocketAddr,
 }
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some((pool, addr, tx)) = self.back.take() {
-            pool.give_back(addr, tx);
+        if let Some(conn) = self.conn.take() {
+            self.pool.give_back(self.addr, conn);
         }
     }
 }
@@ -266,10 +324,21 @@ impl hyper::body::Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
+        // The body asked for more above; the connection reads it now (and writes what is left
+        // of the request), then the body has it.
+        if polled.is_pending()
+            && let Some(conn) = this.conn.as_mut()
+        {
+            if conn.poll_io(cx, this.addr).is_ready() {
+                this.conn = None;
+            }
+            polled = Pin::new(&mut this.inner).poll_frame(cx);
+        }
         match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Err(_))) => self.back = None,
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Err(_))) => this.conn = None,
             _ => {}
         }
         polled
@@ -297,7 +366,7 @@ impl Drop for PooledBody {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpListener;
 
     use crate::proxy::upstream::full;
     use http_body_util::BodyExt;
@@ -411,6 +480,61 @@ mod tests {
             assert_eq!(text(resp).await, want);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// The connection is driven by the request, then by its response body: a body the app
+    /// echoes as it arrives goes both ways at once, chunk by chunk, and the connection is
+    /// free again afterwards.
+    async fn next_data(body: &mut PooledBody) -> Option<Bytes> {
+        let frame = body.frame().await?;
+        Some(frame.unwrap().into_data().unwrap())
+    }
+
+    #[tokio::test]
+    async fn http1_a_request_body_and_its_echo_stream_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let echo = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(req.into_body()))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), echo)
+                        .await;
+                });
+            }
+        });
+        let pool = Arc::new(H1Pool::default());
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let req = Request::builder()
+            .method(http::Method::POST)
+            .uri("/")
+            .header(http::header::HOST, addr.to_string())
+            .body(http_body_util::StreamBody::new(chunks).boxed())
+            .unwrap();
+        let exchange = async {
+            tx.send(Ok(Frame::data(Bytes::from("one")))).await.unwrap();
+            let mut body = pool.send(addr, &Tcp(addr), req).await.unwrap().into_body();
+            // The echo of the first chunk comes back before the second is sent.
+            assert_eq!(next_data(&mut body).await.unwrap(), "one");
+            tx.send(Ok(Frame::data(Bytes::from("two")))).await.unwrap();
+            assert_eq!(next_data(&mut body).await.unwrap(), "two");
+            drop(tx);
+            assert!(next_data(&mut body).await.is_none());
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("the echo stalled");
+        let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+        text(resp).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -297,7 +297,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none, or only an HTTP/1.1 `Connection: keep-alive`: one pass over
     // their few names, then a removal of just those present, costs a fraction of a hashed
     // lookup per hop-by-hop name.
-    if !headers.keys().any(is_hop_by_hop) {
+    let only_connection = {
+        let mut present = headers.keys().filter(|n| is_hop_by_hop(n));
+        match present.next() {
+            None => return,
+            Some(n) => n == header::CONNECTION && present.next().is_none(),
+        }
+    };
+    // And the usual one of those, an app's `Connection: keep-alive` (every response from
+    // nginx), names no header that is there: it goes, with no list of names built.
+    if only_connection
+        && headers.get_all(header::CONNECTION).iter().all(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').all(|t| is_hop_by_hop_name(t.trim())))
+        })
+    {
+        headers.remove(header::CONNECTION);
         return;
     }
     let trailers = headers
@@ -507,6 +522,19 @@ mod tests {
 
         // `close` names a header too (a reserved name, but the rule is every name listed).
         let mut h = headers(&[("connection", "Close"), ("close", "x"), ("x-keep", "y")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-keep"]);
+
+        // The usual response from an app: `Connection: keep-alive` and nothing else hop-by-hop.
+        let mut h = headers(&[("connection", "keep-alive"), ("content-length", "5")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["content-length"]);
+        // Connection alone again, but naming a header that is there.
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "hop"),
+            ("x-keep", "y"),
+        ]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-keep"]);
 
