@@ -381,9 +381,13 @@ mod tests {
         }
     }
 
-    /// An app answering each request with the number of the connection it came on; `close`
-    /// makes it end every connection after one response.
-    async fn app(h2: bool, close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A listener on a free port whose connections `serve` gets, each with its number (from
+    /// 1); and how many it has accepted.
+    async fn listen<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -392,31 +396,37 @@ mod tests {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
                 let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                            let _ = req.into_body().collect().await;
-                            let mut resp = Response::new(full(n.to_string()));
-                            if close {
-                                resp.headers_mut()
-                                    .insert(http::header::CONNECTION, "close".parse().unwrap());
-                            }
-                            Ok::<_, std::convert::Infallible>(resp)
-                        });
-                    let io = TokioIo::new(tcp);
-                    if h2 {
-                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(io, service)
-                            .await;
-                    } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, service)
-                            .await;
-                    }
-                });
+                tokio::spawn(serve(tcp, n));
             }
         });
         (addr, accepted)
+    }
+
+    /// An app answering each request with the number of the connection it came on; `close`
+    /// makes it end every connection after one response.
+    async fn app(h2: bool, close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        listen(move |tcp, n| async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                let _ = req.into_body().collect().await;
+                let mut resp = Response::new(full(n.to_string()));
+                if close {
+                    resp.headers_mut()
+                        .insert(http::header::CONNECTION, "close".parse().unwrap());
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+            let io = TokioIo::new(tcp);
+            if h2 {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, service)
+                    .await;
+            } else {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            }
+        })
+        .await
     }
 
     fn get(addr: SocketAddr, h2: bool) -> Request<Body> {
@@ -492,24 +502,15 @@ mod tests {
 
     #[tokio::test]
     async fn http1_a_request_body_and_its_echo_stream_at_once() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let echo = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                        Ok::<_, std::convert::Infallible>(Response::new(req.into_body()))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), echo)
-                        .await;
-                });
-            }
-        });
+        let (addr, accepted) = listen(|tcp, _| async move {
+            let echo = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                Ok::<_, std::convert::Infallible>(Response::new(req.into_body()))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), echo)
+                .await;
+        })
+        .await;
         let pool = Arc::new(H1Pool::default());
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
         let chunks = tokio_stream::wrappers::ReceiverStream::new(rx);
