@@ -492,6 +492,44 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
+    /// An app that closes a kept-alive connection without saying so (its idle timeout, say):
+    /// nothing drives a free connection, so the close is found when it is next taken, before
+    /// the request is written, and the request goes on a new one with no error.
+    #[tokio::test]
+    async fn http1_a_free_connection_the_app_closed_silently_is_replaced() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let close = Arc::new(tokio::sync::Notify::new());
+        let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+        let go = close.clone();
+        let (addr, accepted) = listen(move |mut tcp, n| {
+            let (go, closed) = (go.clone(), closed_tx.clone());
+            async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    let got = tcp.read(&mut buf).await.unwrap();
+                    head.extend_from_slice(&buf[..got]);
+                }
+                let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n{n}");
+                tcp.write_all(resp.as_bytes()).await.unwrap();
+                go.notified().await;
+                drop(tcp);
+                let _ = closed.send(n);
+            }
+        })
+        .await;
+        let pool = Arc::new(H1Pool::default());
+        let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+        assert_eq!(text(resp).await, "1");
+        assert_eq!(pool.idle.lock().unwrap()[&addr].len(), 1);
+        // Closed while free, with no `Connection: close`.
+        close.notify_one();
+        assert_eq!(closed.recv().await, Some(1));
+        let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+        assert_eq!(text(resp).await, "2");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
     /// The connection is driven by the request, then by its response body: a body the app
     /// echoes as it arrives goes both ways at once, chunk by chunk, and the connection is
     /// free again afterwards.
