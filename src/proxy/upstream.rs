@@ -269,69 +269,73 @@ impl AsyncWrite for PeerStream {
 }
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1); `te` too,
-/// though `te: trailers` is put back. Matched by name: a string match on a name's length and
-/// bytes costs less than comparing it with each of a list of `HeaderName`s, and it runs on
-/// every header of every request and response, both ways.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    is_hop_by_hop_name(name.as_str())
-}
+/// though `te: trailers` is put back.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
 
-/// [`is_hop_by_hop`] on a lowercase name.
-fn is_hop_by_hop_name(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+/// Where a name is in [`HOP_BY_HOP`]. Matched as a string: a match on a name's length and
+/// bytes costs less than comparing it with each `HeaderName`, and it runs on every header of
+/// every request and response, both ways.
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
 }
 
 /// Removes hop-by-hop headers; `te: trailers` stays (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none, or only an HTTP/1.1 `Connection: keep-alive`: one pass over
-    // their few names, then a removal of just those present, costs a fraction of a hashed
-    // lookup per hop-by-hop name.
-    let only_connection = {
-        let mut present = headers.keys().filter(|n| is_hop_by_hop(n));
-        match present.next() {
-            None => return,
-            Some(n) => n == header::CONNECTION && present.next().is_none(),
-        }
-    };
-    // And the usual one of those, an app's `Connection: keep-alive` (every response from
-    // nginx), names no header that is there: it goes, with no list of names built.
-    if only_connection
-        && headers.get_all(header::CONNECTION).iter().all(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').all(|t| is_hop_by_hop_name(t.trim())))
-        })
-    {
-        headers.remove(header::CONNECTION);
+    // One pass over the message's few names notes which fixed ones are there; only those are
+    // removed (a hashed removal each). Most messages carry none, or only an HTTP/1.1
+    // `Connection: keep-alive`.
+    let present = headers
+        .keys()
+        .filter_map(|n| hop_by_hop_index(n.as_str()))
+        .fold(0u16, |mask, i| mask | (1 << i));
+    if present == 0 {
         return;
     }
-    let trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let te = 1 << 5;
+    let trailers = (present & te) != 0
+        && headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     // Headers named in Connection are hop-by-hop too; a token such as `keep-alive` that is
-    // already one of the fixed names needs no name of its own.
-    let mut present: Vec<HeaderName> = headers
+    // already one of the fixed names needs no name of its own (so the usual list is empty,
+    // and allocates nothing).
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|t| !is_hop_by_hop_name(t))
+        .filter(|t| hop_by_hop_index(t).is_none())
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    present.extend(headers.keys().filter(|n| is_hop_by_hop(n)).cloned());
-    for n in present {
+    for n in named {
         headers.remove(n);
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
     if trailers {
         headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
