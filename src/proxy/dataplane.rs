@@ -6,7 +6,9 @@
 //! flight; per-host outlier state, retry budgets and pool counters carry over. VIP listeners
 //! come and go with the backends.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use super::{RequestMap, RequestSet};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -96,15 +98,15 @@ pub struct Routing {
     pub mesh: String,
     pub role: Option<ProxyRole>,
     /// By VIP:port.
-    pub outbound: HashMap<SocketAddr, Arc<OutboundPort>>,
-    /// By virtual service name and port, for the explicit listener.
-    pub by_name: HashMap<(String, u16), Arc<OutboundPort>>,
+    pub outbound: RequestMap<SocketAddr, Arc<OutboundPort>>,
+    /// By virtual service name and port, for the explicit listener and gateway routes.
+    pub by_name: ByName,
     pub egress: Option<EgressFilterType>,
     /// The node's listeners by app port.
-    pub inbound: HashMap<u16, InboundPort>,
-    pub allowed_callers: HashSet<ProxyRole>,
+    pub inbound: RequestMap<u16, InboundPort>,
+    pub allowed_callers: RequestSet<ProxyRole>,
     /// A virtual gateway's listeners by port.
-    pub gateway: HashMap<u16, GatewayPort>,
+    pub gateway: RequestMap<u16, GatewayPort>,
     clusters: HashMap<(String, u16), Arc<Cluster>>,
     /// The spec's `logging.accessLog`, if any.
     pub access_log: Option<Arc<AccessLogger>>,
@@ -215,10 +217,9 @@ impl Routing {
                             .collect(),
                     })
                     .collect();
-                let key = (svc.virtual_service.clone(), l.port);
                 let budget = previous
                     .by_name
-                    .get(&key)
+                    .get(&svc.virtual_service, l.port)
                     .map(|p| p.budget.clone())
                     .unwrap_or_else(|| Arc::new(RetryBudget::new(budget)));
                 let port = Arc::new(OutboundPort {
@@ -235,7 +236,7 @@ impl Routing {
                     r.outbound
                         .insert(SocketAddr::new(IpAddr::V4(vip), l.port), port.clone());
                 }
-                r.by_name.insert(key, port);
+                r.by_name.insert(&svc.virtual_service, l.port, port);
             }
         }
         for l in config.gateway.iter().flat_map(|g| &g.listeners) {
@@ -304,8 +305,50 @@ impl Routing {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return self.outbound.get(&SocketAddr::new(ip, port));
         }
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        self.by_name.get(&(host, port))
+        self.by_name.get(host, port)
+    }
+}
+
+/// Outbound ports by virtual service name, then port (a service has one or a few), so a lookup
+/// by a request's Host borrows it instead of building a key.
+pub struct ByName<T = Arc<OutboundPort>>(RequestMap<String, Vec<(u16, T)>>);
+
+impl<T> Default for ByName<T> {
+    fn default() -> Self {
+        Self(RequestMap::default())
+    }
+}
+
+impl<T> ByName<T> {
+    /// By a name as a Host header carries it: any case (DNS names are case-insensitive),
+    /// perhaps with the root's trailing dot.
+    pub fn get(&self, host: &str, port: u16) -> Option<&T> {
+        let ports = self.ports(host)?;
+        ports.iter().find(|(p, _)| *p == port).map(|(_, t)| t)
+    }
+
+    /// The service's first listener in config order (a gateway route that names no port).
+    pub fn first(&self, service: &str) -> Option<&T> {
+        self.ports(service)?.first().map(|(_, t)| t)
+    }
+
+    fn ports(&self, name: &str) -> Option<&Vec<(u16, T)>> {
+        let name = name.trim_end_matches('.');
+        // Names are lowercase already nearly always: no copy then.
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.0.get(&name.to_ascii_lowercase())
+        } else {
+            self.0.get(name)
+        }
+    }
+
+    fn insert(&mut self, service: &str, port: u16, value: T) {
+        let key = service.trim_end_matches('.').to_ascii_lowercase();
+        let ports = self.0.entry(key).or_default();
+        match ports.iter_mut().find(|(p, _)| *p == port) {
+            Some(slot) => slot.1 = value,
+            None => ports.push((port, value)),
+        }
     }
 }
 
@@ -723,4 +766,25 @@ where
         .serve_connection_with_upgrades(io, service)
         .into_owned();
     drain.serve(conn).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ByName;
+
+    #[test]
+    fn by_name_finds_a_host_in_any_case_with_or_without_the_root_dot() {
+        let mut m = ByName::default();
+        m.insert("app.mesh.local", 80, 1);
+        m.insert("App.Mesh.Local", 9090, 2);
+        m.insert("app.mesh.local", 80, 3);
+        for host in ["app.mesh.local", "App.Mesh.LOCAL", "app.mesh.local."] {
+            assert_eq!(m.get(host, 80), Some(&3), "{host}");
+            assert_eq!(m.get(host, 9090), Some(&2), "{host}");
+        }
+        assert_eq!(m.get("app.mesh.local", 81), None);
+        assert_eq!(m.get("other.mesh.local", 80), None);
+        assert_eq!(m.first("APP.mesh.local"), Some(&3));
+        assert_eq!(m.first("other.mesh.local"), None);
+    }
 }

@@ -143,12 +143,8 @@ pub async fn request(
         return UpstreamError::NoRoute.response();
     };
     let target = match route.port {
-        Some(p) => routing.by_name.get(&(route.virtual_service.clone(), p)),
-        None => routing
-            .by_name
-            .iter()
-            .find(|((s, _), _)| *s == route.virtual_service)
-            .map(|(_, p)| p),
+        Some(p) => routing.by_name.get(&route.virtual_service, p),
+        None => routing.by_name.first(&route.virtual_service),
     };
     let Some(target) = target.cloned() else {
         return UpstreamError::NoEndpoint(format!(

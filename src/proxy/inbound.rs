@@ -7,7 +7,6 @@
 //! virtual service that routes here among its backends), its connection pool (503 when full),
 //! then the app.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,7 +44,7 @@ pub struct InboundPort {
     pub client_sans: Vec<String>,
     pub pool: Option<Arc<Pool>>,
     /// Per allowed caller; `others` for plaintext callers and refused ones (a bounded label).
-    callers: HashMap<ProxyRole, Arc<EdgeStats>>,
+    callers: super::RequestMap<ProxyRole, Arc<EdgeStats>>,
     others: Arc<EdgeStats>,
     overflows: Counter,
     access_log: Option<Arc<AccessLogger>>,

@@ -9,7 +9,7 @@
 //! under a lock shared by every thread, cloned the client, and for HTTP/1.1 spawned a task to
 //! put the connection back; here a request costs one map lookup in its own shard's pool.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -62,13 +62,13 @@ type H2Slot = Arc<OnceCell<h2stream::Conn>>;
 /// One shared HTTP/2 connection per (address, profile); `P` is what else decides whom a
 /// connection may be to (the peer TLS profile).
 pub struct H2Pool<P> {
-    slots: Mutex<HashMap<SocketAddr, Vec<(P, H2Slot)>>>,
+    slots: Mutex<super::RequestMap<SocketAddr, Vec<(P, H2Slot)>>>,
 }
 
 impl<P> Default for H2Pool<P> {
     fn default() -> Self {
         Self {
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::default(),
         }
     }
 }
@@ -192,7 +192,7 @@ type Free = VecDeque<(H1Conn, Instant)>;
 /// Free HTTP/1.1 connections per address.
 #[derive(Default)]
 pub struct H1Pool {
-    idle: Mutex<HashMap<SocketAddr, Free>>,
+    idle: Mutex<super::RequestMap<SocketAddr, Free>>,
 }
 
 impl H1Pool {

@@ -427,12 +427,11 @@ impl Upstreams {
 /// 4 % of the client proxy's instructions per request, more than all the hop's header work.
 fn authority(addr: SocketAddr) -> Result<http::uri::Authority, UpstreamError> {
     use std::cell::RefCell;
-    use std::collections::HashMap;
     /// Peers come and go with config; past this many the cache starts again.
     const MAX: usize = 4096;
     thread_local! {
-        static AUTHORITIES: RefCell<HashMap<SocketAddr, http::uri::Authority>> =
-            RefCell::new(HashMap::new());
+        static AUTHORITIES: RefCell<super::RequestMap<SocketAddr, http::uri::Authority>> =
+            RefCell::default();
     }
     AUTHORITIES.with(|cache| {
         if let Some(a) = cache.borrow().get(&addr) {
