@@ -385,7 +385,8 @@ fn main() -> ExitCode {
 }
 
 /// Runs `f` to completion on a multi-threaded runtime built for it; a runtime that cannot be
-/// built is an error like any other the command meets.
+/// built is an error like any other the command meets. Access logs of proxies it ran (`trellis
+/// dev --demo`) are written out before it returns.
 fn block_on<T, E: Into<anyhow::Error>>(
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> anyhow::Result<T> {
@@ -393,5 +394,8 @@ fn block_on<T, E: Into<anyhow::Error>>(
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
-    rt.block_on(f).map_err(Into::into)
+    let result = rt.block_on(f).map_err(Into::into);
+    drop(rt);
+    trellis::telemetry::access_log::finish_writing();
+    result
 }

@@ -199,14 +199,19 @@ pub fn main(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    rt.block_on(async {
+    let code = rt.block_on(async {
         let standalone = Standalone {
             logging: Logging::init(&cfg.log),
             reloads: service::Reloads::catch(),
             config: reload_from,
         };
         run(cfg, Some(standalone), service::shutdown_signal()).await
-    })
+    });
+    // The runtime's tasks hold the access-log writers: gone with it, they write their last
+    // lines, which the process waits for.
+    drop(rt);
+    trellis::telemetry::access_log::finish_writing();
+    code
 }
 
 /// What a proxy running as its own process has beside its data plane: the lines scripts wait
