@@ -7,8 +7,6 @@
 //! come and go with the backends.
 
 use std::collections::HashMap;
-
-use super::{RequestMap, RequestSet};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -39,6 +37,7 @@ use super::route::{MatcherError, RouteTable};
 use super::shard::Shards;
 use super::tls::{PeerIdentity, PeerTls};
 use super::upstream::{Body, Upstreams};
+use super::{RequestMap, RequestSet};
 use crate::model::proxy_config::{AccessLog, OutboundService, ProxyConfig, ProxyRole};
 use crate::model::shapes::{EgressFilterType, ListenerTlsMode, PortProtocol};
 use crate::telemetry::access_log::{AccessLogFormat, AccessLogWriter};

@@ -282,6 +282,9 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// `te`'s place in [`HOP_BY_HOP`]: `te: trailers` is put back.
+const TE_INDEX: usize = 5;
+
 /// Where a name is in [`HOP_BY_HOP`]. Matched as a string: a match on a name's length and
 /// bytes costs less than comparing it with each `HeaderName`, and it runs on every header of
 /// every request and response, both ways.
@@ -292,7 +295,7 @@ fn hop_by_hop_index(name: &str) -> Option<usize> {
         "proxy-connection" => 2,
         "proxy-authenticate" => 3,
         "proxy-authorization" => 4,
-        "te" => 5,
+        "te" => TE_INDEX,
         "trailer" => 6,
         "transfer-encoding" => 7,
         "upgrade" => 8,
@@ -312,8 +315,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    let te = 1 << 5;
-    let trailers = (present & te) != 0
+    let trailers = present & (1 << TE_INDEX) != 0
         && headers
             .get(header::TE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
