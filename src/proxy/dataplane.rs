@@ -16,7 +16,6 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -26,6 +25,7 @@ use super::access::{AccessLogger, Downstream};
 use super::balance::Balancer;
 use super::balance::WeightedPicker;
 use super::discovery::AppliedConfig;
+use super::drain::Drain;
 use super::gateway::GatewayPort;
 use super::gateway_tls::{self, GatewayTlsError};
 use super::guard;
@@ -476,48 +476,6 @@ impl Shared {
     }
 }
 
-/// Every served connection, so a shutdown can ask each to finish (HTTP/1.1: after the request
-/// in progress; HTTP/2: GOAWAY, in-flight streams complete) and wait for them.
-#[derive(Clone)]
-pub struct Drain(Arc<std::sync::Mutex<Option<GracefulShutdown>>>);
-
-impl Default for Drain {
-    fn default() -> Self {
-        Self(Arc::new(std::sync::Mutex::new(Some(
-            GracefulShutdown::new(),
-        ))))
-    }
-}
-
-impl Drain {
-    /// Serves `conn` to its end, or to a graceful end once draining starts.
-    pub async fn serve<C>(&self, conn: C)
-    where
-        C: GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let watcher = self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(GracefulShutdown::watcher);
-        if let Some(w) = watcher
-            && let Err(e) = w.watch(conn).await
-        {
-            tracing::debug!(error = %e, "connection");
-        }
-    }
-
-    /// Asks every connection to finish and waits up to `within`; false when some were cut.
-    pub async fn drain(&self, within: Duration) -> bool {
-        let g = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match g {
-            Some(g) => tokio::time::timeout(within, g.shutdown()).await.is_ok(),
-            None => true,
-        }
-    }
-}
-
 /// The sockets the data plane serves, bound by the caller (so port 0 can be reported).
 pub struct Listeners {
     pub inbound: TcpListener,
@@ -764,7 +722,7 @@ where
     let conn = http_builder()
         .serve_connection_with_upgrades(io, service)
         .into_owned();
-    drain.serve(conn).await;
+    drain.serve(conn, |c| c.graceful_shutdown()).await;
 }
 
 #[cfg(test)]

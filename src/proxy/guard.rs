@@ -64,6 +64,13 @@ pub async fn first_head(tcp: &TcpStream, timeout: Duration) -> Verdict {
     }
 }
 
+/// Whether a connection [`first_head`] let through opens with HTTP/2's preface (h2c with
+/// prior knowledge) rather than an HTTP/1 head.
+pub async fn starts_h2(tcp: &TcpStream) -> bool {
+    let mut buf = [0u8; 4];
+    matches!(tcp.peek(&mut buf).await, Ok(4)) && buf == H2_PREFACE[..4]
+}
+
 fn timed_out(seen: usize) -> Verdict {
     if seen == 0 {
         // Nothing sent at all: an idle connection, closed without a word.

@@ -15,7 +15,7 @@ use futures_util::FutureExt;
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderMap, Method, Request, Response, header};
-use hyper::body::{Body as _, Frame};
+use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::sync::oneshot;
 
 use super::upstream::{Body, BoxError};
@@ -98,10 +98,7 @@ pub async fn send(
         c.disarm();
     }
     match answer {
-        Ok(resp) => Ok(resp.map(|recv| H2Body {
-            recv,
-            data_done: false,
-        })),
+        Ok(resp) => Ok(resp.map(|recv| H2Body::new(recv, None))),
         Err(e) if refused(&e) => Err(StreamError::Refused(e)),
         Err(e) => Err(StreamError::Failed(e)),
     }
@@ -172,7 +169,7 @@ async fn pump_body(
 /// window has room for some of it (h2 buffers the rest, so at most one chunk waits beyond the
 /// window); then the next frame. The body's last chunk goes at once, so a body in one frame
 /// (a replay buffer's) is sent without a task.
-fn poll_pump(
+pub fn poll_pump(
     body: &mut Body,
     stream: &mut SendStream<Bytes>,
     held: &mut Option<Bytes>,
@@ -234,11 +231,24 @@ fn poll_pump(
     }
 }
 
-/// A response body from an HTTP/2 stream.
+/// A body arriving on an HTTP/2 stream: a response's here, a request's in `h2server`.
 #[derive(Debug)]
 pub struct H2Body {
     recv: RecvStream,
     data_done: bool,
+    /// Its length when known from the head: no DATA to come, or a Content-Length (h2 resets a
+    /// stream whose DATA disagree).
+    length: Option<u64>,
+}
+
+impl H2Body {
+    pub fn new(recv: RecvStream, length: Option<u64>) -> Self {
+        Self {
+            recv,
+            data_done: false,
+            length,
+        }
+    }
 }
 
 impl hyper::body::Body for H2Body {
@@ -271,6 +281,10 @@ impl hyper::body::Body for H2Body {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.length.map(SizeHint::with_exact).unwrap_or_default()
     }
 }
 

@@ -26,7 +26,7 @@ use super::shard::Shards;
 use super::stats;
 use super::tls::{self, Caller};
 use super::tunnel;
-use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError, boxed, incoming};
+use super::upstream::{Body, Hop, TARGET_PORT, UpstreamError, incoming};
 use crate::model::proxy_config::{InboundListener, ProxyConfig, ProxyRole, Timeouts};
 use crate::model::shapes::{ListenerTlsMode, PortProtocol, VirtualNodeConnectionPool};
 use crate::telemetry::proxy::{
@@ -221,13 +221,12 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr) {
             return;
         }
         let downstream = shared.downstream(&tcp, from, None);
-        serve_http(
-            shared,
-            TokioIo::new(tcp),
-            Arc::new(Caller::default()),
-            downstream,
-        )
-        .await;
+        let caller = Caller::default();
+        if guard::starts_h2(&tcp).await {
+            serve_h2(&shared, tcp, &caller, downstream).await;
+        } else {
+            serve_http(shared, TokioIo::new(tcp), Arc::new(caller), downstream).await;
+        }
         return;
     }
     let config = match shared.upstreams.identity().server_config() {
@@ -247,12 +246,38 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr) {
             return;
         }
     };
-    let caller = Caller::from_certs(stream.get_ref().1.peer_certificates().unwrap_or_default());
-    let sni = stream.get_ref().1.server_name().map(str::to_string);
-    let downstream = shared.downstream(stream.get_ref().0, from, sni);
-    serve_http(shared, TokioIo::new(stream), Arc::new(caller), downstream).await;
+    let (tcp, session) = stream.get_ref();
+    let caller = Caller::from_certs(session.peer_certificates().unwrap_or_default());
+    let sni = session.server_name().map(str::to_string);
+    let h2 = session.alpn_protocol() == Some(tls::ALPN_H2);
+    let downstream = shared.downstream(tcp, from, sni);
+    if h2 {
+        serve_h2(&shared, stream, &caller, downstream).await;
+    } else {
+        serve_http(shared, TokioIo::new(stream), Arc::new(caller), downstream).await;
+    }
 }
 
+/// A peer's pooled HTTP/2 connection: each stream is answered inside the connection's task,
+/// borrowing its state (see `h2server`).
+async fn serve_h2<I>(shared: &Shared, io: I, caller: &Caller, downstream: Option<Downstream>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Some(watch) = shared.drain.watch() else {
+        return;
+    };
+    let answer = |mut req: Request<Body>| {
+        super::trim::note_request();
+        Downstream::attach(&downstream, &mut req);
+        request(shared, caller, req)
+    };
+    if let Err(e) = super::h2server::serve(io, watch, answer).await {
+        tracing::debug!(error = %e, "peer connection");
+    }
+}
+
+/// HTTP/1.1: upgrades and TCP tunnels, and callers that speak no HTTP/2.
 async fn serve_http<I>(
     shared: Arc<Shared>,
     io: I,
@@ -262,26 +287,24 @@ async fn serve_http<I>(
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let drain = shared.drain.clone();
-    let service = hyper::service::service_fn(move |mut req| {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         super::trim::note_request();
         Downstream::attach(&downstream, &mut req);
         let shared = shared.clone();
         let caller = caller.clone();
-        // Boxed: hyper moves an HTTP/2 stream's future into a task of its own and through
-        // its stages; a pointer moves for nothing, the future itself is kilobytes.
-        Box::pin(async move { Ok::<_, Infallible>(request(&shared, &caller, req).await) })
+        // Boxed: hyper moves the request's future through its stages; a pointer moves for
+        // nothing, the future itself is kilobytes.
+        Box::pin(
+            async move { Ok::<_, Infallible>(request(&shared, &caller, req.map(incoming)).await) },
+        )
     });
     let conn = http_builder()
         .serve_connection_with_upgrades(io, service)
         .into_owned();
-    drain.serve(conn).await;
+    drain.serve(conn, |c| c.graceful_shutdown()).await;
 }
 
-async fn request(
-    shared: &Shared,
-    caller: &Caller,
-    mut req: Request<Incoming>,
-) -> http::Response<Body> {
+async fn request(shared: &Shared, caller: &Caller, mut req: Request<Body>) -> http::Response<Body> {
     let started = std::time::Instant::now();
     let span = shared
         .tracer
@@ -316,7 +339,7 @@ async fn to_app(
     shared: &Shared,
     routing: &super::dataplane::Routing,
     caller: &Caller,
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
 ) -> (http::Response<Body>, Option<Arc<EdgeStats>>, InboundLog) {
     let port = req
         .headers_mut()
@@ -378,7 +401,7 @@ async fn to_app(
     }
     let h2 = matches!(listener.protocol, PortProtocol::Http2 | PortProtocol::Grpc);
     let req = req.map(|b| {
-        let body = stats::count_body(incoming(b), stats.request_bytes());
+        let body = stats::count_body(b, stats.request_bytes());
         match &log {
             Some((pending, _)) => pending.request_body(body),
             None => body,
@@ -399,7 +422,7 @@ async fn to_app(
 async fn upgrade_to_app(
     listener: &InboundPort,
     addr: SocketAddr,
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
     slot: Option<OwnedSemaphorePermit>,
 ) -> Result<http::Response<Body>, UpstreamError> {
     let tcp = tunnel::protocol(&req) == Some(tunnel::TCP_UPGRADE);
@@ -427,7 +450,7 @@ async fn upgrade_to_app(
         })?;
     let _ = app.set_nodelay(true);
     if !tcp {
-        return tunnel::upgrade(TokioIo::new(app), addr, req.map(boxed), downstream, idle).await;
+        return tunnel::upgrade(TokioIo::new(app), addr, req, downstream, idle).await;
     }
     tokio::spawn(async move {
         let _slot = slot;
