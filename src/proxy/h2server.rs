@@ -10,12 +10,13 @@
 //! inside the connection's task also borrow the connection's state instead of cloning it.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use http::{Request, Response, header};
 use hyper::body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -45,25 +46,26 @@ where
     F: Fn(Request<Body>) -> Fut,
     Fut: Future<Output = Response<Body>>,
 {
-    let mut conn = {
-        let handshake = builder().handshake::<_, Bytes>(io);
-        tokio::select! {
-            conn = handshake => conn?,
-            () = drain.started() => return Ok(()),
-        }
-    };
+    // A drain that starts during the handshake is seen by the loop's first pass: the peer gets
+    // a GOAWAY, and a request already on its way is still served.
+    let mut conn = builder().handshake::<_, Bytes>(io).await?;
     let mut streams = FuturesUnordered::new();
     let mut draining = false;
     // Polling the drain's future on every wakeup takes a lock; a clone of its watch says for
     // an atomic load whether the drain has moved since, and the future (polled once, so it
-    // wakes this task) is only polled again then.
+    // wakes this task) is only polled again then. Unconstrained: out of coop budget, a first
+    // poll would return without registering to be woken.
     let probe = drain.probe();
-    let mut started = pin!(drain.started());
+    let mut started = pin!(tokio::task::coop::unconstrained(drain.started()));
     let mut armed = false;
     std::future::poll_fn(|cx| {
         loop {
             // Streams first: a response they send goes out in the connection's poll below.
-            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            while let Poll::Ready(Some(ended)) = streams.poll_next_unpin(cx) {
+                if let Err(_panic) = ended {
+                    tracing::error!("a stream's handler panicked; the stream was reset");
+                }
+            }
             if !draining && (!armed || probe.has_changed()) {
                 armed = true;
                 if started.as_mut().poll(cx).is_ready() {
@@ -86,7 +88,9 @@ where
                     // Boxed where it is made: the answer's future is kilobytes, and each move
                     // into the stream's future and its task would copy it.
                     let answering = Box::pin(answer(Request::from_parts(parts, body)));
-                    streams.push(stream(answering, respond));
+                    // A panic ends its stream (h2 resets a stream whose handle is dropped), not
+                    // every stream of the connection.
+                    streams.push(AssertUnwindSafe(stream(answering, respond)).catch_unwind());
                 }
                 // The peer is gone or closed the connection: streams still running can send
                 // nothing more, and dropping them cancels their work.
@@ -225,6 +229,29 @@ mod tests {
         assert_eq!(resp.headers()[header::CONTENT_LENGTH], "7");
         let got = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(got, "Some(4)");
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_fails_its_stream_only() {
+        let drain = Drain::default();
+        let conn = connect(&drain, |req: Request<Body>| async move {
+            assert_ne!(req.uri().path(), "/panic", "the handler's bug");
+            Response::new(full("fine"))
+        })
+        .await;
+        let get = |path: &str| {
+            h2stream::head(
+                Request::get(format!("http://peer{path}"))
+                    .body(full(""))
+                    .unwrap(),
+            )
+        };
+        let (head, body) = get("/panic");
+        assert!(h2stream::send(&conn, head, body).await.is_err());
+        let (head, body) = get("/after");
+        let resp = h2stream::send(&conn, head, body).await.unwrap();
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got, "fine");
     }
 
     /// Counts the answers dropped before they finished.

@@ -201,7 +201,7 @@ pub fn poll_pump(
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
-                stream.send_reset(Reason::INTERNAL_ERROR);
+                stream.send_reset(reset_reason(&*e));
                 return Poll::Ready(Err(e));
             }
         };
@@ -229,6 +229,20 @@ pub fn poll_pump(
             }
         }
     }
+}
+
+/// The reset that passes on a body's failure: the reason of an HTTP/2 error behind it (a
+/// stream the other side cancelled stays CANCEL, which gRPC reads as CANCELLED), else
+/// INTERNAL_ERROR. hyper's pipe does the same.
+fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Reason {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(reason) = e.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
+        }
+        cause = e.source();
+    }
+    Reason::INTERNAL_ERROR
 }
 
 /// A body arriving on an HTTP/2 stream: a response's here, a request's in `h2server`.
@@ -370,6 +384,14 @@ mod tests {
         let got = resp.into_body().collect().await.unwrap();
         assert_eq!(got.trailers().unwrap()["x-echo"], "48");
         assert_eq!(got.to_bytes(), (48 * (64 << 10)).to_string());
+    }
+
+    #[test]
+    fn a_body_failure_resets_with_the_reason_behind_it() {
+        let cancelled: BoxError = Box::new(h2::Error::from(Reason::CANCEL));
+        assert_eq!(reset_reason(&*cancelled), Reason::CANCEL);
+        let other: BoxError = Box::new(std::io::Error::other("app went away"));
+        assert_eq!(reset_reason(&*other), Reason::INTERNAL_ERROR);
     }
 
     #[tokio::test]
