@@ -353,8 +353,7 @@ pub fn reopen_files() {
 /// waits for that with [`finish_writing`] before it exits.
 pub struct AccessLogWriter {
     path: String,
-    /// `None` only while being dropped.
-    lines: Option<SyncSender<String>>,
+    lines: SyncSender<String>,
     writer: std::thread::Thread,
     dropped: Counter,
 }
@@ -401,7 +400,7 @@ impl AccessLogWriter {
         };
         Ok(Self {
             path: path.to_string(),
-            lines: Some(lines),
+            lines,
             writer,
             dropped,
         })
@@ -413,8 +412,9 @@ impl AccessLogWriter {
 
     /// Queues a line; drops it (and counts) when the writer is behind.
     pub fn log(&self, line: String) {
-        let Some(lines) = &self.lines else { return };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = lines.try_send(line) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.lines.try_send(line)
+        {
             self.dropped.inc();
         }
     }
@@ -422,9 +422,9 @@ impl AccessLogWriter {
 
 impl Drop for AccessLogWriter {
     fn drop(&mut self) {
-        // The queue's end tells the writer to finish; unparked, it stops gathering at once.
-        // Not joined: this may run on a shard, and a file (or a stdout pipe) can block.
-        self.lines = None;
+        // Unparked, the writer stops gathering and writes at once; the queue's sender, dropped
+        // right after this, tells it to end once the queue is empty. Not joined: this may run
+        // on a shard, and a file (or a stdout pipe) can block.
         self.writer.unpark();
     }
 }
