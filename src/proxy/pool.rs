@@ -1,9 +1,10 @@
 //! Connection pools, one set per shard (see `shard`). HTTP/2 (to peer proxies, and to an h2c
 //! app; on the `h2` crate, see `h2stream`) keeps one connection per destination that every
 //! request multiplexes on; HTTP/1.1 (to the app) keeps the connections that are free, takes one per
-//! request and gets it back when the response body has ended. A request that a connection
-//! never began to send (it closed first) is sent once more on a new one. HTTP/1.1 is hyper's
-//! client connection, driven by the request that uses it (see `H1Conn`).
+//! request and gets it back when the response body has ended. A request that a kept
+//! connection never began to send, or that the app closed it under before answering (when
+//! the request may be sent twice), is sent once more on a new one. HTTP/1.1 is our own codec
+//! (see `h1client`), driven by the request that uses it: no task per connection.
 //!
 //! Why not hyper-util's pooled client: per request it built a pool key from the URI, hashed it
 //! under a lock shared by every thread, cloned the client, and for HTTP/1.1 spawned a task to
@@ -19,12 +20,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::body::{Frame, SizeHint};
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
 
+use super::h1client::{self, Exchange, H1Conn, H1Error};
 use super::h2stream::{self, H2Body, StreamError};
 use super::upstream::{Body, BoxError};
 
@@ -158,34 +158,6 @@ impl<P: PartialEq + Clone> H2Pool<P> {
 /// connections it needed do not stay open for good.
 const H1_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// An HTTP/1.1 connection to the app: the handle requests go in by, and the connection's I/O,
-/// which the request using it drives (there is no task per connection). So a request is
-/// written to the app as soon as its own task has routed it, not when a connection task's
-/// turn comes after every other task that was ready; and no wakeup crosses tasks.
-struct H1Conn {
-    tx: http1::SendRequest<Body>,
-    /// Boxed: the connection's state (its buffers) is large, and it moves in and out of the
-    /// pool and into the response body with every request.
-    io: Box<H1Io>,
-}
-
-type H1Io = http1::Connection<TokioIo<TcpStream>, Body>;
-
-impl H1Conn {
-    fn poll_io(&mut self, cx: &mut Context<'_>, addr: SocketAddr) -> Poll<()> {
-        poll_h1_io(&mut self.io, cx, addr)
-    }
-}
-
-/// Drives an HTTP/1.1 connection's I/O; `Ready` once it has ended (it cannot be polled again).
-fn poll_h1_io(io: &mut H1Io, cx: &mut Context<'_>, addr: SocketAddr) -> Poll<()> {
-    Pin::new(io).poll(cx).map(|ended| {
-        if let Err(e) = ended {
-            tracing::debug!(%addr, error = %e, "upstream connection ended");
-        }
-    })
-}
-
 /// Free HTTP/1.1 connections to one address, oldest first, with when each was freed.
 type Free = VecDeque<(H1Conn, Instant)>;
 
@@ -202,44 +174,29 @@ impl H1Pool {
         self: &Arc<Self>,
         addr: SocketAddr,
         connect: &impl Connect<Io = TcpStream>,
-        mut req: Request<Body>,
+        req: Request<Body>,
     ) -> Result<Response<PooledBody>, SendError> {
+        let (parts, mut body) = req.into_parts();
         loop {
-            let (conn, fresh) = match self.checkout(addr).await {
+            let (conn, fresh) = match self.checkout(addr) {
                 Some(conn) => (conn, false),
                 // Boxed: see `H2Pool::send`.
                 None => (Box::pin(Self::open(connect)).await?, true),
             };
-            let H1Conn { mut tx, io } = conn;
-            let mut io = Some(io);
-            let mut response = std::pin::pin!(tx.try_send_request(req));
-            // The I/O first, so the request is written before this task waits. Once the
-            // connection has ended it is dropped, which answers a request still queued on it
-            // (with the request back when it was never sent).
-            let sent = std::future::poll_fn(|cx| {
-                if io
-                    .as_mut()
-                    .is_some_and(|io| poll_h1_io(io, cx, addr).is_ready())
-                {
-                    io = None;
+            match Box::pin(h1client::send(conn, &parts, body)).await {
+                Ok((head, exchange)) => {
+                    return Ok(Response::from_parts(
+                        head,
+                        PooledBody {
+                            exchange: Some(exchange),
+                            pool: self.clone(),
+                            addr,
+                        },
+                    ));
                 }
-                response.as_mut().poll(cx)
-            })
-            .await;
-            match sent {
-                Ok(resp) => {
-                    let conn = io.map(|io| H1Conn { tx, io });
-                    return Ok(resp.map(|inner| PooledBody {
-                        inner,
-                        conn,
-                        pool: self.clone(),
-                        addr,
-                    }));
-                }
-                Err(mut e) => match e.take_message() {
-                    // Never sent: the app closed the kept connection. Once more on a new one.
-                    Some(back) if !fresh => req = back,
-                    _ => return Err(SendError::Request(Box::new(e.into_error()))),
+                Err(failure) => match failure.body {
+                    Some(back) if failure.retry_on_new && !fresh => body = back,
+                    _ => return Err(SendError::Request(Box::new(failure.error))),
                 },
             }
         }
@@ -247,38 +204,19 @@ impl H1Pool {
 
     async fn open(connect: &impl Connect<Io = TcpStream>) -> Result<H1Conn, SendError> {
         let io = connect.connect().await.map_err(SendError::Connect)?;
-        let (tx, io) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| SendError::Connect(Box::new(e)))?;
-        Ok(H1Conn {
-            tx,
-            io: Box::new(io),
-        })
+        Ok(H1Conn::new(io))
     }
 
     /// The most recently freed connection that still works.
-    async fn checkout(&self, addr: SocketAddr) -> Option<H1Conn> {
-        loop {
-            let mut conn = {
-                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                idle.get_mut(&addr)?.pop_back()?.0
-            };
-            // Nothing drove it while it was free: this reads what came meanwhile (the app
-            // closing it, say) and finishes the last exchange, after which the connection
-            // asks for the next request. One that is still busy (a request body not yet
-            // all written) is waited for, as a task of its own would have been.
-            let usable = std::future::poll_fn(|cx| {
-                if conn.poll_io(cx, addr).is_ready() {
-                    return Poll::Ready(false);
-                }
-                conn.tx.poll_ready(cx).map(|ready| ready.is_ok())
-            })
-            .await;
-            if usable {
+    fn checkout(&self, addr: SocketAddr) -> Option<H1Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let free = idle.get_mut(&addr)?;
+        while let Some((conn, _)) = free.pop_back() {
+            if conn.is_usable() {
                 return Some(conn);
             }
         }
+        None
     }
 
     fn give_back(&self, addr: SocketAddr, conn: H1Conn) {
@@ -298,19 +236,19 @@ impl H1Pool {
 }
 
 /// A response body from an HTTP/1.1 connection of the pool, which drives that connection while
-/// it is read (the body arrives through it): when it has ended, the connection goes back to
-/// the pool (one dropped before its end is closed, as it cannot carry more).
+/// it is read (the body arrives through it, and the rest of the request goes out): when both
+/// have ended, the connection goes back to the pool (one dropped before its end is closed, as
+/// it cannot carry more).
 pub struct PooledBody {
-    inner: Incoming,
-    /// None once the connection has ended or failed, or has gone back to the pool.
-    conn: Option<H1Conn>,
+    /// None once the exchange has ended or failed.
+    exchange: Option<Exchange>,
     pool: Arc<H1Pool>,
     addr: SocketAddr,
 }
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.exchange.take().and_then(Exchange::into_reusable) {
             self.pool.give_back(self.addr, conn);
         }
     }
@@ -318,45 +256,40 @@ impl PooledBody {
 
 impl hyper::body::Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = H1Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
         let this = &mut *self;
-        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
-        // The body asked for more above; the connection reads it now (and writes what is left
-        // of the request), then the body has it.
-        if polled.is_pending()
-            && let Some(conn) = this.conn.as_mut()
-        {
-            if conn.poll_io(cx, this.addr).is_ready() {
-                this.conn = None;
-            }
-            polled = Pin::new(&mut this.inner).poll_frame(cx);
-        }
+        let Some(exchange) = this.exchange.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = exchange.poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Err(_))) => this.conn = None,
+            Poll::Ready(Some(Err(_))) => this.exchange = None,
             _ => {}
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.exchange.as_ref().is_none_or(Exchange::is_complete)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.exchange
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Exchange::size_hint)
     }
 }
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
         // An empty body (204, HEAD, Content-Length: 0) may never be polled.
-        if hyper::body::Body::is_end_stream(&self.inner) {
+        if self.exchange.as_ref().is_some_and(Exchange::is_complete) {
             self.release();
         }
     }
@@ -370,7 +303,8 @@ mod tests {
 
     use crate::proxy::upstream::full;
     use http_body_util::BodyExt;
-    use hyper_util::rt::TokioExecutor;
+    use hyper::body::Incoming;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
 
     struct Tcp(SocketAddr);
 
@@ -527,6 +461,46 @@ mod tests {
         assert_eq!(closed.recv().await, Some(1));
         let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
         assert_eq!(text(resp).await, "2");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// An app that closes a kept connection as a request arrives on it (its idle timeout
+    /// firing then): a GET goes again on a new connection; a POST, which the app may have
+    /// acted on, fails instead.
+    #[tokio::test]
+    async fn http1_a_get_the_app_closed_under_goes_again_and_a_post_does_not() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, accepted) = listen(|mut tcp, n| async move {
+            let mut buf = vec![0u8; 4096];
+            let mut answered = 0;
+            loop {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(got) => head.extend_from_slice(&buf[..got]),
+                    }
+                }
+                // Every connection answers one request, then closes under the next.
+                if answered == 1 {
+                    return;
+                }
+                let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n{n}");
+                tcp.write_all(resp.as_bytes()).await.unwrap();
+                answered += 1;
+            }
+        })
+        .await;
+        let pool = Arc::new(H1Pool::default());
+        let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+        assert_eq!(text(resp).await, "1");
+        let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+        assert_eq!(text(resp).await, "2");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        let mut post = get(addr, false);
+        *post.method_mut() = http::Method::POST;
+        let err = pool.send(addr, &Tcp(addr), post).await;
+        assert!(matches!(err, Err(SendError::Request(_))), "{:?}", err.err());
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 

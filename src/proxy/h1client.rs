@@ -1,0 +1,1000 @@
+//! HTTP/1.1 to the local app, on a codec of our own. A request's head goes out in one write
+//! together with the body bytes already there; the response head is parsed by httparse into
+//! the `http` types, its header values slices of the one buffer it was read into; both bodies
+//! then stream on the connection at once, driven by the request and then by its response body
+//! (no task per connection, see `pool`). A response whose framing is unclear (two lengths, a
+//! bad chunk, a head past [`MAX_HEAD`]) fails its request and closes the connection: the app
+//! is local, but a proxy believes no server's framing blindly (RFC 9112 §6.3).
+//!
+//! Why not hyper's client connection: per request it crossed a channel from its handle to the
+//! connection and another from the connection to the body, and its dispatcher and parser
+//! were 28 % of the app proxy's instructions per request.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version, request, response};
+use hyper::body::{Body as _, Frame, SizeHint};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+use super::upstream::{Body, BoxError};
+
+/// The largest response head (status line and headers) read before giving up on it.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// The most header fields in a response head, or in a chunked body's trailers.
+const MAX_HEADERS: usize = 128;
+/// How much is read at a time.
+const READ_CHUNK: usize = 8 * 1024;
+/// Request bytes queued for the connection before the request body is read further: a slow
+/// app slows the caller instead of filling memory.
+const MAX_QUEUED: usize = 64 * 1024;
+
+/// Why an exchange with the app failed. The connection is closed after any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    #[error("connection to the app: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the app closed the connection before {0}")]
+    Closed(&'static str),
+    #[error("the app's response is invalid: {0}")]
+    Invalid(String),
+    #[error("the request body failed")]
+    RequestBody(#[source] BoxError),
+    #[error("the request body is {0} than its Content-Length")]
+    RequestLength(&'static str),
+    #[error("the request's Content-Length is not a number")]
+    RequestContentLength,
+}
+
+fn invalid(what: impl std::fmt::Display) -> H1Error {
+    H1Error::Invalid(what.to_string())
+}
+
+/// A connection to the app, with the bytes read from it and not yet used (between exchanges
+/// there are none).
+pub struct H1Conn {
+    io: TcpStream,
+    read: BytesMut,
+}
+
+impl H1Conn {
+    pub fn new(io: TcpStream) -> Self {
+        Self {
+            io,
+            read: BytesMut::new(),
+        }
+    }
+
+    /// Whether a free connection can take a request: the app has neither closed it nor sent
+    /// anything unasked. Costs no syscall while the socket is known not to be readable.
+    pub fn is_usable(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Reads more into `read`; `Ok(0)` at the app's end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
+            self.read.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+    }
+}
+
+/// How a request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RequestFraming {
+    /// Content-Length: this many bytes are still to come.
+    Length(u64),
+    Chunked,
+}
+
+/// How the response body is framed, and how far it has come.
+#[derive(Debug)]
+enum ResponseFraming {
+    /// Content-Length: this many bytes are still to come.
+    Length(u64),
+    Chunked(ChunkDecoder),
+    /// Until the app closes the connection.
+    UntilClose,
+    Ended,
+}
+
+/// Why a request failed, and whether it may go again on another connection.
+pub struct Failure {
+    pub error: H1Error,
+    /// The request body, when it was never read (so the request can be sent again).
+    pub body: Option<Body>,
+    /// No byte of the request reached the app, or none of a response came back from it
+    /// after an idempotent request without a body was sent on a kept connection: the app
+    /// closed that connection as the request went out (its idle timeout), so the request
+    /// is sent again on a new one (the rule of Go's `net/http` Transport).
+    pub retry_on_new: bool,
+}
+
+/// One request and its response on a connection; the response body reads from it.
+pub struct Exchange {
+    conn: H1Conn,
+    /// Request bytes not yet written, in order.
+    queued: VecDeque<Bytes>,
+    queued_len: usize,
+    /// The request body until it has ended.
+    body: Option<Body>,
+    /// A request body known to be empty: never read, kept to hand back for a retry.
+    empty_body: Option<Body>,
+    body_read: bool,
+    framing: RequestFraming,
+    response: ResponseFraming,
+    /// Whether the connection may carry another request once both messages are complete.
+    keep_alive: bool,
+    wrote: bool,
+    /// Why writing the request stopped early, if it did.
+    write_error: Option<std::io::Error>,
+}
+
+/// Sends a request on `conn` and reads its response head. The request's parts are borrowed,
+/// so a caller can send them again after a [`Failure`] that allows it.
+pub async fn send(
+    conn: H1Conn,
+    parts: &request::Parts,
+    body: Body,
+) -> Result<(response::Parts, Exchange), Failure> {
+    let mut exchange = match Exchange::start(conn, parts, body) {
+        Ok(e) => e,
+        Err((error, body)) => {
+            return Err(Failure {
+                error,
+                body: Some(body),
+                retry_on_new: false,
+            });
+        }
+    };
+    let head =
+        std::future::poll_fn(|cx| exchange.poll_head(cx, parts.method == Method::HEAD)).await;
+    match head {
+        Ok(head) => Ok((head, exchange)),
+        Err(error) => {
+            let replayable = exchange.conn.read.is_empty()
+                && !exchange.body_read
+                && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
+                && matches!(error, H1Error::Closed(_) | H1Error::Io(_));
+            let retry_on_new = !exchange.wrote || replayable;
+            let body = match exchange.empty_body.take() {
+                Some(empty) => Some(empty),
+                None if !exchange.body_read => exchange.body.take(),
+                None => None,
+            };
+            Err(Failure {
+                error,
+                body,
+                retry_on_new,
+            })
+        }
+    }
+}
+
+impl Exchange {
+    /// Queues the request head; the body's framing is its Content-Length when the request
+    /// has one or its length is known, else chunked.
+    fn start(conn: H1Conn, parts: &request::Parts, body: Body) -> Result<Self, (H1Error, Body)> {
+        let empty = body.is_end_stream() || body.size_hint().exact() == Some(0);
+        let declared = match parts.headers.get(header::CONTENT_LENGTH) {
+            Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+                Some(n) => Some(n),
+                None => return Err((H1Error::RequestContentLength, body)),
+            },
+            None => None,
+        };
+        let (framing, framing_header): (_, Option<Bytes>) = match declared {
+            Some(n) => (RequestFraming::Length(n), None),
+            None if empty => {
+                // A POST or PUT says it has no body: some servers answer 411 otherwise.
+                let says = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+                (
+                    RequestFraming::Length(0),
+                    says.then(|| Bytes::from_static(b"content-length: 0\r\n")),
+                )
+            }
+            None => match body.size_hint().exact() {
+                Some(n) => (
+                    RequestFraming::Length(n),
+                    Some(Bytes::from(format!("content-length: {n}\r\n"))),
+                ),
+                None => (
+                    RequestFraming::Chunked,
+                    Some(Bytes::from_static(b"transfer-encoding: chunked\r\n")),
+                ),
+            },
+        };
+        let (body, empty_body) = if empty && declared.is_none_or(|n| n == 0) {
+            (None, Some(body))
+        } else {
+            (Some(body), None)
+        };
+        let head = encode_head(parts, framing_header.as_deref());
+        let mut queued = VecDeque::with_capacity(4);
+        let queued_len = head.len();
+        queued.push_back(head);
+        Ok(Self {
+            conn,
+            queued,
+            queued_len,
+            body,
+            empty_body,
+            body_read: false,
+            framing,
+            response: ResponseFraming::Ended,
+            keep_alive: true,
+            wrote: false,
+            write_error: None,
+        })
+    }
+
+    /// Writes the request while its body has bytes ready; `Ready(Ok)` once all of it is
+    /// written.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), H1Error>> {
+        loop {
+            while self.queued_len < MAX_QUEUED
+                && let Some(body) = self.body.as_mut()
+            {
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        self.body_read = true;
+                        self.queue_frame(frame)?;
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        self.body_read = true;
+                        return Poll::Ready(Err(H1Error::RequestBody(e)));
+                    }
+                    Poll::Ready(None) => {
+                        self.body = None;
+                        self.queue_end(None)?;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if self.queued.is_empty() {
+                return match self.body {
+                    None => Poll::Ready(Ok(())),
+                    Some(_) => Poll::Pending,
+                };
+            }
+            let mut slices = [IoSlice::new(&[]); 8];
+            let n = self.queued.len().min(slices.len());
+            for (slice, bytes) in slices.iter_mut().zip(&self.queued) {
+                *slice = IoSlice::new(bytes);
+            }
+            let written =
+                ready!(Pin::new(&mut self.conn.io).poll_write_vectored(cx, &slices[..n]))?;
+            if written == 0 {
+                return Poll::Ready(Err(
+                    std::io::Error::from(std::io::ErrorKind::WriteZero).into()
+                ));
+            }
+            self.wrote = true;
+            self.queued_len -= written;
+            let mut left = written;
+            while left > 0 {
+                let Some(front) = self.queued.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    self.queued.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+    }
+
+    fn queue(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.queued_len += bytes.len();
+            self.queued.push_back(bytes);
+        }
+    }
+
+    fn queue_frame(&mut self, frame: Frame<Bytes>) -> Result<(), H1Error> {
+        let frame = match frame.into_data() {
+            Ok(data) if data.is_empty() => return Ok(()),
+            Ok(data) => {
+                match &mut self.framing {
+                    RequestFraming::Length(left) => {
+                        let len = data.len() as u64;
+                        if len > *left {
+                            return Err(H1Error::RequestLength("longer"));
+                        }
+                        *left -= len;
+                        self.queue(data);
+                    }
+                    RequestFraming::Chunked => {
+                        self.queue(Bytes::from(format!("{:x}\r\n", data.len())));
+                        self.queue(data);
+                        self.queue(Bytes::from_static(b"\r\n"));
+                    }
+                }
+                return Ok(());
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(trailers) = frame.into_trailers() {
+            self.body = None;
+            self.queue_end(Some(&trailers))?;
+        }
+        Ok(())
+    }
+
+    /// The request body has ended (with trailers, which only chunked framing carries).
+    fn queue_end(&mut self, trailers: Option<&HeaderMap>) -> Result<(), H1Error> {
+        match self.framing {
+            RequestFraming::Length(0) => Ok(()),
+            RequestFraming::Length(_) => Err(H1Error::RequestLength("shorter")),
+            RequestFraming::Chunked => {
+                let mut end = b"0\r\n".to_vec();
+                for (name, value) in trailers.into_iter().flatten() {
+                    end.extend_from_slice(name.as_str().as_bytes());
+                    end.extend_from_slice(b": ");
+                    end.extend_from_slice(value.as_bytes());
+                    end.extend_from_slice(b"\r\n");
+                }
+                end.extend_from_slice(b"\r\n");
+                self.queue(Bytes::from(end));
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the request while reading until a final response head has come (informational
+    /// ones are passed over, as hyper does).
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+    ) -> Poll<Result<response::Parts, H1Error>> {
+        self.drive_write(cx)?;
+        loop {
+            if let Some(head) = self.parse_head(head_request)? {
+                return Poll::Ready(Ok(head));
+            }
+            if self.conn.read.len() > MAX_HEAD {
+                return Poll::Ready(Err(invalid(format!(
+                    "its head is larger than {MAX_HEAD} bytes"
+                ))));
+            }
+            if ready!(self.conn.poll_fill(cx))? == 0 {
+                return Poll::Ready(Err(match self.write_error.take() {
+                    Some(e) => H1Error::Io(e),
+                    None => H1Error::Closed("the response"),
+                }));
+            }
+        }
+    }
+
+    /// Writes what it can of the request. A connection that the app stopped reading (it
+    /// answered early, say a 413, and closed) ends the writing but not the reading: its
+    /// answer may be waiting there.
+    fn drive_write(&mut self, cx: &mut Context<'_>) -> Result<(), H1Error> {
+        if self.body.is_none() && self.queued.is_empty() {
+            return Ok(());
+        }
+        match self.poll_write(cx) {
+            Poll::Ready(Err(H1Error::Io(e))) => {
+                self.body = None;
+                self.queued.clear();
+                self.queued_len = 0;
+                self.keep_alive = false;
+                self.write_error = Some(e);
+                Ok(())
+            }
+            Poll::Ready(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn parse_head(&mut self, head_request: bool) -> Result<Option<response::Parts>, H1Error> {
+        loop {
+            if self.conn.read.is_empty() {
+                return Ok(None);
+            }
+            let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut []);
+            let buf = &self.conn.read[..];
+            let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut parsed,
+                buf,
+                &mut fields,
+            ) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(e) => return Err(invalid(format!("its head: {e}"))),
+            };
+            let code = parsed.code.unwrap_or_default();
+            let status = StatusCode::from_u16(code).map_err(invalid)?;
+            if status.is_informational() && code != 101 {
+                self.conn.read.advance(len);
+                continue;
+            }
+            let version = if parsed.version == Some(0) {
+                Version::HTTP_10
+            } else {
+                Version::HTTP_11
+            };
+            // Header values are slices of the head, so the offsets are noted while the parser
+            // still borrows it.
+            let base = buf.as_ptr() as usize;
+            let mut fields_at = Vec::with_capacity(parsed.headers.len());
+            for field in parsed.headers.iter() {
+                let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(invalid)?;
+                let start = field.value.as_ptr() as usize - base;
+                fields_at.push((name, start, start + field.value.len()));
+            }
+            let head = self.conn.read.split_to(len).freeze();
+            let mut headers = HeaderMap::with_capacity(fields_at.len());
+            for (name, start, end) in fields_at {
+                let value =
+                    HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(invalid)?;
+                headers.append(name, value);
+            }
+            self.response = self.framing_of(status, version, &mut headers, head_request)?;
+            let mut parts = response::Response::new(()).into_parts().0;
+            parts.status = status;
+            parts.version = version;
+            parts.headers = headers;
+            return Ok(Some(parts));
+        }
+    }
+
+    /// The response body's framing (RFC 9112 §6.3), and whether the connection may be kept.
+    fn framing_of(
+        &mut self,
+        status: StatusCode,
+        version: Version,
+        headers: &mut HeaderMap,
+        head_request: bool,
+    ) -> Result<ResponseFraming, H1Error> {
+        self.keep_alive &= version == Version::HTTP_11
+            && !headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            // Never asked for on this path: the connection is not HTTP any more.
+            self.keep_alive = false;
+            return Ok(ResponseFraming::Ended);
+        }
+        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            return Ok(ResponseFraming::Ended);
+        }
+        if headers.contains_key(header::TRANSFER_ENCODING) {
+            // Transfer-Encoding wins over Content-Length, which must not pass on with it; a
+            // message that had both is not trusted with the connection afterwards.
+            if headers.remove(header::CONTENT_LENGTH).is_some() {
+                self.keep_alive = false;
+            }
+            let last = headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .next_back()
+                .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+                .map(<[u8]>::trim_ascii);
+            if last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")) {
+                return Ok(ResponseFraming::Chunked(ChunkDecoder::default()));
+            }
+            self.keep_alive = false;
+            return Ok(ResponseFraming::UntilClose);
+        }
+        let mut length = None;
+        for value in headers.get_all(header::CONTENT_LENGTH) {
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let n = std::str::from_utf8(part.trim_ascii())
+                    .ok()
+                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| invalid("its Content-Length is not a number"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(invalid("it has two different Content-Lengths"));
+                }
+                length = Some(n);
+            }
+        }
+        Ok(match length {
+            Some(0) => ResponseFraming::Ended,
+            Some(n) => ResponseFraming::Length(n),
+            None => {
+                self.keep_alive = false;
+                ResponseFraming::UntilClose
+            }
+        })
+    }
+
+    /// The response body's next frame; what is left of the request is written meanwhile.
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        if let Err(e) = self.drive_write(cx) {
+            return Poll::Ready(Some(Err(e)));
+        }
+        loop {
+            let read = &mut self.conn.read;
+            match &mut self.response {
+                ResponseFraming::Ended => return Poll::Ready(None),
+                ResponseFraming::Length(left) if !read.is_empty() => {
+                    let take = read.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= take as u64;
+                    if *left == 0 {
+                        self.response = ResponseFraming::Ended;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(read.split_to(take).freeze()))));
+                }
+                ResponseFraming::UntilClose if !read.is_empty() => {
+                    return Poll::Ready(Some(Ok(Frame::data(read.split().freeze()))));
+                }
+                ResponseFraming::Chunked(decoder) => match decoder.decode(read)? {
+                    Some(frame) => return Poll::Ready(Some(Ok(frame))),
+                    None if decoder.is_done() => {
+                        self.response = ResponseFraming::Ended;
+                        return Poll::Ready(None);
+                    }
+                    None => {}
+                },
+                _ => {}
+            }
+            if ready!(self.conn.poll_fill(cx))? == 0 {
+                if matches!(self.response, ResponseFraming::UntilClose) {
+                    self.response = ResponseFraming::Ended;
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Err(H1Error::Closed("the end of the response body"))));
+            }
+        }
+    }
+
+    /// Whether the response has ended and the request is all written.
+    pub fn is_complete(&self) -> bool {
+        matches!(self.response, ResponseFraming::Ended)
+            && self.body.is_none()
+            && self.queued.is_empty()
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match self.response {
+            ResponseFraming::Ended => SizeHint::with_exact(0),
+            ResponseFraming::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+
+    /// The connection, when it can carry the next request.
+    pub fn into_reusable(self) -> Option<H1Conn> {
+        (self.keep_alive && self.is_complete() && self.conn.read.is_empty()).then_some(self.conn)
+    }
+}
+
+/// The request head: origin-form target, the headers as they are (lowercase, as HTTP/2 has
+/// them), then the framing header chosen for the body.
+fn encode_head(parts: &request::Parts, framing: Option<&[u8]>) -> Bytes {
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let fields: usize = parts
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let mut head = Vec::with_capacity(
+        parts.method.as_str().len() + target.len() + fields + framing.map_or(0, <[u8]>::len) + 16,
+    );
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if let Some(framing) = framing {
+        head.extend_from_slice(framing);
+    }
+    head.extend_from_slice(b"\r\n");
+    Bytes::from(head)
+}
+
+/// A chunked body's decoder (RFC 9112 §7.1), fed the bytes read so far; chunk extensions
+/// are ignored, trailers become a trailers frame.
+#[derive(Debug, Default)]
+pub struct ChunkDecoder {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, PartialEq)]
+enum ChunkState {
+    /// At a chunk-size line.
+    #[default]
+    Size,
+    /// Inside a chunk's data: this many bytes to come.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: the trailer section up to the empty line.
+    Trailers,
+    Done,
+}
+
+impl ChunkDecoder {
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// The next frame that `buf` holds all of (taking its bytes), or None when more must be
+    /// read first (or the body is done).
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame<Bytes>>, H1Error> {
+        loop {
+            match self.state {
+                ChunkState::Done => return Ok(None),
+                ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((len, 0))) => {
+                        buf.advance(len);
+                        self.state = ChunkState::Trailers;
+                    }
+                    Ok(httparse::Status::Complete((len, size))) => {
+                        buf.advance(len);
+                        self.state = ChunkState::Data(size);
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() > 1024 => {
+                        return Err(invalid("a chunk-size line is longer than 1024 bytes"));
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(None),
+                    Err(_) => return Err(invalid("a chunk size is not valid")),
+                },
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    return Ok(Some(Frame::data(buf.split_to(take).freeze())));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(invalid("a chunk does not end with CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        self.state = ChunkState::Done;
+                        return Ok(None);
+                    }
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    return match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, fields))) => {
+                            let mut trailers = HeaderMap::with_capacity(fields.len());
+                            for f in fields.iter() {
+                                let name =
+                                    HeaderName::from_bytes(f.name.as_bytes()).map_err(invalid)?;
+                                let value = HeaderValue::from_bytes(f.value).map_err(invalid)?;
+                                trailers.append(name, value);
+                            }
+                            buf.advance(len);
+                            self.state = ChunkState::Done;
+                            Ok(Some(Frame::trailers(trailers)))
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => Err(invalid(
+                            format!("its trailers are larger than {MAX_HEAD} bytes"),
+                        )),
+                        Ok(httparse::Status::Partial) => Ok(None),
+                        Err(e) => Err(invalid(format!("its trailers: {e}"))),
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::upstream::full;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Reads from `tcp` until what has come ends with `end`.
+    async fn read_until(tcp: &mut TcpStream, end: &[u8]) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(end) {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    /// An app that reads one request up to `end`, answers `response` (then closes), and
+    /// hands back the request's bytes.
+    async fn app(
+        end: &'static [u8],
+        response: &'static [u8],
+    ) -> (H1Conn, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let got = read_until(&mut tcp, end).await;
+            tcp.write_all(response).await.unwrap();
+            got
+        });
+        (H1Conn::new(TcpStream::connect(addr).await.unwrap()), served)
+    }
+
+    fn request(method: Method, body: Body) -> (request::Parts, Body) {
+        let (parts, ()) = http::Request::builder()
+            .method(method)
+            .uri("/p?q=1")
+            .header("host", "app")
+            .body(())
+            .unwrap()
+            .into_parts();
+        (parts, body)
+    }
+
+    /// The response's status, body and trailers, and whether its connection could be kept.
+    async fn exchange(
+        conn: H1Conn,
+        method: Method,
+        body: Body,
+    ) -> Result<(response::Parts, Bytes, Option<HeaderMap>, bool), H1Error> {
+        let (parts, body) = request(method, body);
+        let (head, mut exchange) = send(conn, &parts, body).await.map_err(|f| f.error)?;
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = std::future::poll_fn(|cx| exchange.poll_frame(cx)).await {
+            match frame?.into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            }
+        }
+        let kept = exchange.into_reusable().is_some();
+        Ok((head, Bytes::from(data), trailers, kept))
+    }
+
+    /// The app's `response` to a bodyless request.
+    async fn answer(
+        method: Method,
+        response: &'static [u8],
+    ) -> Result<(response::Parts, Bytes, Option<HeaderMap>, bool), H1Error> {
+        let (conn, _app) = app(b"\r\n\r\n", response).await;
+        exchange(conn, method, full("")).await
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    #[tokio::test]
+    async fn a_request_body_is_framed_by_its_length_or_chunked() {
+        // No body: no framing header on a GET, a zero length on a POST.
+        let (conn, app_side) = app(b"\r\n\r\n", OK).await;
+        exchange(conn, Method::GET, full("")).await.unwrap();
+        let got = String::from_utf8(app_side.await.unwrap()).unwrap();
+        assert_eq!(got, "GET /p?q=1 HTTP/1.1\r\nhost: app\r\n\r\n");
+        let (conn, app_side) = app(b"\r\n\r\n", OK).await;
+        exchange(conn, Method::POST, full("")).await.unwrap();
+        let got = String::from_utf8(app_side.await.unwrap()).unwrap();
+        assert!(
+            got.ends_with("host: app\r\ncontent-length: 0\r\n\r\n"),
+            "{got}"
+        );
+
+        // A known length.
+        let (conn, app_side) = app(b"abc", OK).await;
+        let (head, body, _, kept) = exchange(conn, Method::POST, full("abc")).await.unwrap();
+        assert_eq!(
+            (head.status, &body[..], kept),
+            (StatusCode::OK, &b"ok"[..], true)
+        );
+        let got = String::from_utf8(app_side.await.unwrap()).unwrap();
+        assert!(got.ends_with("content-length: 3\r\n\r\nabc"), "{got}");
+
+        // A stream: chunked, its trailers after the last chunk.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("7"));
+        tx.send(Ok(Frame::data(Bytes::from("abc")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from("defghijklmnopq"))))
+            .await
+            .unwrap();
+        tx.send(Ok(Frame::trailers(trailers))).await.unwrap();
+        drop(tx);
+        let stream =
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let (conn, app_side) = app(b"0\r\nx-sum: 7\r\n\r\n", OK).await;
+        exchange(conn, Method::POST, stream.boxed()).await.unwrap();
+        let got = String::from_utf8(app_side.await.unwrap()).unwrap();
+        assert!(
+            got.ends_with("transfer-encoding: chunked\r\n\r\n3\r\nabc\r\ne\r\ndefghijklmnopq\r\n0\r\nx-sum: 7\r\n\r\n"),
+            "{got}"
+        );
+    }
+
+    #[tokio::test]
+    async fn responses_are_framed_as_rfc_9112_says() {
+        // Informational responses are passed over.
+        let (head, body, _, kept) = answer(Method::GET, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\nx-a: 1\r\nx-a: 2\r\n\r\nok").await.unwrap();
+        assert_eq!(
+            (head.status, &body[..], kept),
+            (StatusCode::CREATED, &b"ok"[..], true)
+        );
+        let values: Vec<_> = head.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+
+        // Chunked, with extensions and trailers.
+        let (_, body, trailers, kept) = answer(Method::GET, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2;x=y\r\nok\r\n3\r\n!!!\r\n0\r\ngrpc-status: 0\r\n\r\n").await.unwrap();
+        assert_eq!((&body[..], kept), (&b"ok!!!"[..], true));
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+
+        // Transfer-Encoding wins over Content-Length, which goes; the connection is not kept.
+        let (head, body, _, kept) = answer(Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n").await.unwrap();
+        assert_eq!((&body[..], kept), (&b"ok"[..], false));
+        assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
+
+        // No length: the body ends where the app closes, and so does the connection.
+        let (_, body, _, kept) = answer(Method::GET, b"HTTP/1.1 200 OK\r\n\r\nall of it")
+            .await
+            .unwrap();
+        assert_eq!((&body[..], kept), (&b"all of it"[..], false));
+
+        // A length but no body (HEAD, 204, 304): the length stays; the connection is kept.
+        let bodiless: [(Method, &[u8]); 3] = [
+            (
+                Method::HEAD,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
+            ),
+            (
+                Method::GET,
+                b"HTTP/1.1 204 No Content\r\ncontent-length: 10\r\n\r\n",
+            ),
+            (
+                Method::GET,
+                b"HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n",
+            ),
+        ];
+        for (method, response) in bodiless {
+            let (head, body, _, kept) = answer(method, response).await.unwrap();
+            assert_eq!((&body[..], kept), (&b""[..], true));
+            assert_eq!(head.headers[header::CONTENT_LENGTH], "10");
+        }
+
+        // HTTP/1.0, or `Connection: close`: not kept.
+        let closing: [&[u8]; 2] = [
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nConnection: Close\r\ncontent-length: 2\r\n\r\nok",
+        ];
+        for response in closing {
+            let (_, body, _, kept) = answer(Method::GET, response).await.unwrap();
+            assert_eq!((&body[..], kept), (&b"ok"[..], false));
+        }
+    }
+
+    #[tokio::test]
+    async fn unclear_framing_and_cut_responses_fail_the_request() {
+        let cases: [(&[u8], &str); 6] = [
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+                "two different",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2x\r\n\r\nok",
+                "not a number",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nok",
+                "before the end of the response body",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+                "chunk size",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokXX",
+                "CRLF",
+            ),
+            (b"HTTP/1.1 2000 OK\r\n\r\n", "its head"),
+        ];
+        for (response, want) in cases {
+            let err = answer(Method::GET, response).await.unwrap_err();
+            assert!(
+                err.to_string().contains(want),
+                "{err} for {:?}",
+                String::from_utf8_lossy(response)
+            );
+        }
+        // Nothing at all.
+        let err = answer(Method::GET, b"").await.unwrap_err();
+        assert!(matches!(err, H1Error::Closed("the response")), "{err}");
+        // A head that never ends.
+        static HUGE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+            let mut r = b"HTTP/1.1 200 OK\r\n".to_vec();
+            while r.len() <= MAX_HEAD {
+                r.extend_from_slice(format!("x-filler: {}\r\n", "a".repeat(2000)).as_bytes());
+            }
+            r
+        });
+        let err = answer(Method::GET, &HUGE).await.unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+    }
+
+    /// An app may answer before the request body has all come (a 413, say): the answer
+    /// is the response, and the connection, its request unfinished, is not kept.
+    #[tokio::test]
+    async fn an_answer_before_the_request_body_ends_is_the_response() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        tx.send(Ok(Frame::data(Bytes::from("part")))).await.unwrap();
+        let stalled =
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let (conn, _app) = app(
+            b"4\r\npart\r\n",
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig",
+        )
+        .await;
+        let (head, body, _, kept) = exchange(conn, Method::POST, stalled.boxed()).await.unwrap();
+        assert_eq!(
+            (head.status, &body[..], kept),
+            (StatusCode::PAYLOAD_TOO_LARGE, &b"big"[..], false)
+        );
+        drop(tx);
+    }
+
+    /// Fed a byte at a time, the decoder gives the same body and trailers.
+    #[test]
+    fn the_chunk_decoder_takes_its_input_in_any_pieces() {
+        let wire = b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\nx-u: 2\r\n\r\n";
+        let mut decoder = ChunkDecoder::default();
+        let mut buf = BytesMut::new();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        for b in wire {
+            buf.extend_from_slice(&[*b]);
+            while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+                match frame.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(f) => trailers = f.into_trailers().ok(),
+                }
+            }
+        }
+        assert!(decoder.is_done() && buf.is_empty());
+        assert_eq!(data, b"hello world");
+        let trailers = trailers.unwrap();
+        assert_eq!(
+            (trailers["x-t"].as_bytes(), trailers["x-u"].as_bytes()),
+            (&b"1"[..], &b"2"[..])
+        );
+
+        // Without trailers, and with a chunk size line that never ends.
+        let mut decoder = ChunkDecoder::default();
+        let mut buf = BytesMut::from(&b"0\r\n\r\nnext"[..]);
+        assert!(decoder.decode(&mut buf).unwrap().is_none());
+        assert!(decoder.is_done());
+        assert_eq!(&buf[..], b"next");
+        let mut buf = BytesMut::from(&[b'1'; 2000][..]);
+        assert!(ChunkDecoder::default().decode(&mut buf).is_err());
+    }
+}
