@@ -29,6 +29,8 @@ use super::upstream::{Body, BoxError};
 pub const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields in a response head, or in a chunked body's trailers.
 const MAX_HEADERS: usize = 128;
+/// How long the rest of a request body may take once its response has ended.
+const FINISH_REQUEST_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 /// How much is read at a time.
 const READ_CHUNK: usize = 8 * 1024;
 /// Request bytes queued for the connection before the request body is read further: a slow
@@ -38,11 +40,11 @@ const MAX_QUEUED: usize = 64 * 1024;
 /// Why an exchange with the app failed. The connection is closed after any of these.
 #[derive(Debug, thiserror::Error)]
 pub enum H1Error {
-    #[error("connection to the app: {0}")]
+    #[error("HTTP/1.1 connection")]
     Io(#[from] std::io::Error),
-    #[error("the app closed the connection before {0}")]
+    #[error("the server closed the connection before {0}")]
     Closed(&'static str),
-    #[error("the app's response is invalid: {0}")]
+    #[error("invalid HTTP/1.1 response: {0}")]
     Invalid(String),
     #[error("the request body failed")]
     RequestBody(#[source] BoxError),
@@ -111,10 +113,12 @@ pub struct Failure {
     pub error: H1Error,
     /// The request body, when it was never read (so the request can be sent again).
     pub body: Option<Body>,
-    /// No byte of the request reached the app, or none of a response came back from it
-    /// after an idempotent request without a body was sent on a kept connection: the app
-    /// closed that connection as the request went out (its idle timeout), so the request
-    /// is sent again on a new one (the rule of Go's `net/http` Transport).
+    /// Whether the request, sent on a kept connection, may go again on a new one: no byte
+    /// of it was written and its body was never read (a body with bytes ready is read before
+    /// the first write, so in practice a request without one); or it is a GET, HEAD or
+    /// OPTIONS without a body and no byte of any response came. Either way the app closed
+    /// the connection as the request went out (its idle timeout): the rule of Go's
+    /// `net/http` Transport. (The pool never retries on a new connection.)
     pub retry_on_new: bool,
 }
 
@@ -136,6 +140,11 @@ pub struct Exchange {
     wrote: bool,
     /// Why writing the request stopped early, if it did.
     write_error: Option<std::io::Error>,
+    /// Whether any byte of a response has come (an informational one too).
+    answered: bool,
+    /// Whether the rest of the request body is still wanted once the response has ended:
+    /// not after an error status, nor when the connection closes.
+    finish_request: bool,
 }
 
 /// Sends a request on `conn` and reads its response head. The request's parts are borrowed,
@@ -160,7 +169,7 @@ pub async fn send(
     match head {
         Ok(head) => Ok((head, exchange)),
         Err(error) => {
-            let replayable = exchange.conn.read.is_empty()
+            let replayable = !exchange.answered
                 && !exchange.body_read
                 && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
                 && matches!(error, H1Error::Closed(_) | H1Error::Io(_));
@@ -233,6 +242,8 @@ impl Exchange {
             keep_alive: true,
             wrote: false,
             write_error: None,
+            answered: false,
+            finish_request: false,
         })
     }
 
@@ -254,7 +265,7 @@ impl Exchange {
                     }
                     Poll::Ready(None) => {
                         self.body = None;
-                        self.queue_end(None)?;
+                        self.queue_end()?;
                     }
                     Poll::Pending => break,
                 }
@@ -325,28 +336,23 @@ impl Exchange {
             }
             Err(frame) => frame,
         };
-        if let Ok(trailers) = frame.into_trailers() {
+        // Trailers end the body. They are not passed on, as hyper's client did not: an app
+        // may merge them into the headers, and a caller could smuggle fields (a Host, a
+        // Content-Length) that way.
+        if frame.is_trailers() {
             self.body = None;
-            self.queue_end(Some(&trailers))?;
+            self.queue_end()?;
         }
         Ok(())
     }
 
-    /// The request body has ended (with trailers, which only chunked framing carries).
-    fn queue_end(&mut self, trailers: Option<&HeaderMap>) -> Result<(), H1Error> {
+    /// The request body has ended.
+    fn queue_end(&mut self) -> Result<(), H1Error> {
         match self.framing {
             RequestFraming::Length(0) => Ok(()),
             RequestFraming::Length(_) => Err(H1Error::RequestLength("shorter")),
             RequestFraming::Chunked => {
-                let mut end = b"0\r\n".to_vec();
-                for (name, value) in trailers.into_iter().flatten() {
-                    end.extend_from_slice(name.as_str().as_bytes());
-                    end.extend_from_slice(b": ");
-                    end.extend_from_slice(value.as_bytes());
-                    end.extend_from_slice(b"\r\n");
-                }
-                end.extend_from_slice(b"\r\n");
-                self.queue(Bytes::from(end));
+                self.queue(Bytes::from_static(b"0\r\n\r\n"));
                 Ok(())
             }
         }
@@ -375,6 +381,7 @@ impl Exchange {
                     None => H1Error::Closed("the response"),
                 }));
             }
+            self.answered = true;
         }
     }
 
@@ -460,12 +467,19 @@ impl Exchange {
         headers: &mut HeaderMap,
         head_request: bool,
     ) -> Result<ResponseFraming, H1Error> {
-        self.keep_alive &= version == Version::HTTP_11
-            && !headers
+        let says = |token: &[u8]| {
+            headers
                 .get_all(header::CONNECTION)
                 .iter()
                 .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        };
+        self.keep_alive &= if version == Version::HTTP_11 {
+            !says(b"close")
+        } else {
+            says(b"keep-alive")
+        };
+        self.finish_request = self.keep_alive && status.as_u16() < 400;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             // Never asked for on this path: the connection is not HTTP any more.
             self.keep_alive = false;
@@ -475,6 +489,10 @@ impl Exchange {
             return Ok(ResponseFraming::Ended);
         }
         if headers.contains_key(header::TRANSFER_ENCODING) {
+            if version == Version::HTTP_10 {
+                // HTTP/1.0 has no chunked coding: such framing is faulty (RFC 9112 §6.1).
+                return Err(invalid("an HTTP/1.0 response has a Transfer-Encoding"));
+            }
             // Transfer-Encoding wins over Content-Length, which must not pass on with it; a
             // message that had both is not trusted with the connection afterwards.
             if headers.remove(header::CONTENT_LENGTH).is_some() {
@@ -540,7 +558,12 @@ impl Exchange {
                     return Poll::Ready(Some(Ok(Frame::data(read.split().freeze()))));
                 }
                 ResponseFraming::Chunked(decoder) => match decoder.decode(read)? {
-                    Some(frame) => return Poll::Ready(Some(Ok(frame))),
+                    Some(frame) => {
+                        if decoder.is_done() {
+                            self.response = ResponseFraming::Ended;
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
                     None if decoder.is_done() => {
                         self.response = ResponseFraming::Ended;
                         return Poll::Ready(None);
@@ -559,11 +582,13 @@ impl Exchange {
         }
     }
 
-    /// Whether the response has ended and the request is all written.
-    pub fn is_complete(&self) -> bool {
+    /// Whether the response has ended (the request may still be going out).
+    pub fn response_ended(&self) -> bool {
         matches!(self.response, ResponseFraming::Ended)
-            && self.body.is_none()
-            && self.queued.is_empty()
+    }
+
+    fn request_written(&self) -> bool {
+        self.body.is_none() && self.queued.is_empty()
     }
 
     pub fn size_hint(&self) -> SizeHint {
@@ -574,10 +599,41 @@ impl Exchange {
         }
     }
 
-    /// The connection, when it can carry the next request.
-    pub fn into_reusable(self) -> Option<H1Conn> {
-        (self.keep_alive && self.is_complete() && self.conn.read.is_empty()).then_some(self.conn)
+    /// What becomes of the connection once the response has ended.
+    pub fn after_response(self) -> AfterResponse {
+        if !self.keep_alive || !self.response_ended() || !self.conn.read.is_empty() {
+            AfterResponse::Closed
+        } else if self.request_written() {
+            AfterResponse::Free(self.conn)
+        } else if self.finish_request {
+            AfterResponse::Finishing(self)
+        } else {
+            AfterResponse::Closed
+        }
     }
+
+    /// Writes the rest of the request (the response came before its body had all gone), up
+    /// to [`FINISH_REQUEST_WITHIN`]; then the connection is free.
+    pub async fn finish_request(mut self) -> Option<H1Conn> {
+        let written = std::future::poll_fn(|cx| self.poll_write(cx));
+        match tokio::time::timeout(FINISH_REQUEST_WITHIN, written).await {
+            Ok(Ok(())) => match self.after_response() {
+                AfterResponse::Free(conn) => Some(conn),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// What becomes of a connection once its response has ended.
+pub enum AfterResponse {
+    /// It can carry the next request.
+    Free(H1Conn),
+    /// The app answered before the request body had all gone, with a status that does not
+    /// refuse it: the rest is still to be written (as hyper's client did), then it is free.
+    Finishing(Exchange),
+    Closed,
 }
 
 /// The request head: origin-form target, the headers as they are (lowercase, as HTTP/2 has
@@ -642,6 +698,13 @@ impl ChunkDecoder {
             match self.state {
                 ChunkState::Done => return Ok(None),
                 ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                    // httparse takes a line with no digits as size 0, and a bare LF inside
+                    // an extension; RFC 9112 §7.1 wants 1*HEXDIG and CRLF.
+                    Ok(httparse::Status::Complete((len, _)))
+                        if !buf[0].is_ascii_hexdigit() || buf[..len - 1].contains(&b'\n') =>
+                    {
+                        return Err(invalid("a chunk size is not valid"));
+                    }
                     Ok(httparse::Status::Complete((len, 0))) => {
                         buf.advance(len);
                         self.state = ChunkState::Trailers;
@@ -772,10 +835,14 @@ mod tests {
         while let Some(frame) = std::future::poll_fn(|cx| exchange.poll_frame(cx)).await {
             match frame?.into_data() {
                 Ok(d) => data.extend_from_slice(&d),
-                Err(f) => trailers = f.into_trailers().ok(),
+                // The relays read no further than the trailers.
+                Err(f) => {
+                    trailers = f.into_trailers().ok();
+                    break;
+                }
             }
         }
-        let kept = exchange.into_reusable().is_some();
+        let kept = matches!(exchange.after_response(), AfterResponse::Free(_));
         Ok((head, Bytes::from(data), trailers, kept))
     }
 
@@ -825,13 +892,16 @@ mod tests {
             .unwrap();
         tx.send(Ok(Frame::trailers(trailers))).await.unwrap();
         drop(tx);
+        // The trailers end the body but are not passed on (as hyper did not).
         let stream =
             http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let (conn, app_side) = app(b"0\r\nx-sum: 7\r\n\r\n", OK).await;
+        let (conn, app_side) = app(b"0\r\n\r\n", OK).await;
         exchange(conn, Method::POST, stream.boxed()).await.unwrap();
         let got = String::from_utf8(app_side.await.unwrap()).unwrap();
         assert!(
-            got.ends_with("transfer-encoding: chunked\r\n\r\n3\r\nabc\r\ne\r\ndefghijklmnopq\r\n0\r\nx-sum: 7\r\n\r\n"),
+            got.ends_with(
+                "transfer-encoding: chunked\r\n\r\n3\r\nabc\r\ne\r\ndefghijklmnopq\r\n0\r\n\r\n"
+            ),
             "{got}"
         );
     }
@@ -884,6 +954,14 @@ mod tests {
             assert_eq!(head.headers[header::CONTENT_LENGTH], "10");
         }
 
+        // HTTP/1.0 kept when it says so.
+        let (_, _, _, kept) = answer(
+            Method::GET,
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\ncontent-length: 2\r\n\r\nok",
+        )
+        .await
+        .unwrap();
+        assert!(kept);
         // HTTP/1.0, or `Connection: close`: not kept.
         let closing: [&[u8]; 2] = [
             b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
@@ -897,7 +975,20 @@ mod tests {
 
     #[tokio::test]
     async fn unclear_framing_and_cut_responses_fail_the_request() {
-        let cases: [(&[u8], &str); 6] = [
+        let cases: [(&[u8], &str); 9] = [
+            // A CRLF where a chunk size belongs: not a last chunk.
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n\r\n\r\n",
+                "chunk size",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2;a\nb\r\nok\r\n0\r\n\r\n",
+                "chunk size",
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+                "HTTP/1.0",
+            ),
             (
                 b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
                 "two different",

@@ -24,7 +24,7 @@ use hyper::body::{Frame, SizeHint};
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
 
-use super::h1client::{self, Exchange, H1Conn, H1Error};
+use super::h1client::{self, AfterResponse, Exchange, H1Conn, H1Error};
 use super::h2stream::{self, H2Body, StreamError};
 use super::upstream::{Body, BoxError};
 
@@ -248,8 +248,22 @@ pub struct PooledBody {
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some(conn) = self.exchange.take().and_then(Exchange::into_reusable) {
-            self.pool.give_back(self.addr, conn);
+        let Some(exchange) = self.exchange.take() else {
+            return;
+        };
+        match exchange.after_response() {
+            AfterResponse::Free(conn) => self.pool.give_back(self.addr, conn),
+            // Rare (an app that answers a stream before it has read it): a task of its own,
+            // as nothing else drives the connection now.
+            AfterResponse::Finishing(exchange) => {
+                let (pool, addr) = (self.pool.clone(), self.addr);
+                tokio::spawn(async move {
+                    if let Some(conn) = exchange.finish_request().await {
+                        pool.give_back(addr, conn);
+                    }
+                });
+            }
+            AfterResponse::Closed => {}
         }
     }
 }
@@ -276,7 +290,7 @@ impl hyper::body::Body for PooledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.exchange.as_ref().is_none_or(Exchange::is_complete)
+        self.exchange.as_ref().is_none_or(Exchange::response_ended)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -289,7 +303,7 @@ impl hyper::body::Body for PooledBody {
 impl Drop for PooledBody {
     fn drop(&mut self) {
         // An empty body (204, HEAD, Content-Length: 0) may never be polled.
-        if self.exchange.as_ref().is_some_and(Exchange::is_complete) {
+        if self.exchange.as_ref().is_some_and(Exchange::response_ended) {
             self.release();
         }
     }
@@ -374,6 +388,24 @@ mod tests {
             .header(http::header::HOST, addr.to_string())
             .body(full(""))
             .unwrap()
+    }
+
+    /// A POST whose body is what is sent on the channel, as it is sent.
+    fn streamed_post(
+        addr: SocketAddr,
+    ) -> (
+        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+        Request<Body>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let req = Request::builder()
+            .method(http::Method::POST)
+            .uri("/")
+            .header(http::header::HOST, addr.to_string())
+            .body(http_body_util::StreamBody::new(chunks).boxed())
+            .unwrap();
+        (tx, req)
     }
 
     async fn text<B: hyper::body::Body>(resp: Response<B>) -> String
@@ -524,14 +556,7 @@ mod tests {
         })
         .await;
         let pool = Arc::new(H1Pool::default());
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
-        let chunks = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let req = Request::builder()
-            .method(http::Method::POST)
-            .uri("/")
-            .header(http::header::HOST, addr.to_string())
-            .body(http_body_util::StreamBody::new(chunks).boxed())
-            .unwrap();
+        let (tx, req) = streamed_post(addr);
         let exchange = async {
             tx.send(Ok(Frame::data(Bytes::from("one")))).await.unwrap();
             let mut body = pool.send(addr, &Tcp(addr), req).await.unwrap().into_body();
@@ -547,6 +572,69 @@ mod tests {
             .expect("the echo stalled");
         let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
         text(resp).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// An app that answers a request before reading its body (and does not refuse it): the
+    /// rest of the body still goes out after the response has ended, then the connection
+    /// is free for the next request.
+    #[tokio::test]
+    async fn http1_a_body_answered_early_is_still_sent_then_the_connection_is_free() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (rest_tx, mut rest) = tokio::sync::mpsc::unbounded_channel();
+        let (addr, accepted) = listen(move |mut tcp, _| {
+            let rest_tx = rest_tx.clone();
+            async move {
+                /// Reads until `end` has come (a head's end may come with body bytes).
+                async fn read_until(tcp: &mut TcpStream, got: &mut Vec<u8>, end: &[u8]) {
+                    let mut buf = [0u8; 4096];
+                    while !got.windows(end.len()).any(|w| w == end) {
+                        let n = tcp.read(&mut buf).await.unwrap();
+                        assert!(n > 0);
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                }
+                let mut got = Vec::new();
+                read_until(&mut tcp, &mut got, b"\r\n\r\n").await;
+                tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+                    .await
+                    .unwrap();
+                read_until(&mut tcp, &mut got, b"0\r\n\r\n").await;
+                let _ = rest_tx.send(String::from_utf8(got).unwrap());
+                let mut next = Vec::new();
+                read_until(&mut tcp, &mut next, b"\r\n\r\n").await;
+                tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext")
+                    .await
+                    .unwrap();
+                std::future::pending::<()>().await;
+            }
+        })
+        .await;
+        let pool = Arc::new(H1Pool::default());
+        let (tx, req) = streamed_post(addr);
+        tx.send(Ok(Frame::data(Bytes::from("one")))).await.unwrap();
+        let resp = pool.send(addr, &Tcp(addr), req).await.unwrap();
+        assert_eq!(text(resp).await, "early");
+        tx.send(Ok(Frame::data(Bytes::from("two")))).await.unwrap();
+        drop(tx);
+        let got = tokio::time::timeout(Duration::from_secs(10), rest.recv())
+            .await
+            .expect("the rest of the body never came")
+            .unwrap();
+        assert!(got.ends_with("3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n"), "{got}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool
+            .idle
+            .lock()
+            .unwrap()
+            .get(&addr)
+            .is_none_or(VecDeque::is_empty)
+        {
+            assert!(Instant::now() < deadline, "the connection never came back");
+            tokio::task::yield_now().await;
+        }
+        let resp = pool.send(addr, &Tcp(addr), get(addr, false)).await.unwrap();
+        assert_eq!(text(resp).await, "next");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
