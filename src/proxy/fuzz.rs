@@ -7,6 +7,9 @@
 //! - `request_head`: the bytes are a request head as it arrives on a listener: the smuggling
 //!   and size guard, then the parsing and the lookups the proxy does on a head (authority,
 //!   gateway host, upgrade, route selection).
+//! - `response_head`: the bytes are what an app (or, on the egress passthrough, any server)
+//!   answers a proxy's HTTP/1.1 request with: the head's parsing and framing rules, then a
+//!   chunked body's decoding.
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
 use serde_json::json;
@@ -174,6 +177,23 @@ pub fn request_head(data: &[u8]) {
     }
 }
 
+/// Treats `data` as an HTTP/1.1 response arriving from an app, to a GET and to a HEAD.
+pub fn response_head(data: &[u8]) {
+    use super::h1client::{ChunkDecoder, ResponseFraming, parse_head};
+    for head_request in [false, true] {
+        let mut read = bytes::BytesMut::from(data);
+        if let Ok(Some((_, framing, _))) = parse_head(&mut read, head_request)
+            && let ResponseFraming::Chunked(mut decoder) = framing
+        {
+            while let Ok(Some(_)) = decoder.decode(&mut read) {}
+        }
+    }
+    // And as a chunked body on its own.
+    let mut read = bytes::BytesMut::from(data);
+    let mut decoder = ChunkDecoder::default();
+    while let Ok(Some(_)) = decoder.decode(&mut read) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +208,9 @@ mod tests {
             b"GET http://a:99999/ HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
                 .to_vec(),
             vec![3, 5, b'a', b'b', b'(', b'[', 2, 1, 0, 0],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x\r\nhello\r\n0\r\nx-t: 1\r\n\r\n"
+                .to_vec(),
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\ncontent-length: 3, 3\r\n\r\nabc".to_vec(),
         ];
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for n in 0..3000 {
@@ -216,6 +239,7 @@ mod tests {
         for input in inputs() {
             route_match(&input);
             request_head(&input);
+            response_head(&input);
         }
     }
 }

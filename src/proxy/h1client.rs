@@ -99,7 +99,7 @@ enum RequestFraming {
 
 /// How the response body is framed, and how far it has come.
 #[derive(Debug)]
-enum ResponseFraming {
+pub enum ResponseFraming {
     /// Content-Length: this many bytes are still to come.
     Length(u64),
     Chunked(ChunkDecoder),
@@ -367,7 +367,12 @@ impl Exchange {
     ) -> Poll<Result<response::Parts, H1Error>> {
         self.drive_write(cx)?;
         loop {
-            if let Some(head) = self.parse_head(head_request)? {
+            if let Some((head, framing, keep_alive)) =
+                parse_head(&mut self.conn.read, head_request)?
+            {
+                self.response = framing;
+                self.keep_alive &= keep_alive;
+                self.finish_request = head.status.as_u16() < 400;
                 return Poll::Ready(Ok(head));
             }
             if self.conn.read.len() > MAX_HEAD {
@@ -404,134 +409,6 @@ impl Exchange {
             Poll::Ready(Err(e)) => Err(e),
             _ => Ok(()),
         }
-    }
-
-    fn parse_head(&mut self, head_request: bool) -> Result<Option<response::Parts>, H1Error> {
-        loop {
-            if self.conn.read.is_empty() {
-                return Ok(None);
-            }
-            let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut []);
-            let buf = &self.conn.read[..];
-            let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-                &mut parsed,
-                buf,
-                &mut fields,
-            ) {
-                Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) => return Ok(None),
-                Err(e) => return Err(invalid(format!("its head: {e}"))),
-            };
-            let code = parsed.code.unwrap_or_default();
-            let status = StatusCode::from_u16(code).map_err(invalid)?;
-            if status.is_informational() && code != 101 {
-                self.conn.read.advance(len);
-                continue;
-            }
-            let version = if parsed.version == Some(0) {
-                Version::HTTP_10
-            } else {
-                Version::HTTP_11
-            };
-            // Header values are slices of the head, so the offsets are noted while the parser
-            // still borrows it.
-            let base = buf.as_ptr() as usize;
-            let mut fields_at = Vec::with_capacity(parsed.headers.len());
-            for field in parsed.headers.iter() {
-                let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(invalid)?;
-                let start = field.value.as_ptr() as usize - base;
-                fields_at.push((name, start, start + field.value.len()));
-            }
-            let head = self.conn.read.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(fields_at.len());
-            for (name, start, end) in fields_at {
-                let value =
-                    HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(invalid)?;
-                headers.append(name, value);
-            }
-            self.response = self.framing_of(status, version, &mut headers, head_request)?;
-            let mut parts = response::Response::new(()).into_parts().0;
-            parts.status = status;
-            parts.version = version;
-            parts.headers = headers;
-            return Ok(Some(parts));
-        }
-    }
-
-    /// The response body's framing (RFC 9112 §6.3), and whether the connection may be kept.
-    fn framing_of(
-        &mut self,
-        status: StatusCode,
-        version: Version,
-        headers: &mut HeaderMap,
-        head_request: bool,
-    ) -> Result<ResponseFraming, H1Error> {
-        let says = |token: &[u8]| {
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        };
-        self.keep_alive &= if version == Version::HTTP_11 {
-            !says(b"close")
-        } else {
-            says(b"keep-alive")
-        };
-        self.finish_request = self.keep_alive && status.as_u16() < 400;
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            // Never asked for on this path: the connection is not HTTP any more.
-            self.keep_alive = false;
-            return Ok(ResponseFraming::Ended);
-        }
-        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-            return Ok(ResponseFraming::Ended);
-        }
-        if headers.contains_key(header::TRANSFER_ENCODING) {
-            if version == Version::HTTP_10 {
-                // HTTP/1.0 has no chunked coding: such framing is faulty (RFC 9112 §6.1).
-                return Err(invalid("an HTTP/1.0 response has a Transfer-Encoding"));
-            }
-            // Transfer-Encoding wins over Content-Length, which must not pass on with it; a
-            // message that had both is not trusted with the connection afterwards.
-            if headers.remove(header::CONTENT_LENGTH).is_some() {
-                self.keep_alive = false;
-            }
-            let last = headers
-                .get_all(header::TRANSFER_ENCODING)
-                .iter()
-                .next_back()
-                .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
-                .map(<[u8]>::trim_ascii);
-            if last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")) {
-                return Ok(ResponseFraming::Chunked(ChunkDecoder::default()));
-            }
-            self.keep_alive = false;
-            return Ok(ResponseFraming::UntilClose);
-        }
-        let mut length = None;
-        for value in headers.get_all(header::CONTENT_LENGTH) {
-            for part in value.as_bytes().split(|&b| b == b',') {
-                let n = std::str::from_utf8(part.trim_ascii())
-                    .ok()
-                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or_else(|| invalid("its Content-Length is not a number"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(invalid("it has two different Content-Lengths"));
-                }
-                length = Some(n);
-            }
-        }
-        Ok(match length {
-            Some(0) => ResponseFraming::Ended,
-            Some(n) => ResponseFraming::Length(n),
-            None => {
-                self.keep_alive = false;
-                ResponseFraming::UntilClose
-            }
-        })
     }
 
     /// The response body's next frame; what is left of the request is written meanwhile.
@@ -634,6 +511,139 @@ pub enum AfterResponse {
     /// refuse it: the rest is still to be written (as hyper's client did), then it is free.
     Finishing(Exchange),
     Closed,
+}
+
+/// A final response head from the front of `read` (taking its bytes, and those of any
+/// informational head before it), with its body's framing and whether the connection may be
+/// kept after it; None until all of it has come.
+pub fn parse_head(
+    read: &mut BytesMut,
+    head_request: bool,
+) -> Result<Option<(response::Parts, ResponseFraming, bool)>, H1Error> {
+    loop {
+        if read.is_empty() {
+            return Ok(None);
+        }
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let buf = &read[..];
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut fields,
+        ) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(invalid(format!("its head: {e}"))),
+        };
+        let code = parsed.code.unwrap_or_default();
+        let status = StatusCode::from_u16(code).map_err(invalid)?;
+        if status.is_informational() && code != 101 {
+            read.advance(len);
+            continue;
+        }
+        let version = if parsed.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Header values are slices of the head, so the offsets are noted while the parser
+        // still borrows it.
+        let base = buf.as_ptr() as usize;
+        let mut fields_at = Vec::with_capacity(parsed.headers.len());
+        for field in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(invalid)?;
+            let start = field.value.as_ptr() as usize - base;
+            fields_at.push((name, start, start + field.value.len()));
+        }
+        let head = read.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(fields_at.len());
+        for (name, start, end) in fields_at {
+            let value = HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(invalid)?;
+            headers.append(name, value);
+        }
+        let mut keep_alive = true;
+        let framing = framing_of(status, version, &mut headers, head_request, &mut keep_alive)?;
+        let mut parts = response::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        return Ok(Some((parts, framing, keep_alive)));
+    }
+}
+
+/// The response body's framing (RFC 9112 §6.3), and whether the connection may be kept.
+fn framing_of(
+    status: StatusCode,
+    version: Version,
+    headers: &mut HeaderMap,
+    head_request: bool,
+    keep_alive: &mut bool,
+) -> Result<ResponseFraming, H1Error> {
+    let says = |token: &[u8]| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    };
+    *keep_alive = if version == Version::HTTP_11 {
+        !says(b"close")
+    } else {
+        says(b"keep-alive")
+    };
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        // Never asked for on this path: the connection is not HTTP any more.
+        *keep_alive = false;
+        return Ok(ResponseFraming::Ended);
+    }
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(ResponseFraming::Ended);
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            // HTTP/1.0 has no chunked coding: such framing is faulty (RFC 9112 §6.1).
+            return Err(invalid("an HTTP/1.0 response has a Transfer-Encoding"));
+        }
+        // Transfer-Encoding wins over Content-Length, which must not pass on with it; a
+        // message that had both is not trusted with the connection afterwards.
+        if headers.remove(header::CONTENT_LENGTH).is_some() {
+            *keep_alive = false;
+        }
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+            .map(<[u8]>::trim_ascii);
+        if last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")) {
+            return Ok(ResponseFraming::Chunked(ChunkDecoder::default()));
+        }
+        *keep_alive = false;
+        return Ok(ResponseFraming::UntilClose);
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = std::str::from_utf8(part.trim_ascii())
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| invalid("its Content-Length is not a number"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(invalid("it has two different Content-Lengths"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => ResponseFraming::Ended,
+        Some(n) => ResponseFraming::Length(n),
+        None => {
+            *keep_alive = false;
+            ResponseFraming::UntilClose
+        }
+    })
 }
 
 /// The request head: origin-form target, the headers as they are (lowercase, as HTTP/2 has
