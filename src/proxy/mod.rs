@@ -17,6 +17,7 @@ pub mod fuzz;
 pub mod gateway;
 pub mod gateway_tls;
 pub mod guard;
+pub mod h1chunk;
 pub mod h1client;
 pub mod h2server;
 pub mod h2stream;
