@@ -50,7 +50,8 @@ pub struct ControlConfig {
     pub account_id: String,
     /// App Mesh's service quotas; each default is App Mesh's own (see `[quotas]` in the example).
     pub quotas: Quotas,
-    /// Log filter in `RUST_LOG` syntax. Default `info,openraft=warn,sled=warn`.
+    /// Log filter in `RUST_LOG` syntax. Default `info,openraft=warn,sled=warn`. Release builds
+    /// have nothing below `debug`.
     pub log: String,
     /// The SPIFFE trust domain of the mesh CA's identities
     /// (`spiffe://<trust_domain>/mesh/<mesh>/virtualNode/<name>`). Fixed at bootstrap.

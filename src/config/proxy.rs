@@ -80,7 +80,7 @@ pub struct ProxyConfig {
     /// less loaded of two drawn at random, Linkerd's balancer).
     pub balancer: Balancer,
     /// Log filter in `RUST_LOG` syntax (`RUST_LOG` in the environment overrides it); SIGHUP
-    /// rereads it. Default `info`.
+    /// rereads it. Default `info`. Release builds have nothing below `debug`.
     pub log: String,
 }
 
