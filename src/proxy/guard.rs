@@ -13,7 +13,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Largest request head accepted (Envoy's default is 60 KiB).
+/// Largest head accepted: a request's from a caller, and a response's (or a chunked body's
+/// trailers) from an app (Envoy's default is 60 KiB).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 /// How often to look again while a head is incomplete.

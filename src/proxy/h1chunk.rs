@@ -6,7 +6,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::body::Frame;
 
-use super::h1client::{H1Error, MAX_HEAD, MAX_HEADERS, invalid};
+use super::guard::MAX_HEAD_BYTES;
+use super::h1client::{H1Error, MAX_HEADERS, invalid};
 
 /// A chunked body's decoder (RFC 9112 §7.1), fed the bytes read so far; chunk extensions
 /// are ignored, trailers become a trailers frame.
@@ -105,9 +106,11 @@ impl ChunkDecoder {
                             self.state = ChunkState::Done;
                             Ok(Some(Frame::trailers(trailers)))
                         }
-                        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => Err(invalid(
-                            format!("its trailers are larger than {MAX_HEAD} bytes"),
-                        )),
+                        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
+                            Err(invalid(format!(
+                                "its trailers are larger than {MAX_HEAD_BYTES} bytes"
+                            )))
+                        }
                         Ok(httparse::Status::Partial) => Ok(None),
                         Err(e) => Err(invalid(format!("its trailers: {e}"))),
                     };

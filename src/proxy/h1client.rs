@@ -3,7 +3,7 @@
 //! the `http` types, its header values slices of the one buffer it was read into; both bodies
 //! then stream on the connection at once, driven by the request and then by its response body
 //! (no task per connection, see `pool`). A response whose framing is unclear (two lengths, a
-//! bad chunk, a head past [`MAX_HEAD`]) fails its request and closes the connection: the app
+//! bad chunk, a head past [`MAX_HEAD_BYTES`]) fails its request and closes the connection: the app
 //! is local, but a proxy believes no server's framing blindly (RFC 9112 §6.3).
 //!
 //! Why not hyper's client connection: per request it crossed a channel from its handle to the
@@ -23,11 +23,10 @@ use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
+use super::guard::MAX_HEAD_BYTES;
 pub use super::h1chunk::ChunkDecoder;
 use super::upstream::{Body, BoxError};
 
-/// The largest response head (status line and headers) read before giving up on it.
-pub const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields in a response head, or in a chunked body's trailers.
 pub(super) const MAX_HEADERS: usize = 128;
 /// How long the rest of a request body may take once its response has ended.
@@ -376,9 +375,9 @@ impl Exchange {
                 self.finish_request = head.status.as_u16() < 400;
                 return Poll::Ready(Ok(head));
             }
-            if self.conn.read.len() > MAX_HEAD {
+            if self.conn.read.len() > MAX_HEAD_BYTES {
                 return Poll::Ready(Err(invalid(format!(
-                    "its head is larger than {MAX_HEAD} bytes"
+                    "its head is larger than {MAX_HEAD_BYTES} bytes"
                 ))));
             }
             if ready!(self.conn.poll_fill(cx))? == 0 {
@@ -927,7 +926,7 @@ mod tests {
         // A head that never ends.
         static HUGE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
             let mut r = b"HTTP/1.1 200 OK\r\n".to_vec();
-            while r.len() <= MAX_HEAD {
+            while r.len() <= MAX_HEAD_BYTES {
                 r.extend_from_slice(format!("x-filler: {}\r\n", "a".repeat(2000)).as_bytes());
             }
             r
