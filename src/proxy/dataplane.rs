@@ -25,10 +25,11 @@ use super::access::{AccessLogger, Downstream};
 use super::balance::Balancer;
 use super::balance::WeightedPicker;
 use super::discovery::AppliedConfig;
-use super::drain::Drain;
+use super::drain::{Drain, DrainWatch};
 use super::gateway::GatewayPort;
 use super::gateway_tls::{self, GatewayTlsError};
 use super::guard;
+use super::h1server;
 use super::inbound::{self, InboundPort};
 use super::outbound;
 use super::outlier::{EndpointSet, OutlierSettings};
@@ -36,7 +37,7 @@ use super::retry::{BudgetSettings, RetryBudget};
 use super::route::{MatcherError, RouteTable};
 use super::shard::Shards;
 use super::tls::{PeerIdentity, PeerTls};
-use super::upstream::{Body, Upstreams};
+use super::upstream::{Body, Upstreams, incoming};
 use super::{RequestMap, RequestSet};
 use crate::model::proxy_config::{AccessLog, OutboundService, ProxyConfig, ProxyRole};
 use crate::model::shapes::{EgressFilterType, ListenerTlsMode, PortProtocol};
@@ -672,7 +673,7 @@ pub async fn serve<F, Fut>(
     connections: Gauge,
     handler: F,
 ) where
-    F: Fn(Arc<Shared>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Arc<Shared>, Request<Body>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     loop {
@@ -682,7 +683,7 @@ pub async fn serve<F, Fut>(
         shards.place(tcp, move |shared, tcp| async move {
             let downstream = shared.downstream(&tcp, from, None);
             let drain = shared.drain.clone();
-            let handler = move |mut req: Request<Incoming>| {
+            let handler = move |mut req: Request<Body>| {
                 Downstream::attach(&downstream, &mut req);
                 handler(shared.clone(), req)
             };
@@ -695,7 +696,7 @@ pub async fn serve<F, Fut>(
 /// A plaintext HTTP connection: the request-head guard, then HTTP/1.1 or h2c.
 pub async fn serve_plain<F, Fut>(drain: Drain, tcp: tokio::net::TcpStream, handler: F)
 where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Body>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     if let guard::Verdict::Refuse(status, why) = guard::first_head(&tcp, HEADER_READ_TIMEOUT).await
@@ -703,26 +704,44 @@ where
         guard::refuse(tcp, status, &why).await;
         return;
     }
-    serve_connection(drain, TokioIo::new(tcp), handler).await;
+    let Some(watch) = drain.watch() else {
+        return;
+    };
+    // Plain requests on our own codec; the first that is not, and all after it, on hyper's.
+    if let Some((rest, watch)) = h1server::serve(tcp, watch, &handler).await {
+        serve_watched(watch, TokioIo::new(rest), handler).await;
+    }
 }
 
 /// HTTP/1.1 or HTTP/2 on `io` (plain or TLS), until it ends or the drain ends it.
 pub async fn serve_connection<I, F, Fut>(drain: Drain, io: I, handler: F)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Body>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    if let Some(watch) = drain.watch() {
+        serve_watched(watch, io, handler).await;
+    }
+}
+
+/// [`serve_connection`] for a connection already in the drain.
+async fn serve_watched<I, F, Fut>(watch: DrainWatch, io: I, handler: F)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    F: Fn(Request<Body>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     // Boxed: hyper moves a request's future into place (HTTP/1.1) or into a task of its own
     // (HTTP/2); a pointer moves for nothing, the future itself is kilobytes.
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         super::trim::note_request();
-        Box::pin(handler(req))
+        Box::pin(handler(req.map(incoming)))
     });
     let conn = http_builder()
         .serve_connection_with_upgrades(io, service)
         .into_owned();
-    drain.serve(conn, |c| c.graceful_shutdown()).await;
+    watch.serve(conn, |c| c.graceful_shutdown()).await;
 }
 
 #[cfg(test)]

@@ -47,6 +47,37 @@ impl DrainWatch {
         // An error is the drain itself gone: nothing waits any more, so finish too.
         let _ = self.0.wait_for(|draining| *draining).await;
     }
+
+    /// [`started`](Self::started) without borrowing the watch, which can then be passed on
+    /// while this is still waited on.
+    pub fn until_started(&self) -> impl Future<Output = ()> + use<> {
+        let mut rx = self.0.clone();
+        async move {
+            let _ = rx.wait_for(|draining| *draining).await;
+        }
+    }
+
+    /// Serves `conn` to its end; once draining starts, `finish` asks it to end gracefully.
+    /// `conn` is polled first, so what it already holds (a request read before the drain)
+    /// is under way before it is asked to finish.
+    pub async fn serve<C, E>(mut self, conn: C, finish: impl FnOnce(Pin<&mut C>))
+    where
+        C: Future<Output = Result<(), E>>,
+        E: Display,
+    {
+        let mut conn = pin!(conn);
+        let ended = tokio::select! {
+            biased;
+            ended = conn.as_mut() => ended,
+            () = self.started() => {
+                finish(conn.as_mut());
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "connection");
+        }
+    }
 }
 
 impl Drain {
@@ -63,19 +94,8 @@ impl Drain {
         C: Future<Output = Result<(), E>>,
         E: Display,
     {
-        let Some(mut watch) = self.watch() else {
-            return;
-        };
-        let mut conn = pin!(conn);
-        let ended = tokio::select! {
-            ended = conn.as_mut() => ended,
-            () = watch.started() => {
-                finish(conn.as_mut());
-                conn.await
-            }
-        };
-        if let Err(e) = ended {
-            tracing::debug!(error = %e, "connection");
+        if let Some(watch) = self.watch() {
+            watch.serve(conn, finish).await;
         }
     }
 

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
 
 use super::dataplane::RoutingError;
 use super::dataplane::Shared;
@@ -128,11 +127,7 @@ pub(crate) fn host_of<B>(req: &Request<B>) -> String {
 }
 
 /// A request on gateway listener `port`.
-pub async fn request(
-    shared: &Arc<Shared>,
-    port: u16,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
+pub async fn request(shared: &Arc<Shared>, port: u16, mut req: Request<Body>) -> Response<Body> {
     let routing = shared.routing.borrow().clone();
     let Some(gw) = routing.gateway.get(&port) else {
         return UpstreamError::NoRoute.response();

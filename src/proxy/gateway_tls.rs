@@ -9,7 +9,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::Request;
-use hyper::body::Incoming;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 
@@ -119,7 +118,7 @@ pub async fn serve(shards: Shards<Shared>, listener: TcpListener, port: u16) {
             let drain = shared.drain.clone();
             let metrics = shared.metrics.clone();
             let downstream = shared.downstream(&tcp, from, None);
-            let handler = move |mut req: Request<Incoming>| {
+            let handler = move |mut req: Request<super::upstream::Body>| {
                 Downstream::attach(&downstream, &mut req);
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(gateway::request(&shared, port, req).await) }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response, Uri};
-use hyper::body::Incoming;
 
 use super::balance::random_u64;
 use hyper::upgrade::Upgraded;
@@ -30,7 +29,7 @@ use super::shard::Shards;
 use super::stats;
 use super::tls::PeerTls;
 use super::tunnel;
-use super::upstream::{Body, Hop, PeerStream, TARGET_PORT, UpstreamError, boxed, full, incoming};
+use super::upstream::{Body, Hop, PeerStream, TARGET_PORT, UpstreamError, full, incoming};
 use crate::model::proxy_config::{CompiledRoute, RetryPolicy, Target};
 use crate::model::shapes::{EgressFilterType, PortProtocol};
 use crate::telemetry::access_log::ResponseFlag;
@@ -38,7 +37,7 @@ use crate::telemetry::proxy::EdgeStats;
 use crate::telemetry::trace::ActiveSpan;
 
 /// A request to a backend's VIP:port.
-pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Body>) -> Response<Body> {
     let routing = shared.routing.borrow().clone();
     match routing.outbound.get(&local) {
         Some(port) => forward(shared, port, req).await,
@@ -48,7 +47,7 @@ pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Incoming>) -> 
 
 /// A request on the explicit listener: absolute-form (`HTTP_PROXY`) or with a Host naming a
 /// backend virtual service.
-pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
+pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<Body> {
     if req.method() == Method::CONNECT {
         return Box::pin(connect(shared, req)).await;
     }
@@ -88,7 +87,7 @@ pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
             };
             shared
                 .upstreams
-                .send(Hop::App { addr, h2: false }, req.map(boxed))
+                .send(Hop::App { addr, h2: false }, req)
                 .await
                 .unwrap_or_else(|e| e.response())
         }
@@ -150,11 +149,7 @@ pub(crate) fn authority<B>(req: &Request<B>) -> Option<(String, u16)> {
 }
 
 /// One request to a backend port: route, target, attempts; counted on the edge it took.
-pub async fn forward(
-    shared: &Shared,
-    port: &OutboundPort,
-    req: Request<Incoming>,
-) -> Response<Body> {
+pub async fn forward(shared: &Shared, port: &OutboundPort, req: Request<Body>) -> Response<Body> {
     let started = std::time::Instant::now();
     let mut req = req;
     let span = shared
@@ -188,7 +183,7 @@ pub async fn forward(
 async fn route_and_send<'p>(
     shared: &Shared,
     port: &'p OutboundPort,
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
     log: Option<&Pending>,
     served: &mut Served<'p>,
 ) -> (Response<Body>, Arc<EdgeStats>) {
@@ -243,7 +238,7 @@ async fn route_and_send<'p>(
     port.budget.request();
     let limit = route.timeouts.per_request_ms;
     let req = req.map(|b| {
-        let body = stats::count_body(incoming(b), stats.request_bytes());
+        let body = stats::count_body(b, stats.request_bytes());
         match log {
             Some(pending) => pending.request_body(body),
             None => body,
@@ -400,11 +395,11 @@ async fn upgrade(
     cluster: &Cluster,
     target_port: u16,
     route: &CompiledRoute,
-    req: Request<Incoming>,
+    req: Request<Body>,
     downstream: hyper::upgrade::OnUpgrade,
 ) -> Result<Response<Body>, UpstreamError> {
     let (addr, io) = connect_one(shared, cluster).await?;
-    let mut req = req.map(boxed);
+    let mut req = req;
     req.headers_mut()
         .insert(TARGET_PORT, http::HeaderValue::from(target_port));
     tunnel::upgrade(io, addr, req, downstream, route.timeouts.idle()).await
@@ -488,7 +483,7 @@ pub async fn serve_tcp(
 /// CONNECT on the explicit listener: a TCP backend is tunnelled through the mesh; on an HTTP
 /// backend the tunnel carries HTTP that is routed like any other request; anything else is
 /// the egress filter's to decide.
-async fn connect(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
+async fn connect(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<Body> {
     let Some((host, port)) = authority(&req) else {
         return UpstreamError::BadRequest("CONNECT needs host:port".into()).response();
     };
@@ -508,7 +503,11 @@ async fn connect(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<B
                 Box::pin(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let (shared, p) = (shared.clone(), p.clone());
-                        async move { Ok::<_, std::convert::Infallible>(forward(&shared, &p, req).await) }
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                forward(&shared, &p, req.map(incoming)).await,
+                            )
+                        }
                     });
                     let _ = super::dataplane::http_builder()
                         .serve_connection_with_upgrades(io, service)

@@ -18,7 +18,7 @@ use hyper::rt::{Sleep, Timer};
 /// How late a deadline may fire.
 pub const SLACK: Duration = Duration::from_secs(1);
 
-type TokioSleep = Pin<Box<tokio::time::Sleep>>;
+pub(super) type TokioSleep = Pin<Box<tokio::time::Sleep>>;
 
 /// A [`Timer`] for one connection, on tokio's clock (paused in tests like tokio's own), whose
 /// deadlines fire between the time asked and [`SLACK`] after it. Make one per connection: its
@@ -58,7 +58,7 @@ impl Drop for SlackSleep {
 }
 
 /// Arms `sleep` for `deadline` unless it already fires within the slack after it.
-fn arm(sleep: &mut TokioSleep, deadline: Instant) {
+pub(super) fn arm(sleep: &mut TokioSleep, deadline: Instant) {
     let fires_at = sleep.deadline().into_std();
     if !(deadline..=deadline + SLACK).contains(&fires_at) {
         sleep.as_mut().reset((deadline + SLACK).into());

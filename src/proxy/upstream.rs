@@ -105,6 +105,13 @@ impl UpstreamError {
     }
 }
 
+/// An empty body (no allocation: the box holds nothing).
+pub fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
 pub fn full(text: impl Into<Bytes>) -> Body {
     Full::new(text.into())
         .map_err(|never| match never {})

@@ -1,0 +1,843 @@
+//! HTTP/1.1 from callers, on a codec of our own for the common case: a plain request without
+//! a body (HTTP/1.1; no Upgrade, CONNECT, Expect, TE or Transfer-Encoding; no Content-Length
+//! but `0`). Its head is parsed by httparse into the `http` types, header values slices of
+//! the one buffer it was read into; the response head goes out in one write with the body
+//! bytes already there. Anything else, a head that does not parse included, hands the
+//! connection to hyper for the rest of its life, with the bytes read so far ([`Handover`]),
+//! so hyper's answers (400, 431, 100-continue, upgrades, request bodies) stay as they were.
+//!
+//! What hyper's server did and this keeps: a header-read deadline before every head (an idle
+//! connection past it is closed; a partial head gets 408, as `guard` answers on the first),
+//! keep-alive and pipelining (no reading ahead while a request is buffered, so a caller that
+//! half-closes after pipelining still gets its answers),
+//! `connection: close` when asked or draining (an idle connection closes when the drain
+//! starts), a Date header, a length when the body's is known and chunked framing when not,
+//! no body for HEAD, 204 and 304, and a request dropped (its upstream stream cancelled)
+//! when the caller closes the connection.
+//!
+//! Why: on the client's proxy, hyper's dispatcher, parser and encoder were about a fifth of
+//! the instructions per request (callgrind), for requests that are nearly all this shape.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Body as _;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::drain::DrainWatch;
+use super::guard::MAX_HEAD_BYTES;
+use super::upstream::Body;
+
+/// The most header fields in a request head (hyper's limit: past it, hyper answers 431).
+const MAX_HEADERS: usize = 100;
+/// How much is read at a time.
+const READ_CHUNK: usize = 8 * 1024;
+/// Response bytes gathered before they are written even though more are ready.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// A connection handed to hyper: the bytes read from it and not yet used come first.
+pub struct Handover {
+    read: Bytes,
+    tcp: TcpStream,
+}
+
+impl AsyncRead for Handover {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.read.is_empty() {
+            return Pin::new(&mut self.tcp).poll_read(cx, buf);
+        }
+        let n = self.read.len().min(buf.remaining());
+        buf.put_slice(&self.read[..n]);
+        self.read.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Handover {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// What the buffered bytes hold.
+// Unboxed: one is made and taken apart per request; a box would be an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    /// Not a whole head yet.
+    Partial,
+    /// A plain request, and whether the caller lets the connection be kept.
+    Plain(Request<Body>, bool),
+    /// Something for hyper.
+    Other,
+}
+
+/// How the response body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Framing {
+    /// No body (HEAD, 1xx, 204, 304).
+    None,
+    /// Content-Length: this many bytes are still to come.
+    Length(u64),
+    Chunked,
+}
+
+/// Serves `tcp` (its first head already past `guard`) until it ends, or until a request that
+/// is not plain: then the connection is returned for hyper to serve, with the watch, so a
+/// request that arrived before a drain is still answered.
+pub async fn serve<F, Fut>(
+    tcp: TcpStream,
+    watch: DrainWatch,
+    handler: &F,
+) -> Option<(Handover, DrainWatch)>
+where
+    F: Fn(Request<Body>) -> Fut,
+    Fut: Future<Output = Result<Response<Body>, Infallible>>,
+{
+    let mut tcp = tcp;
+    let mut read = BytesMut::with_capacity(READ_CHUNK);
+    // One timer per connection, re-armed per head only when it would fire too early or late
+    // (see `timer`): a deadline per request is otherwise a timer-wheel insert and removal.
+    let mut head_timer = Box::pin(tokio::time::sleep(Duration::ZERO));
+    let mut drained = pin!(watch.until_started());
+    let mut draining = false;
+    loop {
+        let deadline =
+            tokio::time::Instant::now().into_std() + super::dataplane::HEADER_READ_TIMEOUT;
+        super::timer::arm(&mut head_timer, deadline);
+        // How much of `read` is known to hold no end of a head: httparse runs again only when
+        // new bytes may complete it, so a head trickled in small pieces is parsed once.
+        let mut scanned = 0;
+        let (req, mut keep_alive) = loop {
+            let parsed = if scanned == 0 || ends_head(&read, scanned) {
+                parse_head(&mut read)
+            } else {
+                Parsed::Partial
+            };
+            match parsed {
+                Parsed::Plain(req, keep_alive) => break (req, keep_alive),
+                Parsed::Other => return Some((handover(read, tcp), watch)),
+                // hyper answers 431.
+                Parsed::Partial if read.len() >= MAX_HEAD_BYTES => {
+                    return Some((handover(read, tcp), watch));
+                }
+                Parsed::Partial => scanned = read.len(),
+            }
+            let idle = read.is_empty();
+            if idle && draining {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                r = fill(&mut tcp, &mut read) => match r {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                },
+                () = head_timer.as_mut() => {
+                    if !idle {
+                        super::guard::refuse(tcp, 408, "the request head did not arrive in time").await;
+                    }
+                    return None;
+                }
+                () = drained.as_mut(), if !draining => draining = true,
+            }
+        };
+        super::trim::note_request();
+        let head_request = req.method() == Method::HEAD;
+        let resp = {
+            let mut answer = pin!(handler(req));
+            loop {
+                tokio::select! {
+                    biased;
+                    Ok(resp) = answer.as_mut() => break resp,
+                    // The caller gone: dropping the request cancels its upstream stream.
+                    r = fill(&mut tcp, &mut read), if read.is_empty() => match r {
+                        Ok(0) | Err(_) => return None,
+                        Ok(_) => {}
+                    },
+                    () = drained.as_mut(), if !draining => draining = true,
+                }
+            }
+        };
+        keep_alive &= !draining;
+        let resp = if resp.status().is_informational() {
+            // An interim answer as the final one (an app's 101 to a request that asked for no
+            // upgrade): the caller would take the next answer for this request's.
+            keep_alive = false;
+            let mut bad = Response::new(super::upstream::full(
+                "trellis: the upstream's final answer was an interim (1xx) one\n",
+            ));
+            *bad.status_mut() = StatusCode::BAD_GATEWAY;
+            bad
+        } else {
+            resp
+        };
+        let (parts, body) = resp.into_parts();
+        let mut out = Vec::with_capacity(256);
+        let framing = encode_head(&parts, &body, head_request, &mut keep_alive, &mut out);
+        if write_body(&mut tcp, &mut read, out, framing, body)
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        if !keep_alive {
+            let _ = tcp.shutdown().await;
+            return None;
+        }
+    }
+}
+
+fn handover(read: BytesMut, tcp: TcpStream) -> Handover {
+    Handover {
+        read: read.freeze(),
+        tcp,
+    }
+}
+
+/// Whether `read`, of which the first `scanned` bytes hold no end of a head, now holds one
+/// (a blank line; httparse takes a bare LF too).
+fn ends_head(read: &[u8], scanned: usize) -> bool {
+    let new = &read[scanned.saturating_sub(2)..];
+    new.windows(2).any(|w| w == b"\n\n") || new.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// Reads more into `read`; `Ok(0)` at the caller's end of the stream.
+async fn fill(tcp: &mut TcpStream, read: &mut BytesMut) -> io::Result<usize> {
+    if read.capacity() - read.len() < READ_CHUNK / 4 {
+        read.reserve(READ_CHUNK);
+    }
+    tcp.read_buf(read).await
+}
+
+/// A request head from the front of `read`, taken out of it when it is plain.
+fn parse_head(read: &mut BytesMut) -> Parsed {
+    if read.is_empty() {
+        return Parsed::Partial;
+    }
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let buf = &read[..];
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut fields,
+    ) {
+        // hyper answers 431.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_BYTES => return Parsed::Other,
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    if parsed.version != Some(1) {
+        return Parsed::Other;
+    }
+    let Some(Ok(method)) = parsed.method.map(|m| Method::from_bytes(m.as_bytes())) else {
+        return Parsed::Other;
+    };
+    if method == Method::CONNECT {
+        return Parsed::Other;
+    }
+    let base = buf.as_ptr() as usize;
+    let at = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    let Some(path) = parsed.path.map(|p| at(p.as_bytes())) else {
+        return Parsed::Other;
+    };
+    // Header values are slices of the head, so the offsets are noted while the parser still
+    // borrows it.
+    let mut keep_alive = true;
+    let mut fields_at = Vec::with_capacity(parsed.headers.len());
+    for field in parsed.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
+            return Parsed::Other;
+        };
+        match name {
+            header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE | header::TE => {
+                return Parsed::Other;
+            }
+            header::CONTENT_LENGTH if field.value != b"0" => return Parsed::Other,
+            header::CONNECTION => {
+                for token in field.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        return Parsed::Other;
+                    }
+                }
+            }
+            _ => {}
+        }
+        fields_at.push((name, at(field.value)));
+    }
+    let head = read.split_to(len).freeze();
+    // What does not convert is hyper's to answer, from the bytes as they came.
+    let put_back = |read: &mut BytesMut| {
+        let mut back = BytesMut::from(&head[..]);
+        back.extend_from_slice(read);
+        *read = back;
+        Parsed::Other
+    };
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(path)) else {
+        return put_back(read);
+    };
+    // Room for what the request path adds (the target port, tracing): growing the map
+    // would move every entry.
+    let mut headers = HeaderMap::with_capacity(fields_at.len() + 4);
+    for (name, value) in fields_at {
+        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(value)) else {
+            return put_back(read);
+        };
+        headers.append(name, value);
+    }
+    let mut req = Request::new(super::upstream::empty());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    Parsed::Plain(req, keep_alive)
+}
+
+/// Writes the status line and header fields with the framing (hyper's rules: a length when
+/// known, else chunked; none for HEAD, 1xx, 204 and 304) and a Date; returns the framing.
+/// `keep_alive` turns false when the response says `connection: close`.
+fn encode_head(
+    parts: &http::response::Parts,
+    body: &Body,
+    head_request: bool,
+    keep_alive: &mut bool,
+    out: &mut Vec<u8>,
+) -> Framing {
+    let status = parts.status;
+    if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let mut length = None;
+    let mut date = false;
+    let mut close_said = false;
+    for (name, value) in &parts.headers {
+        match *name {
+            // Framing is this hop's to choose.
+            header::TRANSFER_ENCODING => continue,
+            header::CONTENT_LENGTH => {
+                if bodiless || length.is_some() {
+                    continue;
+                }
+                match value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                {
+                    Some(n) => length = Some(n),
+                    None => continue,
+                }
+            }
+            header::CONNECTION => {
+                let close = value
+                    .as_bytes()
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+                if close {
+                    *keep_alive = false;
+                    close_said = true;
+                }
+            }
+            header::DATE => date = true,
+            _ => {}
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = if bodiless {
+        Framing::None
+    } else {
+        // A HEAD answer's empty body says nothing of the resource's length (hyper's rule).
+        let implied = body
+            .size_hint()
+            .exact()
+            .filter(|&n| !(head_request && n == 0));
+        match length.or(implied) {
+            Some(n) => {
+                if length.is_none() {
+                    let _ = write!(out, "content-length: {n}\r\n");
+                }
+                if head_request {
+                    Framing::None
+                } else {
+                    Framing::Length(n)
+                }
+            }
+            None if head_request => Framing::None,
+            None => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Framing::Chunked
+            }
+        }
+    };
+    if !*keep_alive && !close_said {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !date {
+        out.extend_from_slice(b"date: ");
+        http_date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+/// Sends `out` (the head) and the body in `framing`, gathering what is ready into one write;
+/// while the body has nothing ready, reads from the caller (pipelined requests go to `read`;
+/// a closed connection ends this with an error, which drops the body and so its upstream).
+async fn write_body(
+    tcp: &mut TcpStream,
+    read: &mut BytesMut,
+    mut out: Vec<u8>,
+    framing: Framing,
+    body: Body,
+) -> io::Result<()> {
+    let mut remaining = match framing {
+        Framing::None => {
+            drop(body);
+            return tcp.write_all(&out).await;
+        }
+        Framing::Length(n) => n,
+        Framing::Chunked => 0,
+    };
+    let mut body = body;
+    let aborted = |why: &str| io::Error::other(format!("response body {why}"));
+    loop {
+        let frame = if body.is_end_stream() {
+            None
+        } else {
+            let ready = std::future::poll_fn(|cx| {
+                Poll::Ready(match Pin::new(&mut body).poll_frame(cx) {
+                    Poll::Ready(frame) => Some(frame),
+                    Poll::Pending => None,
+                })
+            })
+            .await;
+            match ready {
+                Some(frame) => frame,
+                None => {
+                    if !out.is_empty() {
+                        tcp.write_all(&out).await?;
+                        out.clear();
+                    }
+                    loop {
+                        tokio::select! {
+                            biased;
+                            frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => break frame,
+                            r = fill(tcp, read), if read.is_empty() => match r {
+                                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                                Err(e) => return Err(e),
+                                Ok(_) => {}
+                            },
+                        }
+                    }
+                }
+            }
+        };
+        match frame {
+            None => {
+                match framing {
+                    Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+                    _ if remaining > 0 => {
+                        let _ = tcp.write_all(&out).await;
+                        return Err(aborted("ended before its Content-Length"));
+                    }
+                    _ => {}
+                }
+                return tcp.write_all(&out).await;
+            }
+            Some(Err(_)) => {
+                // Cut short: the caller sees the connection close mid-body, as with hyper.
+                let _ = tcp.write_all(&out).await;
+                return Err(aborted("failed"));
+            }
+            Some(Ok(frame)) => {
+                // Trailers have no place in this framing (the request did not offer TE).
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                match framing {
+                    Framing::Chunked => {
+                        let _ = write!(out, "{:x}\r\n", data.len());
+                        out.extend_from_slice(&data);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    _ => {
+                        let n = data.len() as u64;
+                        if n > remaining {
+                            let _ = tcp.write_all(&out).await;
+                            return Err(aborted("is longer than its Content-Length"));
+                        }
+                        remaining -= n;
+                        out.extend_from_slice(&data);
+                    }
+                }
+                if out.len() >= WRITE_BATCH {
+                    tcp.write_all(&out).await?;
+                    out.clear();
+                }
+            }
+        }
+    }
+}
+
+/// Today's IMF-fixdate, formatted once a second per thread.
+fn http_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static CACHED: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            *c = (secs, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(c.1.as_bytes());
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::drain::Drain;
+    use crate::proxy::upstream::{BoxError, full};
+    use http_body_util::BodyExt;
+    use hyper::body::Frame;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+
+    /// Answers by path: a known length, an unknown one (chunked), 204, and one that never
+    /// comes (noting when the request is dropped).
+    async fn answer(
+        req: Request<Body>,
+        dropped: Arc<AtomicBool>,
+    ) -> Result<Response<Body>, Infallible> {
+        let body = match req.uri().path() {
+            "/len" => full(format!("{} {}", req.method(), req.uri())),
+            "/chunked" => {
+                let frames =
+                    ["ab", "", "cde"].map(|s| Ok::<_, BoxError>(Frame::data(Bytes::from(s))));
+                http_body_util::StreamBody::new(tokio_stream::iter(frames)).boxed()
+            }
+            "/empty" => full(""),
+            "/101" => {
+                let mut r = Response::new(full(""));
+                *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                return Ok(r);
+            }
+            "/204" => {
+                let mut r = Response::new(full(""));
+                *r.status_mut() = StatusCode::NO_CONTENT;
+                return Ok(r);
+            }
+            _ => {
+                struct OnDrop(Arc<AtomicBool>);
+                impl Drop for OnDrop {
+                    fn drop(&mut self) {
+                        self.0.store(true, Ordering::SeqCst);
+                    }
+                }
+                let _noted = OnDrop(dropped);
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+        };
+        Ok(Response::new(body))
+    }
+
+    /// A connection served by [`serve`], and what it returned.
+    type Served = JoinHandle<Option<(Handover, DrainWatch)>>;
+
+    async fn start(drain: &Drain) -> (TcpStream, Served, Arc<AtomicBool>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = l.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let dropped = Arc::new(AtomicBool::new(false));
+        let watch = drain.watch().unwrap();
+        let d = dropped.clone();
+        let served = tokio::spawn(async move {
+            let handler = move |req| answer(req, d.clone());
+            serve(tcp, watch, &handler).await
+        });
+        (client, served, dropped)
+    }
+
+    /// Everything the server sends until it closes, with any date blanked.
+    async fn read_all(client: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        blank_dates(&String::from_utf8(got).unwrap())
+    }
+
+    fn blank_dates(s: &str) -> String {
+        s.split("\r\n")
+            .map(|l| {
+                if l.starts_with("date: ") {
+                    "date: -"
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\r\n")
+    }
+
+    #[tokio::test]
+    async fn pipelined_plain_requests_are_answered_in_order_with_hyper_s_framing() {
+        let drain = Drain::default();
+        let (mut client, served, _) = start(&drain).await;
+        client
+            .write_all(
+                b"GET /len?a=1 HTTP/1.1\r\nHost: a\r\n\r\n\
+                  GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n\
+                  HEAD /len HTTP/1.1\r\nHost: a\r\n\r\n\
+                  DELETE /204 HTTP/1.1\r\nHost: a\r\ncontent-length: 0\r\n\r\n\
+                  GET /len HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let got = read_all(&mut client).await;
+        assert_eq!(
+            got,
+            "HTTP/1.1 200 OK\r\ncontent-length: 12\r\ndate: -\r\n\r\nGET /len?a=1\
+             HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ndate: -\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n\
+             HTTP/1.1 200 OK\r\ncontent-length: 9\r\ndate: -\r\n\r\n\
+             HTTP/1.1 204 No Content\r\ndate: -\r\n\r\n\
+             HTTP/1.1 200 OK\r\ncontent-length: 8\r\nconnection: close\r\ndate: -\r\n\r\nGET /len"
+        );
+        assert!(served.await.unwrap().is_none());
+    }
+
+    /// A request with a body (or anything else not plain) goes to hyper with every byte of
+    /// it, after the plain ones before it were answered here.
+    #[tokio::test]
+    async fn the_first_request_that_is_not_plain_hands_the_connection_over_intact() {
+        let drain = Drain::default();
+        let rest =
+            b"POST /len HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n";
+        for other in [
+            &rest[..],
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"GET /\x01 HTTP/1.1\r\n\r\n",
+        ] {
+            let (mut client, served, _) = start(&drain).await;
+            let mut sent = b"GET /len HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+            sent.extend_from_slice(other);
+            client.write_all(&sent).await.unwrap();
+            let (mut handover, _watch) = served.await.unwrap().expect("handed over");
+            let mut got = vec![0; other.len()];
+            handover.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, other, "{}", String::from_utf8_lossy(other));
+            // The plain one before it was answered.
+            let mut answer = [0u8; 17];
+            client.read_exact(&mut answer).await.unwrap();
+            assert_eq!(&answer, b"HTTP/1.1 200 OK\r\n");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_closes_drops_its_request() {
+        let drain = Drain::default();
+        let (mut client, served, dropped) = start(&drain).await;
+        client
+            .write_all(b"GET /never HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        drop(client);
+        assert!(served.await.unwrap().is_none());
+        assert!(dropped.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_head_gets_408_and_an_idle_connection_is_closed_silently() {
+        let drain = Drain::default();
+        let (mut client, served, _) = start(&drain).await;
+        client
+            .write_all(b"GET /len HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let got = read_all(&mut client).await;
+        assert!(got.contains("HTTP/1.1 200 OK"), "{got}");
+        assert!(
+            got.ends_with("\r\n\r\ntrellis: the request head did not arrive in time\n"),
+            "{got}"
+        );
+        assert!(got.contains("HTTP/1.1 408 Request Timeout"), "{got}");
+        assert!(served.await.unwrap().is_none());
+
+        let (mut client, served, _) = start(&drain).await;
+        assert_eq!(read_all(&mut client).await, "");
+        assert!(served.await.unwrap().is_none());
+    }
+
+    /// A drain closes an idle connection, and one with a request in flight after its answer,
+    /// which says `connection: close`.
+    #[tokio::test]
+    async fn a_drain_closes_idle_connections_and_ends_busy_ones_after_their_answer() {
+        let drain = Drain::default();
+        let (mut idle, idle_served, _) = start(&drain).await;
+        let (mut busy, busy_served, _) = start(&drain).await;
+        busy.write_all(b"GET /chunked HTTP/1.1\r\nHost: a\r\n\r\nGET /len HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .unwrap();
+        // The first answer is out: the second request's head is incomplete.
+        let mut first = vec![0; 10];
+        busy.read_exact(&mut first).await.unwrap();
+        let draining = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.drain(Duration::from_secs(10)).await }
+        });
+        assert_eq!(read_all(&mut idle).await, "");
+        assert!(idle_served.await.unwrap().is_none());
+        busy.write_all(b"\r\n").await.unwrap();
+        let rest = read_all(&mut busy).await;
+        assert!(rest.ends_with("HTTP/1.1 200 OK\r\ncontent-length: 8\r\nconnection: close\r\ndate: -\r\n\r\nGET /len"), "{rest}");
+        assert!(busy_served.await.unwrap().is_none());
+        assert!(draining.await.unwrap());
+    }
+
+    /// hyper's rules kept: a HEAD answer with an empty body states no length (the resource's
+    /// is unknown), and an interim status as the final answer is the upstream's fault.
+    #[tokio::test]
+    async fn head_answers_invent_no_length_and_a_final_1xx_is_a_bad_gateway() {
+        let drain = Drain::default();
+        let (mut client, served, _) = start(&drain).await;
+        client
+            .write_all(
+                b"HEAD /empty HTTP/1.1\r\nHost: a\r\n\r\n\
+                  GET /empty HTTP/1.1\r\nHost: a\r\n\r\n\
+                  GET /101 HTTP/1.1\r\nHost: a\r\n\r\n\
+                  GET /len HTTP/1.1\r\nHost: a\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let got = read_all(&mut client).await;
+        let reason = "trellis: the upstream's final answer was an interim (1xx) one\n";
+        assert_eq!(
+            got,
+            format!(
+                "HTTP/1.1 200 OK\r\ndate: -\r\n\r\n\
+                 HTTP/1.1 200 OK\r\ncontent-length: 0\r\ndate: -\r\n\r\n\
+                 HTTP/1.1 502 Bad Gateway\r\ncontent-length: {}\r\nconnection: close\r\ndate: -\r\n\r\n{reason}",
+                reason.len()
+            )
+        );
+        assert!(served.await.unwrap().is_none());
+    }
+
+    /// A request that is not plain, completed after a drain began, is handed over with the
+    /// connection's watch and answered by hyper, which then closes (the drain waits for it).
+    #[tokio::test]
+    async fn a_request_for_hyper_that_arrives_as_a_drain_starts_is_still_answered() {
+        let drain = Drain::default();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let served = tokio::spawn({
+            let drain = drain.clone();
+            async move {
+                let handler = move |req| answer(req, Arc::default());
+                crate::proxy::dataplane::serve_plain(drain, tcp, handler).await
+            }
+        });
+        client
+            .write_all(b"GET /len HTTP/1.1\r\nHost: a\r\n\r\nPOST /len HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let first = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\ndate: ";
+        let mut got = vec![0; first.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, first);
+        let draining = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.drain(Duration::from_secs(10)).await }
+        });
+        tokio::task::yield_now().await;
+        client
+            .write_all(b"Host: a\r\nContent-Length: 3\r\n\r\nabc")
+            .await
+            .unwrap();
+        let rest = read_all(&mut client).await;
+        assert!(rest.ends_with("\r\n\r\nPOST /len"), "{rest}");
+        assert!(rest.contains("HTTP/1.1 200 OK\r\n"), "{rest}");
+        served.await.unwrap();
+        assert!(draining.await.unwrap());
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_in_new_bytes_only() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        // Split anywhere, the end is seen once the last piece is in.
+        for cut in 1..head.len() {
+            assert!(!ends_head(&head[..cut], 0) || cut == head.len(), "{cut}");
+            assert!(ends_head(head, cut), "{cut}");
+        }
+        assert!(ends_head(b"GET / HTTP/1.1\nHost: a\n\n", 20));
+        assert!(!ends_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 10));
+    }
+}
