@@ -1,5 +1,6 @@
 //! A virtual gateway end to end: `curl` from outside to the gateway proxy's listener, gateway
-//! routes (prefix, exact path, hostname suffix, header, priority) to virtual services, App
+//! routes (prefix, exact path, hostname exact and suffix, header, method, query parameter,
+//! priority) to virtual services, App
 //! Mesh's default rewrites (Host to the service name, matched prefix to `/`) and the rewrite
 //! options, then through the services' own routes and a peer proxy to `trellis echo` apps.
 
@@ -76,6 +77,24 @@ fn setup(node: &DevNode, gw_port: u16) {
             Some(1),
             json!({"prefix": "/red", "headers": [{"name": "x-canary", "match": {"exact": "yes"}}]}),
             with("blue.demo.local", json!({"prefix": {"value": "/canary/"}})),
+        ),
+        (
+            "by-method",
+            None,
+            json!({"prefix": "/m", "method": "POST"}),
+            target("blue.demo.local"),
+        ),
+        (
+            "by-query",
+            None,
+            json!({"prefix": "/q", "queryParameters": [{"name": "v", "match": {"exact": "1"}}]}),
+            target("blue.demo.local"),
+        ),
+        (
+            "api",
+            Some(2),
+            json!({"prefix": "/", "hostname": {"exact": "api.example"}}),
+            target("red.demo.local"),
         ),
     ] {
         let mut spec = json!({"httpRoute": {"match": m, "action": action}});
@@ -160,6 +179,20 @@ fn gateway_routes_match_rewrite_and_reach_services() {
     let got = get("/red/x", &["x-canary: yes"]);
     assert_eq!(got.name().as_deref(), Some("blue"), "{got:?}");
     assert_eq!(got.json()["path"], "/canary/x");
+    // A method match, and its near miss.
+    let got = curl(&["-X", "POST", &format!("http://{GW}:{gw_port}/m/x")]);
+    assert_eq!(got.name().as_deref(), Some("blue"), "{got:?}");
+    assert_eq!(got.json()["method"], "POST");
+    assert_eq!(get("/m/x", &[]).status, 404);
+    // A query parameter match, and its near misses.
+    let got = get("/q?v=1", &[]);
+    assert_eq!(got.name().as_deref(), Some("blue"), "{got:?}");
+    assert_eq!(get("/q?v=2", &[]).status, 404);
+    assert_eq!(get("/q", &[]).status, 404);
+    // An exact hostname (any case, any port): not a suffix.
+    let got = get("/nowhere", &["host: API.example:8443"]);
+    assert_eq!(got.name().as_deref(), Some("red"), "{got:?}");
+    assert_eq!(get("/nowhere", &["host: v1.api.example"]).status, 404);
     // Nothing matches: 404.
     assert_eq!(get("/nowhere", &[]).status, 404);
 }

@@ -428,6 +428,8 @@ pub enum RoutingError {
     GatewayTls(#[from] GatewayTlsError),
     #[error("logging.accessLog.file: {0}")]
     AccessLog(String),
+    #[error("gateway route {route}: spec.*Route.match: {why}")]
+    GatewayMatch { route: String, why: String },
 }
 
 /// How the data plane is placed on this host.

@@ -5,8 +5,8 @@
 //! - `route_match`: the bytes build a route table (paths prefix / exact / regex, header tests
 //!   of every kind, methods, query parameters) and a request head, which is then matched.
 //! - `request_head`: the bytes are a request head as it arrives on a listener: the smuggling
-//!   and size guard, then the parsing and the lookups the proxy does on a head (authority,
-//!   gateway host, upgrade, route selection).
+//!   and size guard, `h1server`'s own parsing of plain requests, then the parsing and the
+//!   lookups the proxy does on a head (authority, gateway host, upgrade, route selection).
 //! - `response_head`: the bytes are what an app (or, on the egress passthrough, any server)
 //!   answers a proxy's HTTP/1.1 request with: the head's parsing and framing rules, then a
 //!   chunked body's decoding.
@@ -132,7 +132,41 @@ pub fn route_match(data: &[u8]) {
 }
 
 /// Treats `data` as a request head arriving on a listener.
+/// `h1server`'s reading of the bytes: a plain request takes exactly its head off the buffer
+/// and is what httparse read; anything else leaves every byte where it was, for hyper; the
+/// end of a head that parses is always seen by the scan that decides when to parse again.
+fn plain_head(data: &[u8]) {
+    use super::h1server::{Parsed, ends_head, parse_head};
+    let mut read = bytes::BytesMut::from(data);
+    let complete = {
+        let mut fields = [httparse::EMPTY_HEADER; 100];
+        let mut req = httparse::Request::new(&mut fields);
+        match req.parse(data) {
+            Ok(httparse::Status::Complete(len)) => Some((
+                len,
+                req.method.map(str::to_owned),
+                req.path.map(str::to_owned),
+            )),
+            _ => None,
+        }
+    };
+    if complete.is_some() {
+        assert!(ends_head(data, 0));
+    }
+    match parse_head(&mut read) {
+        Parsed::Plain(req, _) => {
+            let (len, method, path) = complete.expect("a plain request is a complete head");
+            assert_eq!(&read[..], &data[len..]);
+            assert_eq!(method.as_deref(), Some(req.method().as_str()));
+            let uri: http::Uri = path.expect("a path").parse().expect("the URI it took");
+            assert_eq!(&uri, req.uri());
+        }
+        Parsed::Other | Parsed::Partial => assert_eq!(&read[..], data),
+    }
+}
+
 pub fn request_head(data: &[u8]) {
+    plain_head(data);
     if let super::guard::Verdict::Refuse(status, _) = super::guard::check(data) {
         assert!(status == 400);
         return;
@@ -211,6 +245,10 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x\r\nhello\r\n0\r\nx-t: 1\r\n\r\n"
                 .to_vec(),
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\ncontent-length: 3, 3\r\n\r\nabc".to_vec(),
+            b"GET /x?y HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /y HTTP/1.1\r\n".to_vec(),
+            b"GET http://a:8080/b?c HTTP/1.1\r\nx: \xff\r\n\r\n".to_vec(),
+            b"DELETE /z HTTP/1.1\ncontent-length: 0\nHost: a\n\n".to_vec(),
+            b"GET /\x7f HTTP/1.1\r\n\r\n".to_vec(),
         ];
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for n in 0..3000 {

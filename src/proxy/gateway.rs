@@ -54,33 +54,42 @@ impl HostTest {
 }
 
 /// A gateway match as a route match: the same fields under the same names, less the hostname.
-fn as_route_match(m: &GatewayRouteMatch) -> RouteMatch {
-    fn convert<T: serde::de::DeserializeOwned>(v: impl serde::Serialize) -> Option<T> {
-        let mut v = serde_json::to_value(v).ok()?;
-        v.as_object_mut()?.remove("hostname");
-        serde_json::from_value(v).ok()
+/// One that does not convert is an error, never a match of everything.
+fn as_route_match(route: &str, m: &GatewayRouteMatch) -> Result<RouteMatch, RoutingError> {
+    fn convert<T: serde::de::DeserializeOwned>(v: impl serde::Serialize) -> Result<T, String> {
+        let mut v = serde_json::to_value(v).map_err(|e| e.to_string())?;
+        if let Some(fields) = v.as_object_mut() {
+            fields.remove("hostname");
+        }
+        serde_json::from_value(v).map_err(|e| e.to_string())
     }
-    match m {
-        GatewayRouteMatch::Http(h) => convert(h).map_or(RouteMatch::Any, RouteMatch::Http),
-        GatewayRouteMatch::Grpc(g) => convert(g).map_or(RouteMatch::Any, RouteMatch::Grpc),
-    }
+    let converted = match m {
+        GatewayRouteMatch::Http(h) => convert(h).map(RouteMatch::Http),
+        GatewayRouteMatch::Grpc(g) => convert(g).map(RouteMatch::Grpc),
+    };
+    converted.map_err(|why| RoutingError::GatewayMatch {
+        route: route.to_string(),
+        why,
+    })
 }
 
 impl GatewayPort {
     pub fn new(l: &GatewayListener) -> Result<Self, RoutingError> {
-        let as_routes: Vec<CompiledRoute> = l
+        let as_routes = l
             .routes
             .iter()
-            .map(|r| CompiledRoute {
-                name: r.name.clone(),
-                priority: r.priority,
-                matcher: as_route_match(&r.matcher),
-                targets: Vec::new(),
-                // Matching only: the target service's own routes carry the policy.
-                retry: default_retry(),
-                timeouts: Timeouts::default(),
+            .map(|r| {
+                Ok(CompiledRoute {
+                    name: r.name.clone(),
+                    priority: r.priority,
+                    matcher: as_route_match(&r.name, &r.matcher)?,
+                    targets: Vec::new(),
+                    // Matching only: the target service's own routes carry the policy.
+                    retry: default_retry(),
+                    timeouts: Timeouts::default(),
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, RoutingError>>()?;
         let routes = l
             .routes
             .iter()
@@ -277,6 +286,47 @@ mod tests {
         assert_eq!(
             rewritten("/chapter/1", &route("/chapter", Some(value))).0,
             "/v2/1"
+        );
+    }
+
+    /// Every field of a gateway match reaches the matcher as the route match's field of the
+    /// same name (the hostname is the gateway's own test).
+    #[test]
+    fn gateway_matches_convert_field_for_field() {
+        let http = serde_json::json!({
+            "prefix": "/p", "path": {"regex": "/v[0-9]+"}, "method": "PATCH", "port": 8080,
+            "headers": [
+                {"name": "a", "match": {"exact": "1"}},
+                {"name": "b", "invert": true, "match": {"prefix": "x"}},
+                {"name": "c", "match": {"suffix": "y"}},
+                {"name": "d", "match": {"regex": "z+"}},
+                {"name": "e", "match": {"range": {"start": 1, "end": 9}}},
+            ],
+            "queryParameters": [{"name": "q", "match": {"exact": "1"}}, {"name": "flag"}],
+        });
+        let grpc = serde_json::json!({
+            "serviceName": "pkg.Svc", "port": 50051,
+            "metadata": [
+                {"name": "a", "match": {"exact": "1"}},
+                {"name": "b", "invert": true, "match": {"prefix": "x"}},
+                {"name": "c", "match": {"suffix": "y"}},
+                {"name": "d", "match": {"regex": "z+"}},
+                {"name": "e", "match": {"range": {"start": 1, "end": 9}}},
+            ],
+        });
+        let with_host = |mut v: serde_json::Value| {
+            v["hostname"] = serde_json::json!({"suffix": ".example"});
+            v
+        };
+        let m = GatewayRouteMatch::Http(serde_json::from_value(with_host(http.clone())).unwrap());
+        assert_eq!(
+            as_route_match("r", &m).unwrap(),
+            RouteMatch::Http(serde_json::from_value(http).unwrap())
+        );
+        let m = GatewayRouteMatch::Grpc(serde_json::from_value(with_host(grpc.clone())).unwrap());
+        assert_eq!(
+            as_route_match("r", &m).unwrap(),
+            RouteMatch::Grpc(serde_json::from_value(grpc).unwrap())
         );
     }
 }

@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::drain::DrainWatch;
-use super::guard::MAX_HEAD_BYTES;
+use super::guard::{self, MAX_HEAD_BYTES, Verdict};
 use super::upstream::Body;
 
 /// The most header fields in a request head (hyper's limit: past it, hyper answers 431).
@@ -99,7 +99,7 @@ impl AsyncWrite for Handover {
 /// What the buffered bytes hold.
 // Unboxed: one is made and taken apart per request; a box would be an allocation per request.
 #[allow(clippy::large_enum_variant)]
-enum Parsed {
+pub(super) enum Parsed {
     /// Not a whole head yet.
     Partial,
     /// A plain request, and whether the caller lets the connection be kept.
@@ -152,7 +152,15 @@ where
             };
             match parsed {
                 Parsed::Plain(req, keep_alive) => break (req, keep_alive),
-                Parsed::Other => return Some((handover(read, tcp), watch)),
+                Parsed::Other => {
+                    // The length rules `guard` applies to a connection's first head, with its
+                    // reasons, on later ones too (hyper would refuse them with a bare 400).
+                    if let Verdict::Refuse(status, why) = guard::check(&read) {
+                        guard::refuse(tcp, status, &why).await;
+                        return None;
+                    }
+                    return Some((handover(read, tcp), watch));
+                }
                 // hyper answers 431.
                 Parsed::Partial if read.len() >= MAX_HEAD_BYTES => {
                     return Some((handover(read, tcp), watch));
@@ -171,7 +179,7 @@ where
                 },
                 () = head_timer.as_mut() => {
                     if !idle {
-                        super::guard::refuse(tcp, 408, "the request head did not arrive in time").await;
+                        guard::refuse(tcp, 408, "the request head did not arrive in time").await;
                     }
                     return None;
                 }
@@ -233,7 +241,7 @@ fn handover(read: BytesMut, tcp: TcpStream) -> Handover {
 
 /// Whether `read`, of which the first `scanned` bytes hold no end of a head, now holds one
 /// (a blank line; httparse takes a bare LF too).
-fn ends_head(read: &[u8], scanned: usize) -> bool {
+pub(super) fn ends_head(read: &[u8], scanned: usize) -> bool {
     let new = &read[scanned.saturating_sub(2)..];
     new.windows(2).any(|w| w == b"\n\n") || new.windows(3).any(|w| w == b"\n\r\n")
 }
@@ -247,7 +255,7 @@ async fn fill(tcp: &mut TcpStream, read: &mut BytesMut) -> io::Result<usize> {
 }
 
 /// A request head from the front of `read`, taken out of it when it is plain.
-fn parse_head(read: &mut BytesMut) -> Parsed {
+pub(super) fn parse_head(read: &mut BytesMut) -> Parsed {
     if read.is_empty() {
         return Parsed::Partial;
     }

@@ -248,22 +248,34 @@ async fn route_and_send<'p>(
         let target = (cluster, target.port);
         // Pinned where it is made: wrapping it in the timeout would move kilobytes.
         let attempts = std::pin::pin!(attempts(shared, port, route, target, &stats, req, served));
-        if limit == 0 {
-            attempts.await
-        } else {
-            tokio::time::timeout(Duration::from_millis(limit), attempts)
-                .await
-                .unwrap_or_else(|_| {
-                    stats.per_request_timeouts.inc();
-                    Err(UpstreamError::Timeout(limit))
-                })
-        }
+        per_request(limit, &stats, attempts).await
     };
     let resp = match result {
         Ok(resp) => resp.map(|body| idle::limit(body, route.timeouts.idle(), &stats.idle_timeouts)),
         Err(e) => failed(e, served),
     };
     (resp, stats)
+}
+
+/// The route's perRequest timeout (ms; 0: none) over all of a request's `attempts`: past it
+/// they are dropped (an attempt in flight is reset) and the answer is 504.
+async fn per_request<F>(
+    limit: u64,
+    stats: &EdgeStats,
+    attempts: F,
+) -> Result<Response<Body>, UpstreamError>
+where
+    F: Future<Output = Result<Response<Body>, UpstreamError>>,
+{
+    if limit == 0 {
+        return attempts.await;
+    }
+    tokio::time::timeout(Duration::from_millis(limit), attempts)
+        .await
+        .unwrap_or_else(|_| {
+            stats.per_request_timeouts.inc();
+            Err(UpstreamError::Timeout(limit))
+        })
 }
 
 /// The request's attempts at the target `(cluster, app port)`.
@@ -731,13 +743,36 @@ mod tests {
         let set = hosts(2);
         let mut p = default_retry();
         p.per_retry_timeout_ms = 0;
-        let slow = vec![(503, Duration::from_millis(400)); 3];
-        let r = tokio::time::timeout(
-            Duration::from_millis(1000),
-            run(&p, &budget, &set, &stats, slow),
-        )
-        .await;
-        assert!(r.is_err(), "three 400 ms attempts cannot finish in 1 s");
+        // Each attempt answers 503 after 400 ms: the default policy retries twice.
+        let tried = Mutex::new(0);
+        let attempts = || {
+            let (p, budget, set, stats, tried) = (&p, &budget, &set, &stats, &tried);
+            async move {
+                let send = |_, _| {
+                    *tried.lock().unwrap() += 1;
+                    Some(async {
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        status(503)
+                    })
+                };
+                let mut served = Served::default();
+                retry_loop(p, budget, set, stats, &mut served, || true, send).await
+            }
+        };
+        let start = tokio::time::Instant::now();
+        let err = per_request(1000, &stats, attempts()).await.unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_millis(1000));
+        assert_eq!(err.status(), http::StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(stats.per_request_timeouts.get(), 1);
+        // The third attempt was under way (400 + 400 ms and two back-offs of at most 50 ms).
+        assert_eq!(std::mem::take(&mut *tried.lock().unwrap()), 3);
+        // 0: no limit; all three attempts run to their end.
+        let start = tokio::time::Instant::now();
+        let resp = per_request(0, &stats, attempts()).await.unwrap();
+        assert_eq!(resp.status(), 503);
+        assert!(start.elapsed() >= Duration::from_millis(1200));
+        assert_eq!(stats.per_request_timeouts.get(), 1);
+        assert_eq!(*tried.lock().unwrap(), 3);
     }
 
     #[tokio::test(start_paused = true)]
