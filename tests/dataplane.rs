@@ -1,7 +1,7 @@
 //! Traffic through the mesh with the real binaries: an app calls a virtual service's VIP,
 //! its proxy routes (weights, header matches, priority) to peer proxies' inbound listeners,
-//! which hand the requests to `trellis echo` apps; per-request timeouts answer 504 and a target
-//! without instances 503.
+//! which hand the requests to `trellis echo` apps; per-request timeouts answer 504, a chunked
+//! upload behind `Expect: 100-continue` arrives whole, and a target without instances 503.
 
 mod common;
 
@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::echo::Echo;
+use common::echo::{Echo, curl};
 use common::mesh::{self, put};
 use common::proxy::Proxy;
 use common::{DevNode, wait_until};
@@ -143,6 +143,27 @@ fn requests_follow_routes_weights_and_timeouts_through_two_proxies() {
         assert_eq!(status, 504, "{body}");
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     });
+
+    // A chunked upload that waits for 100 Continue crosses both proxies whole.
+    let upload = dirs[2].path().join("upload");
+    std::fs::write(&upload, "x".repeat(300_000)).unwrap();
+    let got = curl(&[
+        "-v",
+        "-H",
+        "Expect: 100-continue",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &format!("@{}", upload.display()),
+        &format!("http://{vip}/upload"),
+    ]);
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(
+        got.stderr.contains("< HTTP/1.1 100 Continue"),
+        "{}",
+        got.stderr
+    );
+    assert_eq!(got.json()["bodyBytes"], 300_000, "{got:?}");
 
     // Blue goes away: canaries get 503 (no endpoint) once the registry says so.
     blue.terminate();

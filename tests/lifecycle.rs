@@ -186,6 +186,12 @@ fn config_swaps_under_load_lose_no_request() {
     let m = start("", 130);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let l = load(&rt, m.out, 8);
+    let probe = client();
+    let all_go_to = |name: &str| {
+        wait_until(Duration::from_secs(10), || {
+            (0..5).all(|_| rt.block_on(get(&probe, m.out, &[])).1 == name)
+        })
+    };
     for (i, (r, b)) in [(100, 0), (0, 100), (50, 50), (1, 99), (99, 1)]
         .iter()
         .cycle()
@@ -207,6 +213,12 @@ fn config_swaps_under_load_lose_no_request() {
                     "match": {"prefix": "/", "headers": [{"name": "x-canary", "match": {"exact": "yes"}}]},
                     "action": {"weightedTargets": [{"virtualNode": "blue", "weight": 1}]}}}}),
             );
+        }
+        // Each swap takes effect (where one target has all the weight, every answer says so).
+        match (r, b) {
+            (100, 0) => assert!(all_go_to("red"), "swap {i} to all red"),
+            (0, 100) => assert!(all_go_to("blue"), "swap {i} to all blue"),
+            _ => {}
         }
         // Some requests go through each config before the next swap.
         let seen = l.answered();

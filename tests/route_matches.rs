@@ -141,6 +141,14 @@ fn setup(node: &DevNode) {
             9082,
         ),
         to_red("rest-h2", "http2Route", json!({"prefix": "/"}), 9082),
+        // Above every other gRPC route: were the service name ignored, all would go blue.
+        to_blue(
+            "grpc-other-service",
+            0,
+            "grpcRoute",
+            json!({"serviceName": "grpc.health.v1.Healthy"}),
+            9090,
+        ),
         to_blue(
             "grpc-method",
             1,
