@@ -272,6 +272,47 @@ fn a_gateway_listener_terminates_tls_with_its_file_certificate() {
         .output()
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&version.stdout), "2 200");
+    // HTTP/1.1 over TLS: two requests on one kept-alive connection.
+    let url = format!("https://gw.example:{gw_port}/red/x");
+    let h1 = std::process::Command::new("curl")
+        .args(["-s", "--http1.1", "--cacert", &cert, "--resolve", &resolve])
+        .args(["-w", "%{http_version} %{http_code} %{num_connects}\n"])
+        .args(["-o", "/dev/null", &url, "-o", "/dev/null", &url])
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&h1.stdout),
+        "1.1 200 1\n1.1 200 0\n"
+    );
+    // An ambiguous length over TLS is refused with the reason, as on plaintext.
+    let mut smuggle = std::process::Command::new("timeout")
+        .args([
+            "15",
+            "openssl",
+            "s_client",
+            "-quiet",
+            "-verify_quiet",
+            "-alpn",
+            "http/1.1",
+        ])
+        .args(["-CAfile", &cert, "-servername", "gw.example"])
+        .args(["-connect", &format!("{GW}:{gw_port}")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl");
+    use std::io::Write;
+    smuggle
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"POST /red/x HTTP/1.1\r\nHost: gw.example\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        .unwrap();
+    let out = smuggle.wait_with_output().unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert!(answer.contains("the length is ambiguous"), "{answer:?}");
     // STRICT: plaintext is told to use TLS.
     let plain = curl(&[&format!("http://{GW}:{gw_port}/red/x")]);
     assert_eq!(plain.status, 400, "{plain:?}");

@@ -706,11 +706,21 @@ where
         guard::refuse(tcp, status, &why).await;
         return;
     }
+    serve_http1(drain, tcp, handler).await;
+}
+
+/// HTTP/1.1 (or h2c, which hyper finds) on `io`: plain requests on our own codec; the first
+/// that is not, and all after it, on hyper's.
+pub async fn serve_http1<S, F, Fut>(drain: Drain, io: S, handler: F)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Body>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let Some(watch) = drain.watch() else {
         return;
     };
-    // Plain requests on our own codec; the first that is not, and all after it, on hyper's.
-    if let Some((rest, watch)) = h1server::serve(tcp, watch, &handler).await {
+    if let Some((rest, watch)) = h1server::serve(io, watch, &handler).await {
         serve_watched(watch, TokioIo::new(rest), handler).await;
     }
 }

@@ -3,7 +3,9 @@
 //! by the first byte), DISABLED plaintext. `validation` asks clients for a certificate that
 //! chains to the trust file and, with `subjectAlternativeNames`, carries one of them.
 //! Certificates come from files; ACM and SDS sources do not exist off AWS and refuse the
-//! config with a message that says so (the proxy keeps the config it has).
+//! config with a message that says so (the proxy keeps the config it has). HTTP/2 (as ALPN
+//! agrees) is hyper's; HTTP/1.1 goes through `h1server` as on plaintext, whose own deadline
+//! (408) and length rules (400) stand in for `guard`, which cannot peek through TLS.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -152,7 +154,12 @@ pub async fn serve(shards: Shards<Shared>, listener: TcpListener, port: u16) {
                     return;
                 }
             }
-            dataplane::serve_connection(drain, hyper_util::rt::TokioIo::new(stream), handler).await;
+            if stream.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                dataplane::serve_connection(drain, io, handler).await;
+            } else {
+                dataplane::serve_http1(drain, stream, handler).await;
+            }
         });
     }
 }

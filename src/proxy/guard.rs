@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -120,7 +120,7 @@ pub fn check(head: &[u8]) -> Verdict {
 }
 
 /// Sends the refusal (if it has a status) and closes.
-pub async fn refuse(mut tcp: TcpStream, status: u16, reason: &str) {
+pub async fn refuse<S: AsyncWrite + Unpin>(mut tcp: S, status: u16, reason: &str) {
     if status != 0 {
         let phrase = http::StatusCode::from_u16(status)
             .ok()

@@ -15,6 +15,10 @@
 //! no body for HEAD, 204 and 304, and a request dropped (its upstream stream cancelled)
 //! when the caller closes the connection.
 //!
+//! It serves plaintext listeners after `guard` has looked at the first head, and HTTP/1.1
+//! over TLS on gateway listeners, where nothing can be peeked: there its own deadline (408)
+//! and length rules (400) are the first head's guard as well.
+//!
 //! Why: on the client's proxy, hyper's dispatcher, parser and encoder were about a fifth of
 //! the instructions per request (callgrind), for requests that are nearly all this shape.
 
@@ -31,7 +35,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 
 use super::drain::DrainWatch;
 use super::guard::{self, MAX_HEAD_BYTES, Verdict};
@@ -45,19 +48,19 @@ const READ_CHUNK: usize = 8 * 1024;
 const WRITE_BATCH: usize = 64 * 1024;
 
 /// A connection handed to hyper: the bytes read from it and not yet used come first.
-pub struct Handover {
+pub struct Handover<S> {
     read: Bytes,
-    tcp: TcpStream,
+    io: S,
 }
 
-impl AsyncRead for Handover {
+impl<S: AsyncRead + Unpin> AsyncRead for Handover<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         if self.read.is_empty() {
-            return Pin::new(&mut self.tcp).poll_read(cx, buf);
+            return Pin::new(&mut self.io).poll_read(cx, buf);
         }
         let n = self.read.len().min(buf.remaining());
         buf.put_slice(&self.read[..n]);
@@ -66,13 +69,13 @@ impl AsyncRead for Handover {
     }
 }
 
-impl AsyncWrite for Handover {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Handover<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -80,19 +83,19 @@ impl AsyncWrite for Handover {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -118,19 +121,20 @@ enum Framing {
     Chunked,
 }
 
-/// Serves `tcp` (its first head already past `guard`) until it ends, or until a request that
+/// Serves `io` (its first head already past `guard`) until it ends, or until a request that
 /// is not plain: then the connection is returned for hyper to serve, with the watch, so a
 /// request that arrived before a drain is still answered.
-pub async fn serve<F, Fut>(
-    tcp: TcpStream,
+pub async fn serve<S, F, Fut>(
+    io: S,
     watch: DrainWatch,
     handler: &F,
-) -> Option<(Handover, DrainWatch)>
+) -> Option<(Handover<S>, DrainWatch)>
 where
+    S: AsyncRead + AsyncWrite + Unpin,
     F: Fn(Request<Body>) -> Fut,
     Fut: Future<Output = Result<Response<Body>, Infallible>>,
 {
-    let mut tcp = tcp;
+    let mut io = io;
     let mut read = BytesMut::with_capacity(READ_CHUNK);
     // One timer per connection, re-armed per head only when it would fire too early or late
     // (see `timer`): a deadline per request is otherwise a timer-wheel insert and removal.
@@ -156,14 +160,14 @@ where
                     // The length rules `guard` applies to a connection's first head, with its
                     // reasons, on later ones too (hyper would refuse them with a bare 400).
                     if let Verdict::Refuse(status, why) = guard::check(&read) {
-                        guard::refuse(tcp, status, &why).await;
+                        guard::refuse(io, status, &why).await;
                         return None;
                     }
-                    return Some((handover(read, tcp), watch));
+                    return Some((handover(read, io), watch));
                 }
                 // hyper answers 431.
                 Parsed::Partial if read.len() >= MAX_HEAD_BYTES => {
-                    return Some((handover(read, tcp), watch));
+                    return Some((handover(read, io), watch));
                 }
                 Parsed::Partial => scanned = read.len(),
             }
@@ -173,13 +177,13 @@ where
             }
             tokio::select! {
                 biased;
-                r = fill(&mut tcp, &mut read) => match r {
+                r = fill(&mut io, &mut read) => match r {
                     Ok(0) | Err(_) => return None,
                     Ok(_) => {}
                 },
                 () = head_timer.as_mut() => {
                     if !idle {
-                        guard::refuse(tcp, 408, "the request head did not arrive in time").await;
+                        guard::refuse(io, 408, "the request head did not arrive in time").await;
                     }
                     return None;
                 }
@@ -195,7 +199,7 @@ where
                     biased;
                     Ok(resp) = answer.as_mut() => break resp,
                     // The caller gone: dropping the request cancels its upstream stream.
-                    r = fill(&mut tcp, &mut read), if read.is_empty() => match r {
+                    r = fill(&mut io, &mut read), if read.is_empty() => match r {
                         Ok(0) | Err(_) => return None,
                         Ok(_) => {}
                     },
@@ -219,23 +223,23 @@ where
         let (parts, body) = resp.into_parts();
         let mut out = Vec::with_capacity(256);
         let framing = encode_head(&parts, &body, head_request, &mut keep_alive, &mut out);
-        if write_body(&mut tcp, &mut read, out, framing, body)
+        if write_body(&mut io, &mut read, out, framing, body)
             .await
             .is_err()
         {
             return None;
         }
         if !keep_alive {
-            let _ = tcp.shutdown().await;
+            let _ = io.shutdown().await;
             return None;
         }
     }
 }
 
-fn handover(read: BytesMut, tcp: TcpStream) -> Handover {
+fn handover<S>(read: BytesMut, io: S) -> Handover<S> {
     Handover {
         read: read.freeze(),
-        tcp,
+        io,
     }
 }
 
@@ -247,11 +251,11 @@ pub(super) fn ends_head(read: &[u8], scanned: usize) -> bool {
 }
 
 /// Reads more into `read`; `Ok(0)` at the caller's end of the stream.
-async fn fill(tcp: &mut TcpStream, read: &mut BytesMut) -> io::Result<usize> {
+async fn fill<S: AsyncRead + Unpin>(io: &mut S, read: &mut BytesMut) -> io::Result<usize> {
     if read.capacity() - read.len() < READ_CHUNK / 4 {
         read.reserve(READ_CHUNK);
     }
-    tcp.read_buf(read).await
+    io.read_buf(read).await
 }
 
 /// A request head from the front of `read`, taken out of it when it is plain.
@@ -446,8 +450,8 @@ fn encode_head(
 /// Sends `out` (the head) and the body in `framing`, gathering what is ready into one write;
 /// while the body has nothing ready, reads from the caller (pipelined requests go to `read`;
 /// a closed connection ends this with an error, which drops the body and so its upstream).
-async fn write_body(
-    tcp: &mut TcpStream,
+async fn write_body<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
     read: &mut BytesMut,
     mut out: Vec<u8>,
     framing: Framing,
@@ -456,7 +460,7 @@ async fn write_body(
     let mut remaining = match framing {
         Framing::None => {
             drop(body);
-            return tcp.write_all(&out).await;
+            return send(io, &out).await;
         }
         Framing::Length(n) => n,
         Framing::Chunked => 0,
@@ -478,14 +482,14 @@ async fn write_body(
                 Some(frame) => frame,
                 None => {
                     if !out.is_empty() {
-                        tcp.write_all(&out).await?;
+                        send(io, &out).await?;
                         out.clear();
                     }
                     loop {
                         tokio::select! {
                             biased;
                             frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => break frame,
-                            r = fill(tcp, read), if read.is_empty() => match r {
+                            r = fill(io, read), if read.is_empty() => match r {
                                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                                 Err(e) => return Err(e),
                                 Ok(_) => {}
@@ -500,16 +504,16 @@ async fn write_body(
                 match framing {
                     Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
                     _ if remaining > 0 => {
-                        let _ = tcp.write_all(&out).await;
+                        let _ = send(io, &out).await;
                         return Err(aborted("ended before its Content-Length"));
                     }
                     _ => {}
                 }
-                return tcp.write_all(&out).await;
+                return send(io, &out).await;
             }
             Some(Err(_)) => {
                 // Cut short: the caller sees the connection close mid-body, as with hyper.
-                let _ = tcp.write_all(&out).await;
+                let _ = send(io, &out).await;
                 return Err(aborted("failed"));
             }
             Some(Ok(frame)) => {
@@ -529,7 +533,7 @@ async fn write_body(
                     _ => {
                         let n = data.len() as u64;
                         if n > remaining {
-                            let _ = tcp.write_all(&out).await;
+                            let _ = send(io, &out).await;
                             return Err(aborted("is longer than its Content-Length"));
                         }
                         remaining -= n;
@@ -537,12 +541,18 @@ async fn write_body(
                     }
                 }
                 if out.len() >= WRITE_BATCH {
-                    tcp.write_all(&out).await?;
+                    send(io, &out).await?;
                     out.clear();
                 }
             }
         }
     }
+}
+
+/// Writes `bytes` and flushes them (a TLS stream may hold what it took; a socket holds nothing).
+async fn send<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) -> io::Result<()> {
+    io.write_all(bytes).await?;
+    io.flush().await
 }
 
 /// Today's IMF-fixdate, formatted once a second per thread.
@@ -573,7 +583,7 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::task::JoinHandle;
 
     /// Answers by path: a known length, an unknown one (chunked), 204, and one that never
@@ -616,7 +626,7 @@ mod tests {
     }
 
     /// A connection served by [`serve`], and what it returned.
-    type Served = JoinHandle<Option<(Handover, DrainWatch)>>;
+    type Served = JoinHandle<Option<(Handover<TcpStream>, DrainWatch)>>;
 
     async fn start(drain: &Drain) -> (TcpStream, Served, Arc<AtomicBool>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
