@@ -1,7 +1,8 @@
 //! Traffic through the mesh with the real binaries: an app calls a virtual service's VIP,
 //! its proxy routes (weights, header matches, priority) to peer proxies' inbound listeners,
-//! which hand the requests to `trellis echo` apps; per-request timeouts answer 504, a chunked
-//! upload behind `Expect: 100-continue` arrives whole, and a target without instances 503.
+//! which hand the requests to `trellis echo` apps; a TCP service's VIP carries bytes to its
+//! app; per-request timeouts answer 504, a chunked upload behind `Expect: 100-continue`
+//! arrives whole, and a target without instances 503.
 
 mod common;
 
@@ -18,9 +19,37 @@ use http_body_util::{BodyExt, Empty};
 use serde_json::{Value, json};
 
 fn mesh(node: &DevNode) {
-    let client =
-        json!({"backends": [{"virtualService": {"virtualServiceName": "color.demo.local"}}]});
+    let client = json!({"backends": [
+        {"virtualService": {"virtualServiceName": "color.demo.local"}},
+        {"virtualService": {"virtualServiceName": "raw.demo.local"}}]});
     mesh::color_mesh(node, 80, 20, client);
+    // A TCP service, its virtual node the provider (no router).
+    put(
+        node,
+        "/v20190125/meshes/demo/virtualNodes",
+        json!({"virtualNodeName": "raw", "spec": {
+            "listeners": [{"portMapping": {"port": 7000, "protocol": "tcp"}}],
+            "serviceDiscovery": {"dns": {"hostname": "raw.demo.local"}}}}),
+    );
+    put(
+        node,
+        "/v20190125/meshes/demo/virtualServices",
+        json!({"virtualServiceName": "raw.demo.local",
+            "spec": {"provider": {"virtualNode": {"virtualNodeName": "raw"}}}}),
+    );
+}
+
+/// The VIP:`port` the client's proxy listens on for `service`.
+fn vip_of(client: &Proxy, service: &str, port: u16) -> SocketAddr {
+    let config = client.cached().unwrap();
+    let vip = config["config"]["outbound"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["virtual_service"] == service)
+        .and_then(|o| o["vip"].as_str())
+        .unwrap_or_else(|| panic!("no VIP for {service}: {config}"));
+    format!("{vip}:{port}").parse().unwrap()
 }
 
 type Client = hyper_util::client::legacy::Client<
@@ -54,7 +83,8 @@ fn requests_follow_routes_weights_and_timeouts_through_two_proxies() {
     mesh(&node);
     let _red_app = Echo::start("127.0.0.61:9080", "red");
     let _blue_app = Echo::start("127.0.0.62:9080", "blue");
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let _raw_app = Echo::start("127.0.0.64:7000", "raw");
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let start = |i: usize, role: &str, ip: &str| {
         Proxy::start_with(
             node.grpc_addr(),
@@ -68,24 +98,41 @@ fn requests_follow_routes_weights_and_timeouts_through_two_proxies() {
     let red = start(0, "red", "127.0.0.61");
     let mut blue = start(1, "blue", "127.0.0.62");
     let client = start(2, "client", "127.0.0.63");
-    for p in [&red, &blue, &client] {
+    let raw = start(3, "raw", "127.0.0.64");
+    for p in [&red, &blue, &client, &raw] {
         p.wait_ready(Duration::from_secs(20));
     }
     assert!(
-        wait_until(Duration::from_secs(10), || client.endpoints(Some("red"))
-            == 1
-            && client.endpoints(Some("blue")) == 1),
+        wait_until(Duration::from_secs(10), || ["red", "blue", "raw"]
+            .iter()
+            .all(|n| client.endpoints(Some(n)) == 1)),
         "endpoints never reached the client: {:?}",
         client.cached()
     );
-    let vip: SocketAddr = format!(
-        "{}:9080",
-        client.cached().unwrap()["config"]["outbound"][0]["vip"]
-            .as_str()
-            .unwrap()
-    )
-    .parse()
-    .unwrap();
+    let vip = vip_of(&client, "color.demo.local", 9080);
+
+    // A TCP route on its VIP: the bytes go through both proxies (mTLS between) to the app,
+    // which happens to speak HTTP.
+    let raw_vip = vip_of(&client, "raw.demo.local", 7000);
+    let exchange = || -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&raw_vip, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /raw HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n")?;
+        let mut got = String::new();
+        s.read_to_string(&mut got)?;
+        Ok(got)
+    };
+    let mut answer = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            answer = exchange().unwrap_or_else(|e| e.to_string());
+            answer.contains("\"name\":\"raw\"")
+        }),
+        "{answer}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("\"path\":\"/raw\""), "{answer}");
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let http: Client =
@@ -185,5 +232,5 @@ fn requests_follow_routes_weights_and_timeouts_through_two_proxies() {
             "{statuses:?}"
         );
     });
-    drop(red);
+    drop((red, raw));
 }
