@@ -19,6 +19,7 @@ pub mod gateway_tls;
 pub mod guard;
 pub mod h1chunk;
 pub mod h1client;
+pub mod h1response;
 pub mod h1server;
 pub mod h2server;
 pub mod h2stream;
