@@ -137,8 +137,25 @@ fn gateway_routes_match_rewrite_and_reach_services() {
         start(["--virtual-node", "red"], "127.0.0.122", &[]),
         start(["--virtual-node", "blue"], "127.0.0.123", &[]),
     ];
+    // The listener's port is held by another process when the gateway starts: it says so,
+    // and opens the listener once the port is free, without a config change.
+    let squatter = std::net::TcpListener::bind((GW, gw_port)).unwrap();
     let gw = start(["--virtual-gateway", "gw"], GW, &["--gateway-host", GW]);
     gw.wait_ready(Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(15), || gw
+            .log()
+            .contains("cannot open a listener; trying again every second")),
+        "{}",
+        gw.log()
+    );
+    // Once both services' instances are in the gateway's config no change is coming: the
+    // listener can only open by the retry.
+    assert!(wait_until(Duration::from_secs(15), || gw
+        .endpoints(Some("red"))
+        == 1
+        && gw.endpoints(Some("blue")) == 1));
+    drop(squatter);
     let get = |path: &str, headers: &[&str]| -> Got {
         let mut args: Vec<String> = Vec::new();
         for h in headers {

@@ -6,7 +6,7 @@
 //! flight; per-host outlier state, retry budgets and pool counters carry over. VIP listeners
 //! come and go with the backends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -540,7 +540,10 @@ pub async fn run(
         tasks.push(task.abort_handle());
     }
     let mut vips: HashMap<SocketAddr, AbortHandle> = HashMap::new();
-    loop {
+    // The listeners the config asks for, and those of them that could not be opened yet.
+    let mut wanted = Vec::new();
+    let mut failing = HashSet::new();
+    'configs: loop {
         let applied = config.borrow_and_update().clone();
         if let Some(applied) = applied {
             let previous = shared.routing.borrow().clone();
@@ -552,7 +555,7 @@ pub async fn run(
                 &shared.metrics,
             ) {
                 Ok(r) => {
-                    let wanted =
+                    wanted =
                         r.listeners(shared.settings.vip_listeners, shared.settings.gateway_host);
                     identity.set_trust(
                         &applied.config.trust_bundle,
@@ -560,15 +563,22 @@ pub async fn run(
                     );
                     routing_tx.send_replace(Arc::new(r));
                     shared.metrics.set_config_version(applied.version);
-                    reconcile(&shards, &mut vips, &wanted).await;
+                    reconcile(&shards, &mut vips, &wanted, &mut failing).await;
                 }
                 // `discovery::check` refuses such configs; a cached one may still be bad.
                 Err(e) => tracing::warn!(error = %e, "config not applied to the data plane"),
             }
         }
-        tokio::select! {
-            changed = config.changed() => if changed.is_err() { break },
-            _ = stop.changed() => break,
+        // Until the next config: a port in use (another process, one not yet gone) is tried
+        // again every second, rather than left closed until the config changes.
+        loop {
+            tokio::select! {
+                changed = config.changed() => if changed.is_err() { break 'configs } else { break },
+                _ = stop.changed() => break 'configs,
+                () = tokio::time::sleep(LISTENER_RETRY), if !failing.is_empty() => {
+                    reconcile(&shards, &mut vips, &wanted, &mut failing).await;
+                }
+            }
         }
     }
     // Stop accepting, then let what is in flight finish.
@@ -589,13 +599,18 @@ pub async fn run(
     }
 }
 
+/// How often a listener that could not be opened is tried again.
+const LISTENER_RETRY: Duration = Duration::from_secs(1);
+
 /// Binds new VIP and gateway listeners and stops the ones no longer wanted (their open
 /// connections finish).
 async fn reconcile(
     shards: &Shards<Shared>,
     vips: &mut HashMap<SocketAddr, AbortHandle>,
     wanted: &[(SocketAddr, Kind)],
+    failing: &mut HashSet<SocketAddr>,
 ) {
+    failing.retain(|addr| wanted.iter().any(|(a, _)| a == addr));
     vips.retain(|addr, h| {
         let keep = wanted.iter().any(|(a, _)| a == addr);
         if !keep {
@@ -628,9 +643,14 @@ async fn reconcile(
                     Kind::Gateway(port) => tokio::spawn(gateway_tls::serve(shards, listener, port)),
                 };
                 vips.insert(*addr, task.abort_handle());
+                failing.remove(addr);
                 tracing::info!(%addr, ?kind, "listener open");
             }
-            Err(e) => tracing::warn!(%addr, error = %e, "cannot open a listener"),
+            // Said once; the retries every second are quiet.
+            Err(e) if failing.insert(*addr) => {
+                tracing::warn!(%addr, error = %e, "cannot open a listener; trying again every second");
+            }
+            Err(e) => tracing::debug!(%addr, error = %e, "cannot open a listener"),
         }
     }
 }

@@ -556,11 +556,40 @@ pub fn dig_short(dns: std::net::SocketAddr, name: &str, qtype: &str) -> Vec<Stri
 
 /// A port free on `ip` now, for the few listeners whose port must be known before they start
 /// (it goes into a spec or a peer's config); tests give such listeners an address of their own.
+///
+/// Taken below the kernel's ephemeral range: a port handed back by a bind to port 0 may be
+/// given again to any socket that binds port 0 (a proxy's inbound listener, an outgoing
+/// connection) before the process it was meant for binds it; a port under the range is never
+/// handed out that way.
 pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DRAWS: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let low = 10_000u16.min(ephemeral_low / 2);
+    let span = u64::from(ephemeral_low - low);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ (u64::from(std::process::id()) << 32);
+    for _ in 0..1000 {
+        // splitmix64 over the seed and a per-process count: different in every process and call.
+        let mut x = seed.wrapping_add(
+            DRAWS
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^= x >> 31;
+        let port = low + (x % span) as u16;
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {ip} below {ephemeral_low}")
 }
 
 /// Keeps the test runner's environment from steering a child: its log filter, a notify
