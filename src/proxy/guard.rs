@@ -120,7 +120,7 @@ pub fn check(head: &[u8]) -> Verdict {
 }
 
 /// Sends the refusal (if it has a status) and closes.
-pub async fn refuse<S: AsyncWrite + Unpin>(mut tcp: S, status: u16, reason: &str) {
+pub async fn refuse<S: AsyncWrite + Unpin>(mut io: S, status: u16, reason: &str) {
     if status != 0 {
         let phrase = http::StatusCode::from_u16(status)
             .ok()
@@ -131,9 +131,9 @@ pub async fn refuse<S: AsyncWrite + Unpin>(mut tcp: S, status: u16, reason: &str
             "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
-        let _ = tcp.write_all(resp.as_bytes()).await;
+        let _ = io.write_all(resp.as_bytes()).await;
     }
-    let _ = tcp.shutdown().await;
+    let _ = io.shutdown().await;
 }
 
 #[cfg(test)]

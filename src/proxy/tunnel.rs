@@ -13,13 +13,15 @@ use std::time::Duration;
 
 use http::header::{CONNECTION, HOST, UPGRADE};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use super::upstream::{Body, TARGET_PORT, UpstreamError, boxed, error_chain, strip_hop_by_hop};
+use super::upstream::{
+    Body, TARGET_PORT, UpstreamError, boxed, empty, error_chain, strip_hop_by_hop,
+};
 
 /// The upgrade protocol of a TCP tunnel between proxies.
 pub const TCP_UPGRADE: &str = "trellis-tcp";
@@ -121,7 +123,7 @@ where
         .header(CONNECTION, "upgrade")
         .header(UPGRADE, TCP_UPGRADE)
         .header(TARGET_PORT, port)
-        .body(Empty::new().map_err(|n| match n {}).boxed())
+        .body(empty())
         .map_err(|e| UpstreamError::BadRequest(e.to_string()))?;
     let resp = sender
         .send_request(req)
