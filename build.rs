@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "trellis/identity/v1/identity.proto",
             "trellis/cluster/v1/cluster.proto",
             "grpc/health/v1/health.proto",
+            "trellis/echo/v1/echo.proto",
             "opentelemetry/proto/collector/trace/v1/trace_service.proto",
         ],
         ["proto"],

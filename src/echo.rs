@@ -7,9 +7,10 @@
 //! count the attempts that reached it. For the
 //! demo, for tests, and for users debugging a mesh.
 //!
-//! It also speaks gRPC (the Health service: `Check` answers SERVING, or UNAVAILABLE for the
-//! service name `unavailable`; `Watch` streams five answers, 50 ms apart, then ends; both
-//! name the server in `x-echo-name`) and
+//! It also speaks gRPC: the Health service (`Check` answers SERVING, or UNAVAILABLE for the
+//! service name `unavailable`; `Watch` streams five answers, 50 ms apart, then ends) and
+//! `trellis.echo.v1.Echo` (`Chat` answers each message of a stream as it arrives, `Count`
+//! counts a client's stream); every answer names the server in `x-echo-name`. And
 //! WebSocket (an upgrade on any path; text and binary messages come back as sent).
 
 use std::convert::Infallible;
@@ -23,6 +24,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::wire::echo::echo_server::{Echo as EchoService, EchoServer};
+use crate::wire::echo::{EchoCount, EchoMessage};
 use crate::wire::health::health_check_response::ServingStatus;
 use crate::wire::health::health_server::{Health, HealthServer};
 use crate::wire::health::{HealthCheckRequest, HealthCheckResponse};
@@ -76,9 +79,13 @@ impl Echo {
                         let name = name.clone();
                         async move {
                             if is_grpc(&req) {
-                                let mut grpc = HealthServer::new(EchoHealth(name.clone()));
                                 use tower::Service;
-                                let mut resp = grpc.call(req).await.unwrap_or_else(|e| match e {});
+                                let mut resp = if req.uri().path().starts_with(ECHO_SERVICE) {
+                                    EchoServer::new(EchoStreams(name.clone())).call(req).await
+                                } else {
+                                    HealthServer::new(EchoHealth(name.clone())).call(req).await
+                                }
+                                .unwrap_or_else(|e| match e {});
                                 // gRPC answers carry no JSON, so the name rides in a header.
                                 if let Ok(v) = http::HeaderValue::from_str(&name.name) {
                                     resp.headers_mut().insert(NAME_HEADER, v);
@@ -177,6 +184,51 @@ impl Health for EchoHealth {
             Some((Ok(answer), n + 1))
         });
         Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+/// The path prefix of `trellis.echo.v1.Echo`'s methods.
+const ECHO_SERVICE: &str = "/trellis.echo.v1.Echo/";
+
+struct EchoStreams(Arc<Server>);
+
+#[tonic::async_trait]
+impl EchoService for EchoStreams {
+    type ChatStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<EchoMessage, tonic::Status>> + Send>,
+    >;
+
+    async fn chat(
+        &self,
+        req: tonic::Request<tonic::Streaming<EchoMessage>>,
+    ) -> Result<tonic::Response<Self::ChatStream>, tonic::Status> {
+        use futures_util::StreamExt;
+        self.0.served.fetch_add(1, Ordering::Relaxed);
+        let from = self.0.name.clone();
+        let answers = req.into_inner().map(move |m| {
+            m.map(|m| EchoMessage {
+                text: m.text,
+                from: from.clone(),
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(answers)))
+    }
+
+    async fn count(
+        &self,
+        req: tonic::Request<tonic::Streaming<EchoMessage>>,
+    ) -> Result<tonic::Response<EchoCount>, tonic::Status> {
+        self.0.served.fetch_add(1, Ordering::Relaxed);
+        let mut stream = req.into_inner();
+        let mut count = EchoCount {
+            from: self.0.name.clone(),
+            ..EchoCount::default()
+        };
+        while let Some(m) = stream.message().await? {
+            count.messages += 1;
+            count.bytes += m.text.len() as u64;
+        }
+        Ok(tonic::Response::new(count))
     }
 }
 

@@ -24,6 +24,12 @@ pub mod health {
     tonic::include_proto!("grpc.health.v1");
 }
 
+/// `trellis echo`'s streaming service (bidirectional and client streaming).
+#[allow(clippy::all, clippy::pedantic)]
+pub mod echo {
+    tonic::include_proto!("trellis.echo.v1");
+}
+
 /// OpenTelemetry's OTLP/gRPC trace export (the subset trellis sends), for spans of proxied
 /// requests.
 #[allow(clippy::all, clippy::pedantic)]
