@@ -4,7 +4,8 @@
 //! with that status, `x-echo-delay-ms: 250` waits first; `--status` sets the status of every
 //! answer that asks for none. Each answer carries `served`, how many requests this server has
 //! answered (this one included; `GET /__echo/served` asks without counting), so a test can
-//! count the attempts that reached it. For the
+//! count the attempts that reached it; `/__echo/health` is a health endpoint that can be told
+//! to fail ([`HEALTH_PATH`]). For the
 //! demo, for tests, and for users debugging a mesh.
 //!
 //! It also speaks gRPC: the Health service (`Check` answers SERVING, or UNAVAILABLE for the
@@ -16,7 +17,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,6 +38,12 @@ use tokio::net::TcpListener;
 
 /// A request here reports `served` without counting itself.
 pub const SERVED_PATH: &str = "/__echo/served";
+
+/// A health endpoint, not counted either: `GET` answers 200 while healthy and 503 when not;
+/// `PUT` with the body `unhealthy` or `healthy` flips it (gRPC Health `Check` then answers
+/// NOT_SERVING or SERVING), so a listener's `healthCheck` can be seen to fail and recover
+/// while the app keeps serving.
+pub const HEALTH_PATH: &str = "/__echo/health";
 
 /// gRPC answers name the server in this header.
 pub const NAME_HEADER: &str = "x-echo-name";
@@ -67,6 +74,7 @@ impl Echo {
             status,
             delay,
             served: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
         });
         let task = tokio::spawn(async move {
             loop {
@@ -93,6 +101,8 @@ impl Echo {
                                 Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
                             } else if is_websocket(&req) {
                                 Ok(websocket(req))
+                            } else if req.uri().path() == HEALTH_PATH {
+                                Ok(health(&name, req).await)
                             } else {
                                 answer(name, req).await
                             }
@@ -119,6 +129,7 @@ struct Server {
     status: http::StatusCode,
     delay: Duration,
     served: AtomicU64,
+    healthy: AtomicBool,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -157,8 +168,13 @@ impl Health for EchoHealth {
                 self.0.name
             )));
         }
+        let status = if self.0.healthy.load(Ordering::Relaxed) {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
         Ok(tonic::Response::new(HealthCheckResponse {
-            status: ServingStatus::Serving as i32,
+            status: status as i32,
         }))
     }
 
@@ -316,6 +332,34 @@ async fn echo_frames<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) -> std::io::R
     }
 }
 
+/// [`HEALTH_PATH`]: the state, or (`PUT`) a new one.
+async fn health(server: &Server, req: http::Request<Incoming>) -> http::Response<EchoBody> {
+    let reply = |status: http::StatusCode, text: &str| {
+        let mut r = http::Response::new(full(format!("{text}\n")));
+        *r.status_mut() = status;
+        r
+    };
+    if req.method() == http::Method::PUT {
+        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+        let healthy = match body.as_deref().map(<[u8]>::trim_ascii) {
+            Ok(b"healthy") => true,
+            Ok(b"unhealthy") => false,
+            _ => {
+                return reply(
+                    http::StatusCode::BAD_REQUEST,
+                    "PUT /__echo/health wants the body `healthy` or `unhealthy`",
+                );
+            }
+        };
+        server.healthy.store(healthy, Ordering::Relaxed);
+    }
+    if server.healthy.load(Ordering::Relaxed) {
+        reply(http::StatusCode::OK, "healthy")
+    } else {
+        reply(http::StatusCode::SERVICE_UNAVAILABLE, "unhealthy")
+    }
+}
+
 async fn answer(
     server: Arc<Server>,
     req: http::Request<Incoming>,
@@ -436,5 +480,57 @@ mod tests {
         let t = std::time::Instant::now();
         get(echo.addr, "/", &[("x-echo-delay-ms", "100")], false).await;
         assert!(t.elapsed() >= Duration::from_millis(100));
+    }
+
+    /// One HTTP/1.1 request; the status and body.
+    async fn send(addr: SocketAddr, method: &str, path: &str, body: &'static str) -> (u16, String) {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(c);
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "echo")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn its_health_endpoint_can_be_told_to_fail_and_recover() {
+        use crate::wire::health::health_client::HealthClient;
+        let echo = Echo::start("127.0.0.1:0".parse().unwrap(), "red", 200, Duration::ZERO)
+            .await
+            .unwrap();
+        let mut grpc = HealthClient::connect(format!("http://{}", echo.addr))
+            .await
+            .unwrap();
+        let mut grpc_status = async || {
+            let ask = HealthCheckRequest {
+                service: String::new(),
+            };
+            grpc.check(ask).await.unwrap().into_inner().status()
+        };
+        assert_eq!(send(echo.addr, "GET", HEALTH_PATH, "").await.0, 200);
+        assert_eq!(grpc_status().await, ServingStatus::Serving);
+        let (status, said) = send(echo.addr, "PUT", HEALTH_PATH, "sick").await;
+        assert_eq!(status, 400);
+        assert!(said.contains("`healthy` or `unhealthy`"), "{said}");
+        assert_eq!(
+            send(echo.addr, "PUT", HEALTH_PATH, "unhealthy\n").await.0,
+            503
+        );
+        assert_eq!(send(echo.addr, "GET", HEALTH_PATH, "").await.0, 503);
+        assert_eq!(grpc_status().await, ServingStatus::NotServing);
+        // The app itself still answers; the health endpoint is not counted.
+        let (status, body) = get(echo.addr, "/", &[], false).await;
+        assert_eq!((status, body["served"].as_u64()), (200, Some(3)));
+        assert_eq!(send(echo.addr, "PUT", HEALTH_PATH, "healthy").await.0, 200);
+        assert_eq!(grpc_status().await, ServingStatus::Serving);
     }
 }

@@ -158,7 +158,8 @@ enum Command {
     /// Run the built-in test server: answers every request (HTTP/1.1 or h2c) with JSON saying
     /// what it received; `x-echo-status: 503` and `x-echo-delay-ms: 250` make it misbehave.
     /// It also speaks gRPC (grpc.health.v1.Health, and trellis.echo.v1.Echo's streams in both
-    /// directions: proto/trellis/echo/v1/echo.proto) and WebSocket.
+    /// directions: proto/trellis/echo/v1/echo.proto) and WebSocket. `/__echo/health` is a health
+    /// endpoint for a listener's healthCheck; `PUT` it `unhealthy` or `healthy` to flip it.
     ///
     /// Example: trellis echo --listen 127.0.0.1:9080 --name colorteller-red
     Echo {

@@ -259,6 +259,70 @@ fn a_failing_health_check_takes_an_instance_out_of_traffic() {
     assert_eq!(green1.served() - before, 20);
 }
 
+/// The app stays up but fails its check: first an http2 check of `/__echo/health` fails on
+/// green2 and it leaves the client's endpoints; then the check becomes grpc (a config change
+/// the instances' proxies follow), green1 reports NOT_SERVING and green2 recovers (two passes),
+/// and the traffic moves over.
+#[test]
+fn http2_and_grpc_checks_follow_the_app_and_thresholds() {
+    let dev = DevNode::start();
+    let p = "/v20190125/meshes/demo";
+    put(&dev, "/v20190125/meshes", json!({"meshName": "demo"}));
+    let check = |protocol: &str| {
+        json!({"healthCheck": {"protocol": protocol, "path": "/__echo/health",
+            "healthyThreshold": 2, "unhealthyThreshold": 2,
+            "timeoutMillis": 2000, "intervalMillis": 5000}})
+    };
+    put(
+        &dev,
+        &format!("{p}/virtualNodes"),
+        node("green", check("http2")),
+    );
+    service_and_client(&dev, json!({"virtualNode": {"virtualNodeName": "green"}}));
+    let green1 = Echo::start("127.0.0.191:9080", "green1");
+    let green2 = Echo::start("127.0.0.192:9080", "green2");
+    let dir = tempfile::tempdir().unwrap();
+    let start = |vn: &str, ip: &str| proxy(&dev, dir.path(), vn, ip, &[]);
+    let _greens = [start("green", "127.0.0.191"), start("green", "127.0.0.192")];
+    let client = start("client", "127.0.0.193");
+    let out = ready_with_endpoints(&client, "green", 2);
+    let answered_by =
+        |name: &str| (0..10).all(|_| get(out, "/", &[]).name().as_deref() == Some(name));
+
+    green2.set_healthy(false);
+    assert!(
+        wait_until(Duration::from_secs(25), || client.endpoints(Some("green"))
+            == 1
+            && answered_by("green1")),
+        "{:?}",
+        client.cached()
+    );
+
+    let mut spec = node("green", check("grpc"));
+    spec["spec"]["listeners"][0]["healthCheck"]
+        .as_object_mut()
+        .unwrap()
+        .remove("path");
+    put(
+        &dev,
+        &format!("{p}/virtualNodes/green"),
+        json!({"spec": spec["spec"]}),
+    );
+    // gRPC Checks count as served (the http2 check's GETs do not), and green2 gets no traffic:
+    // its count rising shows the proxy probing it with the new protocol.
+    let probed = green2.served();
+    assert!(wait_until(Duration::from_secs(15), || green2.served() > probed));
+    green1.set_healthy(false);
+    green2.set_healthy(true);
+    assert!(
+        wait_until(Duration::from_secs(35), || client.endpoints(Some("green"))
+            == 1
+            && answered_by("green2")),
+        "{:?}",
+        client.cached()
+    );
+}
+
 /// Waits until `client` is ready and knows `n` endpoints of `vn`; its explicit listener.
 fn ready_with_endpoints(client: &Proxy, vn: &str, n: usize) -> SocketAddr {
     client.wait_ready(Duration::from_secs(20));

@@ -50,6 +50,20 @@ impl Echo {
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         v["served"].as_u64().expect("echo answers with served")
     }
+
+    /// Tells its health endpoint (`/__echo/health`, and gRPC Health) to pass or fail.
+    #[allow(dead_code)]
+    pub fn set_healthy(&self, healthy: bool) {
+        let body = if healthy { "healthy" } else { "unhealthy" };
+        let got = curl(&[
+            "-X",
+            "PUT",
+            "--data",
+            body,
+            &format!("http://{}/__echo/health", self.addr),
+        ]);
+        assert_eq!(got.status, if healthy { 200 } else { 503 }, "{got:?}");
+    }
 }
 
 impl Drop for Echo {
