@@ -1,4 +1,5 @@
-//! gRPC (unary, server, client and bidirectional streaming, trailers, a retried UNAVAILABLE), WebSocket and TCP routes
+//! gRPC (unary, server, client and bidirectional streaming, trailers, a retried UNAVAILABLE, the
+//! proxy's own 404 as UNIMPLEMENTED), WebSocket and TCP routes
 //! through two proxies over mTLS, end to end: a tonic client, a raw WebSocket handshake and
 //! `curl --proxytunnel` (CONNECT) against the client proxy's explicit listener, and
 //! `trellis echo` apps behind grpc, http and tcp listeners.
@@ -14,8 +15,6 @@ use common::mesh::put;
 use common::proxy;
 use common::{DevNode, wait_until};
 use serde_json::json;
-use trellis::wire::echo::EchoMessage;
-use trellis::wire::echo::echo_client::EchoClient;
 use trellis::wire::health::HealthCheckRequest;
 use trellis::wire::health::health_client::HealthClient;
 
@@ -196,7 +195,20 @@ fn grpc_websocket_and_tcp_cross_the_mesh() {
             answers += 1;
         }
         assert_eq!(answers, trellis::echo::WATCH_ANSWERS);
-        bidirectional_and_client_streams(EchoClient::new(channel)).await;
+        // A service no route names: the client proxy's 404, as gRPC.
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary::<HealthCheckRequest, trellis::wire::health::HealthCheckResponse, _>(
+                tonic::Request::new(ask("")),
+                "/trellis.nothing.v1.Nothing/Call".parse().unwrap(),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
+        assert_eq!(err.message(), "trellis: no route matches");
+        common::grpc::bidirectional_and_client_streams(channel, "grpc-app").await;
     });
 
     // WebSocket through the explicit listener (an absolute-form upgrade).
@@ -231,41 +243,4 @@ fn grpc_websocket_and_tcp_cross_the_mesh() {
     ]);
     assert_ne!(got.exit, 0, "{got:?}");
     assert!(got.stderr.contains("403"), "{got:?}");
-}
-
-/// Chat in lockstep: each message must come back before the next is sent, so a proxy that held
-/// a request stream's messages until it ended (or a response's) would stall it. Then a client
-/// stream of 1.6 MB, many times HTTP/2's initial flow-control window on each hop, counted whole.
-async fn bidirectional_and_client_streams(mut echo: EchoClient<tonic::transport::Channel>) {
-    let message = |text: String| EchoMessage {
-        text,
-        from: String::new(),
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut answers = tokio::time::timeout(
-        Duration::from_secs(10),
-        echo.chat(tokio_stream::wrappers::ReceiverStream::new(rx)),
-    )
-    .await
-    .expect("Chat's response headers held back until the request stream ends")
-    .unwrap()
-    .into_inner();
-    for i in 0..20 {
-        tx.send(message(format!("message {i}"))).await.unwrap();
-        let answer = tokio::time::timeout(Duration::from_secs(10), answers.message())
-            .await
-            .unwrap_or_else(|_| panic!("the answer to message {i} was held back"))
-            .unwrap()
-            .expect("Chat ended early");
-        assert_eq!(answer.text, format!("message {i}"));
-        assert_eq!(answer.from, "grpc-app");
-    }
-    drop(tx);
-    assert!(answers.message().await.unwrap().is_none());
-
-    let chunk = "x".repeat(8 * 1024);
-    let stream = futures_util::stream::iter((0..200).map(move |_| message(chunk.clone())));
-    let count = echo.count(stream).await.unwrap().into_inner();
-    assert_eq!((count.messages, count.bytes), (200, 200 * 8 * 1024));
-    assert_eq!(count.from, "grpc-app");
 }

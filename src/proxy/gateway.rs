@@ -11,6 +11,7 @@ use http::{HeaderValue, Request, Response, Uri};
 use super::dataplane::RoutingError;
 use super::dataplane::Shared;
 use super::gateway_tls::GatewayTls;
+use super::local_reply;
 use super::outbound;
 use super::route::{RequestHead, RouteTable};
 use super::upstream::{Body, UpstreamError};
@@ -136,7 +137,12 @@ pub(crate) fn host_of<B>(req: &Request<B>) -> String {
 }
 
 /// A request on gateway listener `port`.
-pub async fn request(shared: &Arc<Shared>, port: u16, mut req: Request<Body>) -> Response<Body> {
+pub async fn request(shared: &Arc<Shared>, port: u16, req: Request<Body>) -> Response<Body> {
+    let grpc = local_reply::is_grpc(req.headers());
+    local_reply::for_caller(grpc, to_service(shared, port, req).await)
+}
+
+async fn to_service(shared: &Arc<Shared>, port: u16, mut req: Request<Body>) -> Response<Body> {
     let routing = shared.routing.borrow().clone();
     let Some(gw) = routing.gateway.get(&port) else {
         return UpstreamError::NoRoute.response();

@@ -22,6 +22,7 @@ use super::access::{AccessLogger, Downstream, Pending, Served};
 use super::dataplane::{Shared, http_builder};
 use super::guard;
 use super::idle;
+use super::local_reply;
 use super::shard::Shards;
 use super::stats;
 use super::tls::{self, Caller};
@@ -311,7 +312,9 @@ async fn request(shared: &Shared, caller: &Caller, mut req: Request<Body>) -> ht
         .as_ref()
         .and_then(|_| ActiveSpan::begin(&mut req));
     let routing = shared.routing.borrow().clone();
+    let grpc = local_reply::is_grpc(req.headers());
     let (resp, stats, log) = to_app(shared, &routing, caller, req).await;
+    let resp = local_reply::for_caller(grpc, resp);
     let stats = stats.unwrap_or_else(|| shared.unrouted_inbound.clone());
     stats.answered(resp.status().as_u16(), started.elapsed());
     if let (Some(tracer), Some(span)) = (&shared.tracer, span) {

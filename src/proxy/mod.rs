@@ -3,7 +3,8 @@
 //! (its admin server), `stats` and `access` (metrics and access logs on the request path), and the
 //! request path: `dataplane` (listeners and the compiled routing), `outbound` (route, target,
 //! retries), `inbound` (mTLS, access, pools), `tunnel` (upgrades, TCP, CONNECT), `route`,
-//! `balance`, `outlier`, `retry`, `tls`, `upstream` and `pool` (connection pools), `shard` (the
+//! `balance`, `outlier`, `retry`, `tls`, `upstream` and `pool` (connection pools), `local_reply`
+//! (the proxy's own answers, remade for gRPC callers), `shard` (the
 //! threads connections are served on), `timer` (hyper's timer, with slack) and `trim` (memory
 //! given back when idle).
 
@@ -27,6 +28,7 @@ pub mod health;
 pub mod identity;
 pub mod idle;
 pub mod inbound;
+pub mod local_reply;
 pub mod outbound;
 pub mod outlier;
 pub mod pool;

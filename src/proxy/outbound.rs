@@ -20,6 +20,7 @@ use std::borrow::Cow;
 use super::access::{Pending, Served};
 use super::dataplane::{Cluster, OutboundPort, PeerTlsChoice, RouteTargets, Shared};
 use super::idle;
+use super::local_reply;
 use super::outlier::EndpointSet;
 use super::replay::Replayable;
 use super::retry::RetryBudget;
@@ -41,13 +42,21 @@ pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Body>) -> Resp
     let routing = shared.routing.borrow().clone();
     match routing.outbound.get(&local) {
         Some(port) => forward(shared, port, req).await,
-        None => UpstreamError::NoRoute.response(),
+        None => local_reply::for_caller(
+            local_reply::is_grpc(req.headers()),
+            UpstreamError::NoRoute.response(),
+        ),
     }
 }
 
 /// A request on the explicit listener: absolute-form (`HTTP_PROXY`) or with a Host naming a
 /// backend virtual service.
-pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<Body> {
+pub async fn explicit(shared: &Arc<Shared>, req: Request<Body>) -> Response<Body> {
+    let grpc = local_reply::is_grpc(req.headers());
+    local_reply::for_caller(grpc, explicit_request(shared, req).await)
+}
+
+async fn explicit_request(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<Body> {
     if req.method() == Method::CONNECT {
         return Box::pin(connect(shared, req)).await;
     }
@@ -158,7 +167,10 @@ pub async fn forward(shared: &Shared, port: &OutboundPort, req: Request<Body>) -
         .and_then(|_| ActiveSpan::begin(&mut req));
     let log = port.access_log.as_ref().map(|l| l.begin(&req));
     let mut served = Served::default();
+    let grpc = local_reply::is_grpc(req.headers());
     let (resp, stats) = route_and_send(shared, port, req, log.as_ref(), &mut served).await;
+    // Counted and logged as sent: a gRPC caller's failure is a grpc-status (as in Envoy).
+    let resp = local_reply::for_caller(grpc, resp);
     stats.answered(resp.status().as_u16(), started.elapsed());
     if let (Some(tracer), Some(span)) = (&shared.tracer, span) {
         let name = format!("{} {}:{}", span.method, port.service, port.port);

@@ -20,6 +20,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::local_reply::LocalReply;
 use super::pool::{Connect, H1Pool, H2Pool, SendError};
 use super::stats::tls_failure_reason;
 use super::tls::{ALPN_H1, ALPN_H2, PeerIdentity, PeerTls};
@@ -93,14 +94,17 @@ impl UpstreamError {
         }
     }
 
-    /// A plain-text answer saying what failed.
+    /// A plain-text answer saying what failed, marked as the proxy's own (see `local_reply`:
+    /// a gRPC caller gets it as gRPC).
     pub fn response(&self) -> Response<Body> {
-        let mut r = Response::new(full(format!("trellis: {self}\n")));
+        let text = format!("trellis: {self}");
+        let mut r = Response::new(full(format!("{text}\n")));
         *r.status_mut() = self.status();
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             http::HeaderValue::from_static("text/plain"),
         );
+        r.extensions_mut().insert(LocalReply(text));
         r
     }
 }

@@ -20,6 +20,7 @@ use serde_json::Value;
 pub mod app;
 pub mod cluster;
 pub mod echo;
+pub mod grpc;
 pub mod mesh;
 pub mod proxy;
 
