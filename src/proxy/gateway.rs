@@ -137,34 +137,29 @@ pub(crate) fn host_of<B>(req: &Request<B>) -> String {
 }
 
 /// A request on gateway listener `port`.
-pub async fn request(shared: &Arc<Shared>, port: u16, req: Request<Body>) -> Response<Body> {
-    let grpc = local_reply::is_grpc(req.headers());
-    local_reply::for_caller(grpc, to_service(shared, port, req).await)
-}
-
-async fn to_service(shared: &Arc<Shared>, port: u16, mut req: Request<Body>) -> Response<Body> {
+pub async fn request(shared: &Arc<Shared>, port: u16, mut req: Request<Body>) -> Response<Body> {
     let routing = shared.routing.borrow().clone();
     let Some(gw) = routing.gateway.get(&port) else {
-        return UpstreamError::NoRoute.response();
+        return local_reply::refuse(&req, &UpstreamError::NoRoute);
     };
     let host = host_of(&req);
     let head = RequestHead::of(&req, port);
     let Some(route) = gw.select(&head, &host) else {
-        return UpstreamError::NoRoute.response();
+        return local_reply::refuse(&req, &UpstreamError::NoRoute);
     };
     let target = match route.port {
         Some(p) => routing.by_name.get(&route.virtual_service, p),
         None => routing.by_name.first(&route.virtual_service),
     };
     let Some(target) = target.cloned() else {
-        return UpstreamError::NoEndpoint(format!(
+        let e = UpstreamError::NoEndpoint(format!(
             "gateway route {}: virtual service {} has no listener to send to",
             route.name, route.virtual_service
-        ))
-        .response();
+        ));
+        return local_reply::refuse(&req, &e);
     };
     if let Err(e) = rewrite(&mut req, route) {
-        return e.response();
+        return local_reply::refuse(&req, &e);
     }
     outbound::forward(shared, &target, req).await
 }

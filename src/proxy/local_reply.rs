@@ -9,15 +9,16 @@
 //! Answers from the app, or from a peer proxy (which remade its own), pass untouched.
 
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Response, StatusCode};
+use http::{Request, Response, StatusCode};
 
-use super::upstream::{Body, empty};
+use super::upstream::{Body, UpstreamError, empty};
 
 /// Marks an answer the proxy made itself, with the text it says.
 #[derive(Clone, Debug)]
 pub struct LocalReply(pub String);
 
 /// Whether a request speaks gRPC: `application/grpc`, or it with `+proto`, `+json`, `;…`.
+#[inline]
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|v| {
         let v = v.as_bytes();
@@ -26,12 +27,24 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     })
 }
 
+/// `e`'s answer as the caller of `req` gets it.
+pub fn refuse<B>(req: &Request<B>, e: &UpstreamError) -> Response<Body> {
+    for_caller(is_grpc(req.headers()), e.response())
+}
+
 /// `resp` as the caller gets it: remade as gRPC when the request was gRPC and the proxy made
 /// the answer itself; else as it is.
+#[inline]
 pub fn for_caller(grpc: bool, resp: Response<Body>) -> Response<Body> {
-    if !grpc {
-        return resp;
+    if grpc && resp.extensions().get::<LocalReply>().is_some() {
+        as_grpc(resp)
+    } else {
+        resp
     }
+}
+
+#[cold]
+fn as_grpc(resp: Response<Body>) -> Response<Body> {
     let Some(LocalReply(text)) = resp.extensions().get::<LocalReply>() else {
         return resp;
     };
@@ -82,7 +95,6 @@ fn percent_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::upstream::UpstreamError;
     use hyper::body::Body as _;
 
     fn grpc_headers(content_type: &'static str) -> HeaderMap {

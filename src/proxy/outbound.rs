@@ -42,29 +42,20 @@ pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Body>) -> Resp
     let routing = shared.routing.borrow().clone();
     match routing.outbound.get(&local) {
         Some(port) => forward(shared, port, req).await,
-        None => local_reply::for_caller(
-            local_reply::is_grpc(req.headers()),
-            UpstreamError::NoRoute.response(),
-        ),
+        None => local_reply::refuse(&req, &UpstreamError::NoRoute),
     }
 }
 
 /// A request on the explicit listener: absolute-form (`HTTP_PROXY`) or with a Host naming a
 /// backend virtual service.
-pub async fn explicit(shared: &Arc<Shared>, req: Request<Body>) -> Response<Body> {
-    let grpc = local_reply::is_grpc(req.headers());
-    local_reply::for_caller(grpc, explicit_request(shared, req).await)
-}
-
-async fn explicit_request(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<Body> {
+pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<Body> {
     if req.method() == Method::CONNECT {
         return Box::pin(connect(shared, req)).await;
     }
     let Some((host, port)) = authority(&req) else {
-        return UpstreamError::BadRequest(
-            "the request names no host (absolute URI or Host)".into(),
-        )
-        .response();
+        let e =
+            UpstreamError::BadRequest("the request names no host (absolute URI or Host)".into());
+        return local_reply::refuse(&req, &e);
     };
     // Origin-form from here on: the route sees the path, the peer the Host.
     if let Some(scheme) = SentScheme::of(req.uri()) {
@@ -85,6 +76,8 @@ async fn explicit_request(shared: &Arc<Shared>, mut req: Request<Body>) -> Respo
     if let Some(p) = routing.by_authority(&host, port) {
         return forward(shared, p, req).await;
     }
+    // Not a backend: answered here or sent as it is; gRPC-ness matters only for our answers.
+    let grpc = local_reply::is_grpc(req.headers());
     match routing.egress {
         Some(EgressFilterType::AllowAll) => {
             let addr = match tokio::net::lookup_host((host.as_str(), port)).await {
@@ -92,17 +85,18 @@ async fn explicit_request(shared: &Arc<Shared>, mut req: Request<Body>) -> Respo
                 Err(_) => None,
             };
             let Some(addr) = addr else {
-                return UpstreamError::NoEndpoint(format!("{host}:{port} (no address)")).response();
+                let e = UpstreamError::NoEndpoint(format!("{host}:{port} (no address)"));
+                return local_reply::for_caller(grpc, e.response());
             };
             shared
                 .upstreams
                 .send(Hop::App { addr, h2: false }, req)
                 .await
-                .unwrap_or_else(|e| e.response())
+                .unwrap_or_else(|e| local_reply::for_caller(grpc, e.response()))
         }
         _ => {
             let log = routing.access_log.as_ref().map(|l| l.begin(&req));
-            let resp = egress_denied(&routing, &host, port);
+            let resp = local_reply::for_caller(grpc, egress_denied(&routing, &host, port));
             match log {
                 Some(pending) => {
                     let served = Served {
