@@ -27,10 +27,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// Whether outlier detection counts it as a server error.
+    /// Whether outlier detection counts it as a server error: a 5xx, or a gRPC status that
+    /// Envoy's grpcToHttpStatus makes one (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED,
+    /// INTERNAL, UNAVAILABLE, DATA_LOSS; a gRPC failure is an HTTP 200), or no response.
     pub fn is_server_error(self) -> bool {
         match self {
-            Self::Response { status, .. } => status >= 500,
+            Self::Response { status, grpc } => {
+                status >= 500 || grpc.is_some_and(|g| matches!(g, 2 | 4 | 12 | 13 | 14 | 15))
+            }
             _ => true,
         }
     }
@@ -188,6 +192,25 @@ mod tests {
                 grpc: Some(13)
             }
         ));
+    }
+
+    /// A gRPC failure arrives as HTTP 200 with its grpc-status: the server-side ones count
+    /// towards ejection as a 5xx would, the caller's own (NOT_FOUND, INVALID_ARGUMENT) do not.
+    #[test]
+    fn server_errors_for_outlier_detection_include_grpc_ones() {
+        let grpc = |g| Outcome::Response {
+            status: 200,
+            grpc: Some(g),
+        };
+        for g in [2, 4, 12, 13, 14, 15] {
+            assert!(grpc(g).is_server_error(), "grpc-status {g}");
+        }
+        for g in [0, 1, 3, 5, 7, 8, 16] {
+            assert!(!grpc(g).is_server_error(), "grpc-status {g}");
+        }
+        assert!(response(503).is_server_error());
+        assert!(!response(404).is_server_error());
+        assert!(Outcome::Reset.is_server_error());
     }
 
     #[test]
