@@ -8,14 +8,15 @@
 //!
 //! Answers from the app, or from a peer proxy (which remade its own), pass untouched.
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 
 use super::upstream::{Body, UpstreamError, empty};
 
-/// Marks an answer the proxy made itself, with the text it says.
+/// Marks an answer the proxy made itself, with the text it says (the body's bytes, shared).
 #[derive(Clone, Debug)]
-pub struct LocalReply(pub String);
+pub struct LocalReply(pub Bytes);
 
 /// Whether a request speaks gRPC: `application/grpc`, or it with `+proto`, `+json`, `;…`.
 #[inline]
@@ -36,25 +37,21 @@ pub fn refuse<B>(req: &Request<B>, e: &UpstreamError) -> Response<Body> {
 /// the answer itself; else as it is.
 #[inline]
 pub fn for_caller(grpc: bool, resp: Response<Body>) -> Response<Body> {
-    if grpc && resp.extensions().get::<LocalReply>().is_some() {
-        as_grpc(resp)
-    } else {
-        resp
+    if grpc && let Some(LocalReply(text)) = resp.extensions().get::<LocalReply>() {
+        return as_grpc(resp.status(), text);
     }
+    resp
 }
 
 #[cold]
-fn as_grpc(resp: Response<Body>) -> Response<Body> {
-    let Some(LocalReply(text)) = resp.extensions().get::<LocalReply>() else {
-        return resp;
-    };
+fn as_grpc(status: StatusCode, text: &[u8]) -> Response<Body> {
     let mut r = Response::new(empty());
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    h.insert("grpc-status", HeaderValue::from(grpc_status(resp.status())));
+    h.insert("grpc-status", HeaderValue::from(grpc_status(status)));
     if let Ok(v) = HeaderValue::from_str(&percent_encode(text)) {
         h.insert("grpc-message", v);
     }
@@ -80,13 +77,14 @@ fn grpc_status(status: StatusCode) -> u16 {
 }
 
 /// `grpc-message`'s encoding: printable ASCII but `%` as it is, every other byte `%XX`.
-fn percent_encode(text: &str) -> String {
+fn percent_encode(text: &[u8]) -> String {
+    use std::fmt::Write;
     let mut out = String::with_capacity(text.len());
-    for &b in text.trim_end().as_bytes() {
+    for &b in text.trim_ascii_end() {
         if (0x20..=0x7e).contains(&b) && b != b'%' {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            let _ = write!(out, "%{b:02X}");
         }
     }
     out
@@ -153,6 +151,6 @@ mod tests {
 
     #[test]
     fn grpc_message_is_percent_encoded() {
-        assert_eq!(percent_encode("50% of é\n"), "50%25 of %C3%A9");
+        assert_eq!(percent_encode("50% of é\n".as_bytes()), "50%25 of %C3%A9");
     }
 }

@@ -97,8 +97,8 @@ impl UpstreamError {
     /// A plain-text answer saying what failed, marked as the proxy's own (see `local_reply`:
     /// a gRPC caller gets it as gRPC).
     pub fn response(&self) -> Response<Body> {
-        let text = format!("trellis: {self}");
-        let mut r = Response::new(full(format!("{text}\n")));
+        let text = Bytes::from(format!("trellis: {self}\n"));
+        let mut r = Response::new(full(text.clone()));
         *r.status_mut() = self.status();
         r.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -52,7 +52,6 @@ impl Echo {
     }
 
     /// Tells its health endpoint (`/__echo/health`, and gRPC Health) to pass or fail.
-    #[allow(dead_code)]
     pub fn set_healthy(&self, healthy: bool) {
         let body = if healthy { "healthy" } else { "unhealthy" };
         let got = curl(&[
