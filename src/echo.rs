@@ -142,8 +142,7 @@ fn full(b: impl Into<Bytes>) -> EchoBody {
 fn is_grpc<B>(req: &http::Request<B>) -> bool {
     req.headers()
         .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
+        .is_some_and(|v| crate::model::grpc::is_grpc_content_type(v.as_bytes()))
 }
 
 fn is_websocket<B>(req: &http::Request<B>) -> bool {

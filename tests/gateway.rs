@@ -377,10 +377,15 @@ fn a_grpc_gateway_route_carries_streams_and_matches_the_service() {
         &format!("{p}/virtualServices"),
         json!({"virtualServiceName": "green.demo.local", "spec": {"provider": {"virtualNode": {"virtualNodeName": "green"}}}}),
     );
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("gw.log");
     put(
         &node,
         &format!("{p}/virtualGateways"),
-        json!({"virtualGatewayName": "gw", "spec": {"listeners": [{"portMapping": {"port": gw_port, "protocol": "grpc"}}]}}),
+        json!({"virtualGatewayName": "gw", "spec": {
+            "listeners": [{"portMapping": {"port": gw_port, "protocol": "grpc"}}],
+            "logging": {"accessLog": {"file": {"path": log, "format": {"text":
+                "%REQ(:PATH)% %RESPONSE_CODE% %GRPC_STATUS% %GRPC_STATUS(SNAKE_STRING)% %GRPC_STATUS_NUMBER%\n"}}}}}}),
     );
     put(
         &node,
@@ -438,4 +443,25 @@ fn a_grpc_gateway_route_carries_streams_and_matches_the_service() {
         assert_eq!(err.message(), "trellis: no route matches");
         assert_eq!(green.served(), before, "{err}");
     });
+    // The gateway's access log names each call's gRPC status: a stream's from its trailers,
+    // the refused call's from its trailers-only answer.
+    let mut lines = String::new();
+    let logged = wait_until(Duration::from_secs(10), || {
+        lines = std::fs::read_to_string(&log).unwrap_or_default();
+        lines.contains("/grpc.health.v1.Health/Check")
+    });
+    assert!(
+        logged,
+        "the gateway's access log never got the calls:\n{lines}"
+    );
+    for want in [
+        "/trellis.echo.v1.Echo/Chat 200 OK OK 0",
+        "/trellis.echo.v1.Echo/Count 200 OK OK 0",
+        "/grpc.health.v1.Health/Check 200 Unimplemented UNIMPLEMENTED 12",
+    ] {
+        assert!(
+            lines.lines().any(|l| l == want),
+            "no line {want:?} in the gateway's access log:\n{lines}"
+        );
+    }
 }

@@ -43,6 +43,21 @@ pub enum Operator {
     DownstreamLocalAddress,
     RequestedServerName,
     Hostname,
+    /// `%GRPC_STATUS%` (or with `(CAMEL_STRING)`, `(SNAKE_STRING)`, `(NUMBER)`) and
+    /// `%GRPC_STATUS_NUMBER%`: a gRPC request's status, from the trailers, else the response
+    /// head, else inferred from the HTTP status; nothing for a request that is not gRPC.
+    GrpcStatus(GrpcStatusFormat),
+}
+
+/// How `%GRPC_STATUS%` writes a code, Envoy's three ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcStatusFormat {
+    /// `Unavailable` (Envoy's default).
+    Camel,
+    /// `UNAVAILABLE`.
+    Snake,
+    /// `14`.
+    Number,
 }
 
 impl Operator {
@@ -56,6 +71,7 @@ impl Operator {
                 | Self::Duration
                 | Self::ResponseDuration
                 | Self::UpstreamRequestAttemptCount
+                | Self::GrpcStatus(GrpcStatusFormat::Number)
         )
     }
 }
@@ -193,9 +209,20 @@ fn operator(s: &str) -> Result<(Piece, usize), String> {
         "DOWNSTREAM_LOCAL_ADDRESS" => no_arg(Operator::DownstreamLocalAddress)?,
         "REQUESTED_SERVER_NAME" => no_arg(Operator::RequestedServerName)?,
         "HOSTNAME" => no_arg(Operator::Hostname)?,
+        "GRPC_STATUS" => Operator::GrpcStatus(match arg.as_deref() {
+            None | Some("CAMEL_STRING") => GrpcStatusFormat::Camel,
+            Some("SNAKE_STRING") => GrpcStatusFormat::Snake,
+            Some("NUMBER") => GrpcStatusFormat::Number,
+            Some(a) => {
+                return Err(format!(
+                    "%GRPC_STATUS({a})%: the format must be CAMEL_STRING, SNAKE_STRING or NUMBER"
+                ));
+            }
+        }),
+        "GRPC_STATUS_NUMBER" => no_arg(Operator::GrpcStatus(GrpcStatusFormat::Number))?,
         other => {
             return Err(format!(
-                "unknown command operator %{other}% (known: START_TIME, REQ(X), RESP(X), PROTOCOL, RESPONSE_CODE, RESPONSE_FLAGS, RESPONSE_CODE_DETAILS, BYTES_RECEIVED, BYTES_SENT, DURATION, RESPONSE_DURATION, UPSTREAM_HOST, UPSTREAM_CLUSTER, UPSTREAM_REQUEST_ATTEMPT_COUNT, ROUTE_NAME, DOWNSTREAM_REMOTE_ADDRESS, DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT, DOWNSTREAM_LOCAL_ADDRESS, REQUESTED_SERVER_NAME, HOSTNAME)"
+                "unknown command operator %{other}% (known: START_TIME, REQ(X), RESP(X), PROTOCOL, RESPONSE_CODE, RESPONSE_FLAGS, RESPONSE_CODE_DETAILS, BYTES_RECEIVED, BYTES_SENT, DURATION, RESPONSE_DURATION, UPSTREAM_HOST, UPSTREAM_CLUSTER, UPSTREAM_REQUEST_ATTEMPT_COUNT, ROUTE_NAME, DOWNSTREAM_REMOTE_ADDRESS, DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT, DOWNSTREAM_LOCAL_ADDRESS, REQUESTED_SERVER_NAME, HOSTNAME, GRPC_STATUS, GRPC_STATUS_NUMBER)"
             ));
         }
     };
@@ -271,5 +298,25 @@ mod tests {
         assert!(e.message.contains("unsupported specifier %Q"), "{e}");
         let e = parse("%DURATION(x)%").unwrap_err();
         assert!(e.message.contains("takes no argument"), "{e}");
+        let e = parse("%GRPC_STATUS(LOUD)%").unwrap_err();
+        assert!(
+            e.message.contains("CAMEL_STRING, SNAKE_STRING or NUMBER"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn grpc_status_takes_envoys_three_formats() {
+        let op = |f: &str| match parse(f).unwrap().as_slice() {
+            [Piece::Op(Operator::GrpcStatus(g), None)] => *g,
+            other => panic!("{f}: {other:?}"),
+        };
+        assert_eq!(op("%GRPC_STATUS%"), GrpcStatusFormat::Camel);
+        assert_eq!(op("%GRPC_STATUS(CAMEL_STRING)%"), GrpcStatusFormat::Camel);
+        assert_eq!(op("%GRPC_STATUS(SNAKE_STRING)%"), GrpcStatusFormat::Snake);
+        assert_eq!(op("%GRPC_STATUS(NUMBER)%"), GrpcStatusFormat::Number);
+        assert_eq!(op("%GRPC_STATUS_NUMBER%"), GrpcStatusFormat::Number);
+        assert!(Operator::GrpcStatus(GrpcStatusFormat::Number).numeric());
+        assert!(!Operator::GrpcStatus(GrpcStatusFormat::Camel).numeric());
     }
 }

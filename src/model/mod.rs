@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod command;
 pub mod compile;
 pub mod error;
+pub mod grpc;
 pub mod proxy_config;
 pub mod quota;
 pub mod registry;

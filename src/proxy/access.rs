@@ -16,8 +16,9 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 
-use super::stats;
 use super::upstream::{Body, BoxError, UpstreamError};
+use super::{local_reply, stats};
+use crate::model::grpc;
 use crate::telemetry::access_log::{AccessLogFormat, AccessLogWriter, Entry, ResponseFlag};
 
 /// A config's access log: its format and the writer of its file.
@@ -138,6 +139,8 @@ impl AccessLogger {
                 downstream_remote: downstream.map(|d| d.remote),
                 downstream_local: downstream.and_then(|d| d.local),
                 server_name: downstream.and_then(|d| d.server_name.clone()),
+                grpc: local_reply::is_grpc(req.headers()),
+                grpc_status: None,
             }),
             logger: self.clone(),
             started: Instant::now(),
@@ -169,6 +172,10 @@ fn header(headers: &http::HeaderMap, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
+fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    grpc::parse_status(headers.get("grpc-status")?.as_bytes())
+}
+
 fn protocol(v: Version) -> &'static str {
     match v {
         Version::HTTP_09 => "HTTP/0.9",
@@ -194,6 +201,9 @@ impl Pending {
     pub fn finish(mut self, resp: Response<Body>, served: Served<'_>) -> Response<Body> {
         if let Some(e) = &mut self.entry {
             e.status = resp.status().as_u16();
+            if e.grpc {
+                e.grpc_status = grpc_status(resp.headers());
+            }
             e.response_headers = self
                 .logger
                 .format
@@ -260,6 +270,12 @@ impl HttpBody for LoggedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.pending.sent += d.remaining() as u64;
+                } else if let Some(t) = frame.trailers_ref()
+                    && let Some(e) = &mut this.pending.entry
+                    && e.grpc
+                {
+                    // A gRPC answer's status is in its trailers, unless it had no body.
+                    e.grpc_status = grpc_status(t).or(e.grpc_status);
                 }
                 if this.inner.is_end_stream() {
                     this.pending.write();

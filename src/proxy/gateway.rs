@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, Uri};
 
+use super::access::Served;
 use super::dataplane::RoutingError;
-use super::dataplane::Shared;
+use super::dataplane::{Routing, Shared};
 use super::gateway_tls::GatewayTls;
 use super::local_reply;
 use super::outbound;
@@ -140,12 +141,12 @@ pub(crate) fn host_of<B>(req: &Request<B>) -> String {
 pub async fn request(shared: &Arc<Shared>, port: u16, mut req: Request<Body>) -> Response<Body> {
     let routing = shared.routing.borrow().clone();
     let Some(gw) = routing.gateway.get(&port) else {
-        return local_reply::refuse(&req, &UpstreamError::NoRoute);
+        return refuse(&routing, &req, &UpstreamError::NoRoute);
     };
     let host = host_of(&req);
     let head = RequestHead::of(&req, port);
     let Some(route) = gw.select(&head, &host) else {
-        return local_reply::refuse(&req, &UpstreamError::NoRoute);
+        return refuse(&routing, &req, &UpstreamError::NoRoute);
     };
     let target = match route.port {
         Some(p) => routing.by_name.get(&route.virtual_service, p),
@@ -156,12 +157,28 @@ pub async fn request(shared: &Arc<Shared>, port: u16, mut req: Request<Body>) ->
             "gateway route {}: virtual service {} has no listener to send to",
             route.name, route.virtual_service
         ));
-        return local_reply::refuse(&req, &e);
+        return refuse(&routing, &req, &e);
     };
     if let Err(e) = rewrite(&mut req, route) {
-        return local_reply::refuse(&req, &e);
+        return refuse(&routing, &req, &e);
     }
     outbound::forward(shared, &target, req).await
+}
+
+/// A request the gateway answers itself, logged (as Envoy logs its `NR`s) where the spec
+/// asks: no target port was chosen, so the gateway's own log, not a port's.
+fn refuse<B>(routing: &Routing, req: &Request<B>, e: &UpstreamError) -> Response<Body> {
+    let resp = local_reply::refuse(req, e);
+    match &routing.access_log {
+        Some(l) => l.begin(req).finish(
+            resp,
+            Served {
+                flag: Some(e.flag()),
+                ..Served::default()
+            },
+        ),
+        None => resp,
+    }
 }
 
 /// App Mesh's rewrites: Host to the target service's name and the matched prefix to `/` unless

@@ -13,6 +13,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 
 use super::upstream::{Body, UpstreamError, empty};
+use crate::model::grpc;
 
 /// Marks an answer the proxy made itself, with the text it says (the body's bytes, shared).
 #[derive(Clone, Debug)]
@@ -21,11 +22,9 @@ pub struct LocalReply(pub Bytes);
 /// Whether a request speaks gRPC: `application/grpc`, or it with `+proto`, `+json`, `;…`.
 #[inline]
 pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        v.starts_with(b"application/grpc")
-            && matches!(v.get(b"application/grpc".len()), None | Some(b'+' | b';'))
-    })
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| grpc::is_grpc_content_type(v.as_bytes()))
 }
 
 /// `e`'s answer as the caller of `req` gets it.
@@ -51,29 +50,14 @@ fn as_grpc(status: StatusCode, text: &[u8]) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    h.insert("grpc-status", HeaderValue::from(grpc_status(status)));
+    h.insert(
+        "grpc-status",
+        HeaderValue::from(grpc::from_http_status(status.as_u16())),
+    );
     if let Ok(v) = HeaderValue::from_str(&percent_encode(text)) {
         h.insert("grpc-message", v);
     }
     r
-}
-
-/// gRPC's mapping of the HTTP statuses a proxy answers with.
-fn grpc_status(status: StatusCode) -> u16 {
-    const INTERNAL: u16 = 13;
-    const UNAUTHENTICATED: u16 = 16;
-    const PERMISSION_DENIED: u16 = 7;
-    const UNIMPLEMENTED: u16 = 12;
-    const UNAVAILABLE: u16 = 14;
-    const UNKNOWN: u16 = 2;
-    match status.as_u16() {
-        400 => INTERNAL,
-        401 => UNAUTHENTICATED,
-        403 => PERMISSION_DENIED,
-        404 => UNIMPLEMENTED,
-        429 | 502 | 503 | 504 => UNAVAILABLE,
-        _ => UNKNOWN,
-    }
 }
 
 /// `grpc-message`'s encoding: printable ASCII but `%` as it is, every other byte `%XX`.

@@ -14,7 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 
-use crate::model::access_log::{self, FormatError, Operator, Piece};
+use crate::model::access_log::{self, FormatError, GrpcStatusFormat, Operator, Piece};
+use crate::model::grpc;
 use crate::model::shapes::LoggingFormat;
 
 /// Lines waiting for the writer; beyond this they are dropped (over 800,000 lines a second
@@ -95,6 +96,10 @@ pub struct Entry {
     pub downstream_remote: Option<SocketAddr>,
     pub downstream_local: Option<SocketAddr>,
     pub server_name: Option<String>,
+    /// Whether the request was gRPC (its content-type).
+    pub grpc: bool,
+    /// The `grpc-status` of the trailers, else of the response head.
+    pub grpc_status: Option<u32>,
 }
 
 /// A compiled format: text pieces, or JSON keys with their pieces; and the headers it reads,
@@ -262,6 +267,22 @@ impl AccessLogFormat {
             Operator::DownstreamLocalAddress => e.downstream_local.map(|a| a.to_string()),
             Operator::RequestedServerName => e.server_name.clone(),
             Operator::Hostname => hostname(),
+            Operator::GrpcStatus(format) => {
+                // As Envoy's: a gRPC request's status, inferred from the HTTP status when the
+                // answer carried none (a proxy's 503, a stream cut short: UNKNOWN).
+                if !e.grpc {
+                    return None;
+                }
+                let code = e
+                    .grpc_status
+                    .or_else(|| (e.status != 0).then(|| grpc::from_http_status(e.status)))?;
+                let name = match format {
+                    GrpcStatusFormat::Camel => grpc::camel_name(code),
+                    GrpcStatusFormat::Snake => grpc::snake_name(code),
+                    GrpcStatusFormat::Number => None,
+                };
+                Some(name.map_or_else(|| code.to_string(), str::to_string))
+            }
         }
     }
 }
@@ -527,6 +548,8 @@ mod tests {
             downstream_remote: None,
             downstream_local: None,
             server_name: None,
+            grpc: false,
+            grpc_status: None,
         }
     }
 
@@ -578,6 +601,59 @@ mod tests {
             v,
             serde_json::json!({"code": 503, "flags": "URX", "missing": null, "what": "GET /color?x=1"})
         );
+    }
+
+    #[test]
+    fn grpc_status_comes_from_the_answer_else_the_http_status_and_only_for_grpc() {
+        let text = LoggingFormat {
+            json: None,
+            text: Some(
+                "%GRPC_STATUS% %GRPC_STATUS(SNAKE_STRING)% %GRPC_STATUS(NUMBER)% %GRPC_STATUS_NUMBER%"
+                    .into(),
+            ),
+        };
+        let f = AccessLogFormat::new(Some(&text)).unwrap();
+        let mut e = entry(&f);
+        assert_eq!(f.render(&e), "- - - -\n", "not a gRPC request");
+        e.grpc = true;
+        assert_eq!(
+            f.render(&e),
+            "Unavailable UNAVAILABLE 14 14\n",
+            "from the 503"
+        );
+        e.status = 200;
+        e.grpc_status = Some(1);
+        assert_eq!(f.render(&e), "Canceled CANCELLED 1 1\n");
+        e.grpc_status = Some(42);
+        assert_eq!(f.render(&e), "42 42 42 42\n", "a code gRPC does not name");
+        e.grpc_status = None;
+        assert_eq!(
+            f.render(&e),
+            "Unknown UNKNOWN 2 2\n",
+            "200 without a status"
+        );
+        e.status = 0;
+        assert_eq!(f.render(&e), "- - - -\n", "no answer at all");
+        let json = LoggingFormat {
+            text: None,
+            json: Some(vec![
+                JsonFormatRef {
+                    key: "grpc".into(),
+                    value: "%GRPC_STATUS_NUMBER%".into(),
+                },
+                JsonFormatRef {
+                    key: "name".into(),
+                    value: "%GRPC_STATUS%".into(),
+                },
+            ]),
+        };
+        let f = AccessLogFormat::new(Some(&json)).unwrap();
+        let mut e = entry(&f);
+        e.grpc = true;
+        e.status = 200;
+        e.grpc_status = Some(0);
+        let v: serde_json::Value = serde_json::from_str(&f.render(&e)).unwrap();
+        assert_eq!(v, serde_json::json!({"grpc": 0, "name": "OK"}));
     }
 
     #[test]
