@@ -211,6 +211,15 @@ fn requests_follow_routes_weights_and_timeouts_through_two_proxies() {
         got.stderr
     );
     assert_eq!(got.json()["bodyBytes"], 300_000, "{got:?}");
+    // A small POST (its body comes with its head: the proxy's own codec) crosses whole.
+    let got = curl(&[
+        "--data-binary",
+        "a small body",
+        &format!("http://{vip}/small"),
+    ]);
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(got.json()["method"], "POST", "{got:?}");
+    assert_eq!(got.json()["bodyBytes"], 12, "{got:?}");
 
     // Blue goes away: canaries get 503 (no endpoint) once the registry says so.
     blue.terminate();

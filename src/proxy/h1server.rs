@@ -1,10 +1,12 @@
-//! HTTP/1.1 from callers, on a codec of our own for the common case: a plain request without
-//! a body (HTTP/1.1; no Upgrade, CONNECT, Expect, TE or Transfer-Encoding; no Content-Length
-//! but `0`). Its head is parsed by httparse into the `http` types, header values slices of
-//! the one buffer it was read into; the response head goes out in one write with the body
-//! bytes already there. Anything else, a head that does not parse included, hands the
-//! connection to hyper for the rest of its life, with the bytes read so far ([`Handover`]),
-//! so hyper's answers (400, 431, 100-continue, upgrades, request bodies) stay as they were.
+//! HTTP/1.1 from callers, on a codec of our own for the common case: a plain request (HTTP/1.1;
+//! no Upgrade, CONNECT, Expect, TE or Transfer-Encoding) with no body, or with one
+//! Content-Length whose body came in the same read as its head (an app's small POST). Its
+//! head is parsed by httparse into the `http` types, header values and body slices of the one
+//! buffer it was read into; the response head goes out in one write with the body bytes
+//! already there. Anything else, a head that does not parse and a body still on its way
+//! included, hands the connection to hyper for the rest of its life, with the bytes read so
+//! far ([`Handover`]), so hyper's answers (400, 431, 100-continue, upgrades, streamed request
+//! bodies) stay as they were.
 //!
 //! What hyper's server did and this keeps: a header-read deadline before every head (an idle
 //! connection past it is closed; a partial head gets 408, as `guard` answers on the first),
@@ -231,6 +233,14 @@ fn handover<S>(read: BytesMut, io: S) -> Handover<S> {
     }
 }
 
+/// A Content-Length value: digits only (no sign, list or space), as RFC 9110 §8.6 has it.
+fn content_length(v: &[u8]) -> Option<usize> {
+    if v.is_empty() || v.len() > 15 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 /// Whether `read`, of which the first `scanned` bytes hold no end of a head, now holds one
 /// (a blank line; httparse takes a bare LF too).
 pub(super) fn ends_head(read: &[u8], scanned: usize) -> bool {
@@ -288,6 +298,7 @@ pub(super) fn parse_head(read: &mut BytesMut) -> Parsed {
     // Header values are slices of the head, so the offsets are noted while the parser still
     // borrows it.
     let mut keep_alive = true;
+    let mut body_len = None;
     let mut fields_at = Vec::with_capacity(parsed.headers.len());
     for field in parsed.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
@@ -297,7 +308,11 @@ pub(super) fn parse_head(read: &mut BytesMut) -> Parsed {
             header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE | header::TE => {
                 return Parsed::Other;
             }
-            header::CONTENT_LENGTH if field.value != b"0" => return Parsed::Other,
+            // One valid length, or hyper (after `guard`'s length rules) judges the head.
+            header::CONTENT_LENGTH => match (body_len, content_length(field.value)) {
+                (None, Some(n)) => body_len = Some(n),
+                _ => return Parsed::Other,
+            },
             header::CONNECTION => {
                 for token in field.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                     if token.eq_ignore_ascii_case(b"close") {
@@ -310,6 +325,11 @@ pub(super) fn parse_head(read: &mut BytesMut) -> Parsed {
             _ => {}
         }
         fields_at.push((name, at(field.value)));
+    }
+    let body_len = body_len.unwrap_or(0);
+    // A body not all here yet streams, which is hyper's to do.
+    if buf.len() - len < body_len {
+        return Parsed::Other;
     }
     let head = read.split_to(len).freeze();
     // What does not convert is hyper's to answer, from the bytes as they came.
@@ -331,7 +351,12 @@ pub(super) fn parse_head(read: &mut BytesMut) -> Parsed {
         };
         headers.append(name, value);
     }
-    let mut req = Request::new(super::upstream::empty());
+    let body = if body_len == 0 {
+        super::upstream::empty()
+    } else {
+        super::upstream::full(read.split_to(body_len).freeze())
+    };
+    let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
@@ -366,6 +391,10 @@ mod tests {
                 http_body_util::StreamBody::new(tokio_stream::iter(frames)).boxed()
             }
             "/empty" => full(""),
+            "/body" => {
+                let got = req.into_body().collect().await.unwrap().to_bytes();
+                full(got)
+            }
             "/101" => {
                 let mut r = Response::new(full(""));
                 *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -460,10 +489,11 @@ mod tests {
     #[tokio::test]
     async fn the_first_request_that_is_not_plain_hands_the_connection_over_intact() {
         let drain = Drain::default();
-        let rest =
-            b"POST /len HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n";
         for other in [
-            &rest[..],
+            // A body still on its way, and lengths that are not one plain number.
+            &b"POST /len HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"[..],
+            b"POST /len HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+            b"POST /len HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\nabc",
             b"GET / HTTP/1.0\r\n\r\n",
             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
@@ -481,6 +511,50 @@ mod tests {
             let mut answer = [0u8; 17];
             client.read_exact(&mut answer).await.unwrap();
             assert_eq!(&answer, b"HTTP/1.1 200 OK\r\n");
+        }
+    }
+
+    /// A body that came with its head is served here, and the connection stays: later heads
+    /// keep their deadline (408), which hyper's would not answer.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_came_with_its_head_is_served_here() {
+        let drain = Drain::default();
+        let (mut client, served, _) = start(&drain).await;
+        client
+            .write_all(
+                b"POST /body HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+                  PUT /body HTTP/1.1\r\nHost: a\r\ncontent-length: 0\r\n\r\n\
+                  POST /body HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc\
+                  GET / HTTP/1.1\r\n",
+            )
+            .await
+            .unwrap();
+        let got = read_all(&mut client).await;
+        assert_eq!(
+            got,
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ndate: -\r\n\r\nhello\
+             HTTP/1.1 200 OK\r\ncontent-length: 0\r\ndate: -\r\n\r\n\
+             HTTP/1.1 200 OK\r\ncontent-length: 3\r\ndate: -\r\n\r\nabc\
+             HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\nconnection: close\r\n\
+             content-length: 49\r\n\r\ntrellis: the request head did not arrive in time\n"
+        );
+        assert!(served.await.unwrap().is_none(), "never handed over");
+    }
+
+    #[test]
+    fn content_length_is_digits_only() {
+        assert_eq!(content_length(b"0"), Some(0));
+        assert_eq!(content_length(b"1234"), Some(1234));
+        for bad in [
+            &b""[..],
+            b"+1",
+            b"-1",
+            b" 1",
+            b"1,1",
+            b"0x10",
+            b"1234567890123456",
+        ] {
+            assert_eq!(content_length(bad), None, "{bad:?}");
         }
     }
 
