@@ -21,7 +21,8 @@ use crate::model::proxy_config::{
     CompiledGatewayRoute, CompiledRoute, GatewayListener, GatewayRouteMatch, RouteMatch, Timeouts,
 };
 use crate::model::shapes::{
-    DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch, HttpGatewayRouteRewrite,
+    DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch, HttpGatewayRouteMatch,
+    HttpGatewayRouteRewrite,
 };
 
 /// One gateway listener's routes, ready to match.
@@ -192,19 +193,35 @@ fn rewrite<B>(req: &mut Request<B>, route: &CompiledGatewayRoute) -> Result<(), 
     let rw = route.rewrite.as_ref().unwrap_or(&none);
     let host_on = rw.hostname.as_ref().and_then(|h| h.default_target_hostname)
         != Some(DefaultGatewayRouteRewrite::Disabled);
-    if host_on {
-        let v = HeaderValue::from_str(&route.virtual_service)
-            .map_err(|_| UpstreamError::BadRequest("target service name".into()))?;
+    // Both are worked out before either is applied: a refused request is logged as it came.
+    let host = host_on
+        .then(|| HeaderValue::from_str(&route.virtual_service))
+        .transpose()
+        .map_err(|_| UpstreamError::BadRequest("target service name".into()))?;
+    let uri = match &route.matcher {
+        GatewayRouteMatch::Http(m) => rewritten_uri(req.uri(), m, rw)?,
+        _ => None,
+    };
+    if let Some(v) = host {
         req.headers_mut().insert(http::header::HOST, v);
     }
-    let GatewayRouteMatch::Http(m) = &route.matcher else {
-        return Ok(());
-    };
-    let path = req.uri().path().to_string();
+    if let Some(uri) = uri {
+        *req.uri_mut() = uri;
+    }
+    Ok(())
+}
+
+/// The path (query kept) an HTTP gateway route's rewrite makes of `uri`, if it changes it.
+fn rewritten_uri(
+    uri: &Uri,
+    m: &HttpGatewayRouteMatch,
+    rw: &HttpGatewayRouteRewrite,
+) -> Result<Option<Uri>, UpstreamError> {
+    let path = uri.path();
     let new_path = if let Some(exact) = rw.path.as_ref().and_then(|p| p.exact.as_ref()) {
         Some(exact.clone())
     } else if let Some(prefix) = &m.prefix {
-        let rest = path.strip_prefix(prefix.as_str()).unwrap_or(&path);
+        let rest = path.strip_prefix(prefix.as_str()).unwrap_or(path);
         match rw.prefix.as_ref() {
             Some(p) if p.value.is_some() => {
                 let value = p.value.as_deref().unwrap_or("/");
@@ -216,17 +233,16 @@ fn rewrite<B>(req: &mut Request<B>, route: &CompiledGatewayRoute) -> Result<(), 
     } else {
         None
     };
-    if let Some(p) = new_path {
-        let pq = match req.uri().query() {
-            Some(q) => format!("{p}?{q}"),
-            None => p,
-        };
-        let uri: Uri = pq
-            .parse()
-            .map_err(|_| UpstreamError::BadRequest(format!("rewritten path {pq:?}")))?;
-        *req.uri_mut() = uri;
-    }
-    Ok(())
+    let Some(p) = new_path else {
+        return Ok(None);
+    };
+    let pq = match uri.query() {
+        Some(q) => format!("{p}?{q}"),
+        None => p,
+    };
+    pq.parse()
+        .map(Some)
+        .map_err(|_| UpstreamError::BadRequest(format!("rewritten path {pq:?}")))
 }
 
 /// `value` then `rest`, with one slash between them where both have one.

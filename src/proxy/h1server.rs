@@ -529,7 +529,10 @@ mod tests {
             )
             .await
             .unwrap();
-        let got = read_all(&mut client).await;
+        // Handed over, the connection would stay open with no one serving it.
+        let got = tokio::time::timeout(Duration::from_secs(60), read_all(&mut client))
+            .await
+            .expect("the connection was neither answered whole nor closed");
         assert_eq!(
             got,
             "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ndate: -\r\n\r\nhello\
