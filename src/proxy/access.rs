@@ -82,6 +82,27 @@ impl UpstreamError {
     }
 }
 
+/// `resp`, an answer the proxy made before any port's log applied (no gateway route, a
+/// destination the egress filter refuses), with its line in the spec's own log when it has
+/// one: the request as it came, and `flag` for why.
+pub fn answered_here<B>(
+    log: Option<&Arc<AccessLogger>>,
+    req: &Request<B>,
+    resp: Response<Body>,
+    flag: ResponseFlag,
+) -> Response<Body> {
+    match log {
+        Some(l) => l.begin(req).finish(
+            resp,
+            Served {
+                flag: Some(flag),
+                ..Served::default()
+            },
+        ),
+        None => resp,
+    }
+}
+
 /// A request being served, with its line half written. The line is written once: when the
 /// response body ends, or when this is dropped (a caller that went away: `DC`).
 pub struct Pending {

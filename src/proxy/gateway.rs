@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, Uri};
 
-use super::access::Served;
+use super::access;
 use super::dataplane::RoutingError;
 use super::dataplane::{Routing, Shared};
 use super::gateway_tls::GatewayTls;
@@ -170,16 +170,7 @@ pub async fn request(shared: &Arc<Shared>, port: u16, mut req: Request<Body>) ->
 /// asks: no target port was chosen, so the gateway's own log, not a port's.
 fn refuse<B>(routing: &Routing, req: &Request<B>, e: &UpstreamError) -> Response<Body> {
     let resp = local_reply::refuse(req, e);
-    match &routing.access_log {
-        Some(l) => l.begin(req).finish(
-            resp,
-            Served {
-                flag: Some(e.flag()),
-                ..Served::default()
-            },
-        ),
-        None => resp,
-    }
+    access::answered_here(routing.access_log.as_ref(), req, resp, e.flag())
 }
 
 /// App Mesh's rewrites: Host to the target service's name and the matched prefix to `/` unless

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 
 use std::borrow::Cow;
 
-use super::access::{Pending, Served};
+use super::access::{self, Pending, Served};
 use super::dataplane::{Cluster, OutboundPort, PeerTlsChoice, RouteTargets, Shared};
 use super::idle;
 use super::local_reply;
@@ -95,18 +95,13 @@ pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<
                 .unwrap_or_else(|e| local_reply::for_caller(grpc, e.response()))
         }
         _ => {
-            let log = routing.access_log.as_ref().map(|l| l.begin(&req));
             let resp = local_reply::for_caller(grpc, egress_denied(&routing, &host, port));
-            match log {
-                Some(pending) => {
-                    let served = Served {
-                        flag: Some(ResponseFlag::Denied),
-                        ..Served::default()
-                    };
-                    pending.finish(resp, served)
-                }
-                None => resp,
-            }
+            access::answered_here(
+                routing.access_log.as_ref(),
+                &req,
+                resp,
+                ResponseFlag::Denied,
+            )
         }
     }
 }
