@@ -464,4 +464,32 @@ fn a_grpc_gateway_route_carries_streams_and_matches_the_service() {
             "no line {want:?} in the gateway's access log:\n{lines}"
         );
     }
+    // Its metrics count the calls by gRPC status too (a gRPC failure is an HTTP 200): the
+    // streams on the route's edge, the refused call on the listener's unrouted edge.
+    let metrics = curl(&[&format!("http://{}/metrics", gw.admin())]).body;
+    let calls = |status: &str, service: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("trellis_proxy_grpc_responses_total{")
+                    && l.contains("direction=\"gateway\"")
+                    && l.contains(&format!("grpc_status=\"{status}\""))
+                    && l.contains(&format!("virtual_service=\"{service}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(calls("OK", "green.demo.local"), 2, "{metrics}");
+    assert_eq!(calls("Unimplemented", ""), 1, "{metrics}");
+    assert_eq!(calls("Unimplemented", "green.demo.local"), 0, "{metrics}");
+    let refused = format!("port=\"{gw_port}\",virtual_service=\"\"");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("trellis_proxy_requests_total{")
+                && l.contains(&refused)
+                && l.contains("status_class=\"2xx\"")
+                && l.ends_with(" 1")),
+        "the refused call is not counted on the listener's edge:\n{metrics}"
+    );
 }

@@ -639,6 +639,17 @@ fn access_log_lines_follow_their_formats_for_success_retry_timeout_and_refusal()
         lines_with(&client_log, "egress", 1),
         ["GET /x 403 RBAC 0 - - egress 127.0.0.1"]
     );
+    // And counted, on the destination port's edge with no service: a refusal is traffic too.
+    let metrics = curl(&[&format!("http://{}/metrics", client.admin())]).body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("trellis_proxy_requests_total{")
+                && l.contains("direction=\"outbound\",port=\"80\",virtual_service=\"\"")
+                && l.contains("status_class=\"4xx\"")
+                && l.ends_with(" 1")),
+        "the egress refusal is not counted:\n{metrics}"
+    );
 
     // The target's JSON lines, key for key: numbers stay numbers, missing values are null.
     let json_lines = |case: &str, n: usize| -> Vec<serde_json::Value> {

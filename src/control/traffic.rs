@@ -182,7 +182,8 @@ pub fn summary(table: &TrafficTable) -> Traffic {
                     .map(|x| (now.duration_since(*then).as_secs_f64(), x))
             });
             let window = window(e, before);
-            if e.direction != "inbound" {
+            // Answers that took no route (a gateway's refusals, egress) name no service.
+            if e.direction != "inbound" && !e.virtual_service.is_empty() {
                 services
                     .entry((p.mesh.clone(), e.virtual_service.clone()))
                     .or_default()
@@ -351,6 +352,16 @@ mod tests {
         record(&table, "p2", "demo", "virtualNode/other", vec![wild]);
         assert_eq!(summary(&table).services[0].signals.requests, u64::MAX);
         table.lock().unwrap().remove("p2");
+        // Answers that took no route are edges, not a service.
+        let mut refused = edge(0, 0, 0);
+        refused.virtual_service = String::new();
+        refused.by_class = vec![0, 0, 0, 3, 0];
+        refused.latency_buckets[1] = 3;
+        record(&table, "p3", "demo", "virtualNode/other", vec![refused]);
+        let s = summary(&table);
+        assert_eq!(s.edges.len(), 2);
+        assert_eq!(s.services.len(), 1, "{:?}", s.services);
+        table.lock().unwrap().remove("p3");
         // A proxy that leaves takes its edges along.
         table.lock().unwrap().remove("p1");
         assert!(summary(&table).edges.is_empty());

@@ -4,6 +4,7 @@
 //! gRPC. Shared by the proxy's answers to gRPC callers and its access logs.
 
 /// The codes this crate names in its own decisions.
+pub const CANCELLED: u32 = 1;
 pub const UNKNOWN: u32 = 2;
 pub const PERMISSION_DENIED: u32 = 7;
 pub const UNIMPLEMENTED: u32 = 12;

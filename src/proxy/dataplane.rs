@@ -511,14 +511,7 @@ pub async fn run(
         routing: routing_tx,
         tracer,
     } = reporting;
-    let unrouted_inbound = metrics.edge(Edge {
-        direction: Direction::Inbound,
-        port: 0,
-        virtual_service: String::new(),
-        route: String::new(),
-        target_virtual_node: String::new(),
-        caller: String::new(),
-    });
+    let unrouted_inbound = metrics.edge(Edge::unrouted(Direction::Inbound, 0));
     let drain = Drain::default();
     let shards = Shards::new(&workers, || Shared {
         tracer: tracer.clone(),

@@ -5,16 +5,18 @@
 //! the request then follows that service's own routes like any outbound request.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, Uri};
 
 use super::access;
 use super::dataplane::RoutingError;
-use super::dataplane::{Routing, Shared};
+use super::dataplane::Shared;
 use super::gateway_tls::GatewayTls;
 use super::local_reply;
 use super::outbound;
 use super::route::{RequestHead, RouteTable};
+use super::stats;
 use super::upstream::{Body, UpstreamError};
 use crate::model::compile::default_retry;
 use crate::model::proxy_config::{
@@ -24,6 +26,7 @@ use crate::model::shapes::{
     DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch, HttpGatewayRouteMatch,
     HttpGatewayRouteRewrite,
 };
+use crate::telemetry::proxy::Direction;
 
 /// One gateway listener's routes, ready to match.
 pub struct GatewayPort {
@@ -140,14 +143,24 @@ pub(crate) fn host_of<B>(req: &Request<B>) -> String {
 
 /// A request on gateway listener `port`.
 pub async fn request(shared: &Arc<Shared>, port: u16, mut req: Request<Body>) -> Response<Body> {
+    let started = Instant::now();
     let routing = shared.routing.borrow().clone();
+    let refuse = |req: &Request<Body>, e: &UpstreamError| {
+        let resp = local_reply::refuse(req, e);
+        let grpc = local_reply::is_grpc(req.headers());
+        let on = (Direction::Gateway, port);
+        let resp = stats::count_unrouted(&shared.metrics, on, started, grpc, resp);
+        // Logged (as Envoy logs its `NR`s) where the spec asks: no target port was chosen, so
+        // in the gateway's own log, not a port's.
+        access::answered_here(routing.access_log.as_ref(), req, resp, e.flag())
+    };
     let Some(gw) = routing.gateway.get(&port) else {
-        return refuse(&routing, &req, &UpstreamError::NoRoute);
+        return refuse(&req, &UpstreamError::NoRoute);
     };
     let host = host_of(&req);
     let head = RequestHead::of(&req, port);
     let Some(route) = gw.select(&head, &host) else {
-        return refuse(&routing, &req, &UpstreamError::NoRoute);
+        return refuse(&req, &UpstreamError::NoRoute);
     };
     let target = match route.port {
         Some(p) => routing.by_name.get(&route.virtual_service, p),
@@ -158,19 +171,12 @@ pub async fn request(shared: &Arc<Shared>, port: u16, mut req: Request<Body>) ->
             "gateway route {}: virtual service {} has no listener to send to",
             route.name, route.virtual_service
         ));
-        return refuse(&routing, &req, &e);
+        return refuse(&req, &e);
     };
     if let Err(e) = rewrite(&mut req, route) {
-        return refuse(&routing, &req, &e);
+        return refuse(&req, &e);
     }
     outbound::forward(shared, &target, req).await
-}
-
-/// A request the gateway answers itself, logged (as Envoy logs its `NR`s) where the spec
-/// asks: no target port was chosen, so the gateway's own log, not a port's.
-fn refuse<B>(routing: &Routing, req: &Request<B>, e: &UpstreamError) -> Response<Body> {
-    let resp = local_reply::refuse(req, e);
-    access::answered_here(routing.access_log.as_ref(), req, resp, e.flag())
 }
 
 /// App Mesh's rewrites: Host to the target service's name and the matched prefix to `/` unless

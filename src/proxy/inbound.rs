@@ -328,6 +328,11 @@ async fn request(shared: &Shared, caller: &Caller, mut req: Request<Body>) -> ht
         tracer.record(span.end(name, true, resp.status().as_u16(), attributes));
     }
     let resp = resp.map(|body| stats::count_body(body, stats.response_bytes()));
+    let resp = if grpc {
+        stats::count_grpc(resp, &stats)
+    } else {
+        resp
+    };
     match log {
         Some((pending, served)) => pending.finish(resp, served),
         None => resp,

@@ -34,7 +34,7 @@ use super::upstream::{Body, Hop, PeerStream, TARGET_PORT, UpstreamError, full, i
 use crate::model::proxy_config::{CompiledRoute, RetryPolicy, Target};
 use crate::model::shapes::{EgressFilterType, PortProtocol};
 use crate::telemetry::access_log::ResponseFlag;
-use crate::telemetry::proxy::EdgeStats;
+use crate::telemetry::proxy::{Direction, EdgeStats};
 use crate::telemetry::trace::ActiveSpan;
 
 /// A request to a backend's VIP:port.
@@ -49,6 +49,7 @@ pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Body>) -> Resp
 /// A request on the explicit listener: absolute-form (`HTTP_PROXY`) or with a Host naming a
 /// backend virtual service.
 pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<Body> {
+    let started = std::time::Instant::now();
     if req.method() == Method::CONNECT {
         return Box::pin(connect(shared, req)).await;
     }
@@ -76,8 +77,12 @@ pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<
     if let Some(p) = routing.by_authority(&host, port) {
         return forward(shared, p, req).await;
     }
-    // Not a backend: answered here or sent as it is; gRPC-ness matters only for our answers.
+    // Not a backend: answered here or sent as it is, and counted on the port's unrouted edge.
     let grpc = local_reply::is_grpc(req.headers());
+    let count = |resp| {
+        let on = (Direction::Outbound, port);
+        stats::count_unrouted(&shared.metrics, on, started, grpc, resp)
+    };
     match routing.egress {
         Some(EgressFilterType::AllowAll) => {
             let addr = match tokio::net::lookup_host((host.as_str(), port)).await {
@@ -86,16 +91,18 @@ pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<
             };
             let Some(addr) = addr else {
                 let e = UpstreamError::NoEndpoint(format!("{host}:{port} (no address)"));
-                return local_reply::for_caller(grpc, e.response());
+                return count(local_reply::for_caller(grpc, e.response()));
             };
-            shared
+            let resp = shared
                 .upstreams
                 .send(Hop::App { addr, h2: false }, req)
                 .await
-                .unwrap_or_else(|e| local_reply::for_caller(grpc, e.response()))
+                .unwrap_or_else(|e| local_reply::for_caller(grpc, e.response()));
+            count(resp)
         }
         _ => {
             let resp = local_reply::for_caller(grpc, egress_denied(&routing, &host, port));
+            let resp = count(resp);
             access::answered_here(
                 routing.access_log.as_ref(),
                 &req,
@@ -175,6 +182,11 @@ pub async fn forward(shared: &Shared, port: &OutboundPort, req: Request<Body>) -
         tracer.record(span.end(name, false, resp.status().as_u16(), attributes));
     }
     let resp = resp.map(|body| stats::count_body(body, stats.response_bytes()));
+    let resp = if grpc {
+        stats::count_grpc(resp, &stats)
+    } else {
+        resp
+    };
     match log {
         Some(pending) => pending.finish(resp, served),
         None => resp,

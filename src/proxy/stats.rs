@@ -1,7 +1,8 @@
-//! The request path's side of `telemetry::proxy`: body byte counts and why a TLS handshake
-//! failed, in a few words that make a bounded label.
+//! The request path's side of `telemetry::proxy`: body byte counts, the `grpc-status` a gRPC
+//! call ended with, and why a TLS handshake failed, in a few words that make a bounded label.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -10,6 +11,8 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 
 use super::upstream::{Body, BoxError};
+use crate::model::grpc;
+use crate::telemetry::proxy::{Direction, Edge, EdgeStats, ProxyMetrics};
 
 /// `body`, its bytes added to `counter`: at once when its length is known (most bodies), else
 /// frame by frame as they pass; as it is when `counter` is `None` (requests not counted).
@@ -60,6 +63,106 @@ impl HttpBody for Counted {
     }
 }
 
+/// `resp`, an answer given outside any route (a gateway's refusal, the egress filter's, a
+/// destination outside the mesh), counted on the unrouted edge of its way and port as a
+/// routed one is on its edge.
+pub fn count_unrouted(
+    metrics: &ProxyMetrics,
+    (direction, port): (Direction, u16),
+    started: std::time::Instant,
+    grpc: bool,
+    resp: http::Response<Body>,
+) -> http::Response<Body> {
+    let stats = metrics.edge(Edge::unrouted(direction, port));
+    stats.answered(resp.status().as_u16(), started.elapsed());
+    let resp = resp.map(|body| count_body(body, stats.response_bytes()));
+    if grpc { count_grpc(resp, &stats) } else { resp }
+}
+
+/// `resp`, the answer to a gRPC call, with its `grpc-status` counted on `stats` when known: at
+/// once when the head has it (a trailers-only answer, the proxy's own) or cannot get it (an
+/// HTTP failure, an empty body: the code gRPC maps it to), else from the trailers as they pass.
+/// A body that ends without a status counts as Unknown, as gRPC clients see it; one dropped
+/// before its end as Canceled: the caller went away.
+pub fn count_grpc(resp: http::Response<Body>, stats: &Arc<EdgeStats>) -> http::Response<Body> {
+    if !stats.counts_grpc() {
+        return resp;
+    }
+    if let Some(code) = status_in(resp.headers()) {
+        stats.grpc_answered(code);
+        return resp;
+    }
+    if resp.status() != http::StatusCode::OK || resp.body().is_end_stream() {
+        stats.grpc_answered(grpc::from_http_status(resp.status().as_u16()));
+        return resp;
+    }
+    let stats = stats.clone();
+    resp.map(|inner| {
+        GrpcCounted {
+            inner,
+            stats: Some(stats),
+        }
+        .boxed()
+    })
+}
+
+fn status_in(headers: &http::HeaderMap) -> Option<u32> {
+    grpc::parse_status(headers.get("grpc-status")?.as_bytes())
+}
+
+struct GrpcCounted {
+    inner: Body,
+    /// Taken when the call is counted, so it is counted once.
+    stats: Option<Arc<EdgeStats>>,
+}
+
+impl GrpcCounted {
+    fn count(&mut self, code: u32) {
+        if let Some(stats) = self.stats.take() {
+            stats.grpc_answered(code);
+        }
+    }
+}
+
+impl HttpBody for GrpcCounted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = frame.trailers_ref() {
+                    this.count(status_in(t).unwrap_or(grpc::UNKNOWN));
+                } else if this.inner.is_end_stream() {
+                    this.count(grpc::UNKNOWN);
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.count(grpc::UNKNOWN),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for GrpcCounted {
+    fn drop(&mut self) {
+        self.count(grpc::CANCELLED);
+    }
+}
+
 /// A handshake error as a label: what a peer got wrong, in rustls's terms.
 pub fn tls_failure_reason(e: &std::io::Error) -> &'static str {
     if e.kind() == std::io::ErrorKind::TimedOut {
@@ -89,7 +192,7 @@ pub fn tls_failure_reason(e: &std::io::Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::upstream::full;
+    use crate::proxy::upstream::{empty, full};
 
     #[tokio::test]
     async fn bodies_count_their_bytes_known_length_or_streamed() {
@@ -103,6 +206,121 @@ mod tests {
         let b = count_body(stream.boxed(), Some(&c));
         assert_eq!(b.collect().await.unwrap().to_bytes(), "abcde");
         assert_eq!(c.get(), 10);
+    }
+
+    /// The gRPC series of `m`, as `grpc_status count` pairs.
+    fn grpc_counts(m: &crate::telemetry::proxy::ProxyMetrics) -> Vec<String> {
+        let text = crate::telemetry::encode(m.registry());
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("trellis_proxy_grpc_responses_total{"))
+            .map(|l| {
+                let status = l.split("grpc_status=\"").nth(1).unwrap_or_default();
+                let status = status.split('"').next().unwrap_or_default();
+                format!("{status} {}", l.rsplit(' ').next().unwrap_or_default())
+            })
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    fn edge(m: &crate::telemetry::proxy::ProxyMetrics) -> Arc<EdgeStats> {
+        m.edge(crate::telemetry::proxy::Edge {
+            direction: crate::telemetry::proxy::Direction::Inbound,
+            port: 50051,
+            virtual_service: String::new(),
+            route: String::new(),
+            target_virtual_node: String::new(),
+            caller: "front".into(),
+        })
+    }
+
+    fn streamed(frames: Vec<Frame<Bytes>>) -> Body {
+        http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames.into_iter().map(Ok::<_, BoxError>),
+        ))
+        .boxed()
+    }
+
+    fn trailers(status: &str) -> Frame<Bytes> {
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", status.parse().unwrap());
+        Frame::trailers(t)
+    }
+
+    /// A gRPC call is counted once, by the status its caller got: from the trailers, from a
+    /// trailers-only head, mapped from an HTTP failure, Unknown without one, Canceled when the
+    /// caller left first. Nothing is counted before the trailers pass.
+    #[tokio::test]
+    async fn grpc_calls_are_counted_by_the_status_the_caller_got() {
+        let m = crate::telemetry::proxy::ProxyMetrics::new("demo", ("virtual_node", "back"));
+        let stats = edge(&m);
+        let answer =
+            |status: u16, body: Body| http::Response::builder().status(status).body(body).unwrap();
+
+        let resp = count_grpc(
+            answer(
+                200,
+                streamed(vec![Frame::data(Bytes::from("x")), trailers("0")]),
+            ),
+            &stats,
+        );
+        assert!(grpc_counts(&m).is_empty(), "counted before the trailers");
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(grpc_counts(&m), ["OK 1"]);
+
+        let mut head = answer(200, empty());
+        head.headers_mut()
+            .insert("grpc-status", "12".parse().unwrap());
+        drop(count_grpc(head, &stats));
+        count_grpc(answer(503, full("no healthy upstream")), &stats)
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        count_grpc(answer(200, streamed(vec![trailers("5")])), &stats)
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        count_grpc(
+            answer(200, streamed(vec![Frame::data(Bytes::from("x"))])),
+            &stats,
+        )
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+        drop(count_grpc(
+            answer(
+                200,
+                streamed(vec![Frame::data(Bytes::from("x")), trailers("0")]),
+            ),
+            &stats,
+        ));
+        assert_eq!(
+            grpc_counts(&m),
+            [
+                "Canceled 1",
+                "NotFound 1",
+                "OK 1",
+                "Unavailable 1",
+                "Unimplemented 1",
+                "Unknown 1"
+            ]
+        );
+
+        // Not counted where requests are not counted.
+        let off = crate::telemetry::proxy::ProxyMetrics::with_requests_counted(
+            "demo",
+            ("virtual_node", "back"),
+            false,
+        );
+        let mut head = answer(200, empty());
+        head.headers_mut()
+            .insert("grpc-status", "0".parse().unwrap());
+        drop(count_grpc(head, &edge(&off)));
+        assert!(grpc_counts(&off).is_empty());
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! The data plane's metrics: requests by direction, port, virtual service, route, target
-//! virtual node, caller and status class, with latency; retries and budget exhaustion;
+//! virtual node, caller and status class, with latency; gRPC calls by `grpc-status` (a gRPC
+//! failure is an HTTP 200, so the status class cannot show it); retries and budget exhaustion;
 //! timeouts; ejections; connection-pool overflows; TLS handshake failures; open connections;
 //! bytes. Every series carries the proxy's mesh and virtual node (or gateway), as App Mesh's
 //! Envoy stats tags did. The request path holds [`EdgeStats`] resolved when a config is
 //! compiled, so counting a request is a few atomic adds.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -52,11 +53,51 @@ pub struct Edge {
     pub caller: String,
 }
 
+impl Edge {
+    /// Where requests go that took no route: only the way and the port are known.
+    pub fn unrouted(direction: Direction, port: u16) -> Self {
+        Self {
+            direction,
+            port,
+            virtual_service: String::new(),
+            route: String::new(),
+            target_virtual_node: String::new(),
+            caller: String::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct EdgeStatus {
     #[prometheus(flatten)]
     edge: Edge,
     status_class: StatusClass,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EdgeGrpc {
+    #[prometheus(flatten)]
+    edge: Edge,
+    grpc_status: GrpcStatus,
+}
+
+/// A gRPC status code as a label: its name as Envoy's `%GRPC_STATUS%` and gRPC's own
+/// Prometheus middleware write it (`OK`, `Unavailable`), the number for a code gRPC does not
+/// define.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct GrpcStatus(u32);
+
+impl prometheus_client::encoding::EncodeLabelValue for GrpcStatus {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        match crate::model::grpc::camel_name(self.0) {
+            Some(name) => encoder.write_str(name),
+            None => write!(encoder, "{}", self.0),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -146,6 +187,7 @@ struct BytesLabels {
 pub struct ProxyMetrics {
     registry: Registry,
     requests: Family<EdgeStatus, Counter>,
+    grpc: Family<EdgeGrpc, Counter>,
     latency: Family<Edge, LatencyHistogram>,
     retries: Family<Edge, Counter>,
     budget_exhausted: Family<Edge, Counter>,
@@ -202,6 +244,7 @@ impl ProxyMetrics {
         let mut registry = Registry::with_prefix_and_labels("trellis_proxy", labels.into_iter());
         let m = Self {
             requests: Family::default(),
+            grpc: Family::default(),
             latency: Family::default(),
             retries: Family::default(),
             budget_exhausted: Family::default(),
@@ -226,6 +269,11 @@ impl ProxyMetrics {
             "requests",
             "Requests answered, by edge and status class (answers the proxy made itself included)",
             m.requests.clone(),
+        );
+        registry.register(
+            "grpc_responses",
+            "gRPC calls answered, by edge and grpc-status (from the trailers, else the response head, else the HTTP status; Canceled when the caller left before the end)",
+            m.grpc.clone(),
         );
         registry.register(
             "request_duration_seconds",
@@ -348,6 +396,11 @@ impl ProxyMetrics {
             idle_timeouts: timeout(TimeoutKind::Idle),
             request_bytes: self.bytes_counter(edge.direction, "request"),
             response_bytes: self.bytes_counter(edge.direction, "response"),
+            grpc: Some(GrpcCounters {
+                family: self.grpc.clone(),
+                edge,
+                by_code: Default::default(),
+            }),
             on: true,
         })
     }
@@ -411,8 +464,32 @@ pub struct EdgeStats {
     pub idle_timeouts: Counter,
     pub request_bytes: Counter,
     pub response_bytes: Counter,
+    grpc: Option<GrpcCounters>,
     /// False when requests are not counted.
     pub on: bool,
+}
+
+/// An edge's gRPC series, each made on its first call: an edge that carries no gRPC shows none.
+#[derive(Debug)]
+struct GrpcCounters {
+    family: Family<EdgeGrpc, Counter>,
+    edge: Edge,
+    by_code: [OnceLock<Counter>; 17],
+}
+
+impl GrpcCounters {
+    fn inc(&self, code: u32) {
+        let make = || {
+            self.family.get_or_create_owned(&EdgeGrpc {
+                edge: self.edge.clone(),
+                grpc_status: GrpcStatus(code),
+            })
+        };
+        match self.by_code.get(code as usize) {
+            Some(slot) => slot.get_or_init(make).inc(),
+            None => make().inc(),
+        };
+    }
 }
 
 impl EdgeStats {
@@ -428,6 +505,7 @@ impl EdgeStats {
             idle_timeouts: Counter::default(),
             request_bytes: Counter::default(),
             response_bytes: Counter::default(),
+            grpc: None,
             on: true,
         }
     }
@@ -439,6 +517,18 @@ impl EdgeStats {
         }
         self.by_class[StatusClass::of(status).index()].inc();
         self.latency.observe(took);
+    }
+
+    /// One gRPC call's end: the `grpc-status` its caller got.
+    pub fn grpc_answered(&self, code: u32) {
+        if let (true, Some(g)) = (self.on, &self.grpc) {
+            g.inc(code);
+        }
+    }
+
+    /// Whether gRPC calls are counted here (not when requests are not counted).
+    pub fn counts_grpc(&self) -> bool {
+        self.on && self.grpc.is_some()
     }
 
     /// The counter of request body bytes (`None` when requests are not counted).
