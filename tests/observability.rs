@@ -639,16 +639,18 @@ fn access_log_lines_follow_their_formats_for_success_retry_timeout_and_refusal()
         lines_with(&client_log, "egress", 1),
         ["GET /x 403 RBAC 0 - - egress 127.0.0.1"]
     );
-    // And counted, on the destination port's edge with no service: a refusal is traffic too.
+    // So is a CONNECT to it (what HTTPS through HTTP_PROXY sends).
+    curl(&["-p", "-x", &format!("http://{out}"), "http://elsewhere.example:443/"]);
+    // Both are counted as egress (one edge, port 0, no service): a refusal is traffic too.
     let metrics = curl(&[&format!("http://{}/metrics", client.admin())]).body;
     assert!(
         metrics
             .lines()
             .any(|l| l.starts_with("trellis_proxy_requests_total{")
-                && l.contains("direction=\"outbound\",port=\"80\",virtual_service=\"\"")
+                && l.contains("direction=\"outbound\",port=\"0\",virtual_service=\"\"")
                 && l.contains("status_class=\"4xx\"")
-                && l.ends_with(" 1")),
-        "the egress refusal is not counted:\n{metrics}"
+                && l.ends_with(" 2")),
+        "the egress refusals are not counted:\n{metrics}"
     );
 
     // The target's JSON lines, key for key: numbers stay numbers, missing values are null.

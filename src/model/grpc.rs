@@ -8,6 +8,7 @@ pub const CANCELLED: u32 = 1;
 pub const UNKNOWN: u32 = 2;
 pub const PERMISSION_DENIED: u32 = 7;
 pub const UNIMPLEMENTED: u32 = 12;
+pub const RESOURCE_EXHAUSTED: u32 = 8;
 pub const INTERNAL: u32 = 13;
 pub const UNAVAILABLE: u32 = 14;
 pub const UNAUTHENTICATED: u32 = 16;
@@ -52,6 +53,18 @@ pub fn from_http_status(status: u16) -> u32 {
         404 => UNIMPLEMENTED,
         429 | 502 | 503 | 504 => UNAVAILABLE,
         _ => UNKNOWN,
+    }
+}
+
+/// The code a caller's gRPC library reports for a stream reset with HTTP/2 error `reason`
+/// (gRPC's PROTOCOL-HTTP2.md, "Errors").
+pub fn from_http2_reset(reason: u32) -> u32 {
+    match reason {
+        0x7 => UNAVAILABLE,        // REFUSED_STREAM
+        0x8 => CANCELLED,          // CANCEL
+        0xb => RESOURCE_EXHAUSTED, // ENHANCE_YOUR_CALM
+        0xc => PERMISSION_DENIED,  // INADEQUATE_SECURITY
+        _ => INTERNAL,
     }
 }
 
@@ -101,6 +114,21 @@ mod tests {
             (200, UNKNOWN),
         ] {
             assert_eq!(from_http_status(http), code, "HTTP {http}");
+        }
+    }
+
+    #[test]
+    fn http2_resets_map_as_grpc_says() {
+        for (reason, code) in [
+            (0x0, INTERNAL),
+            (0x2, INTERNAL),
+            (0x7, UNAVAILABLE),
+            (0x8, CANCELLED),
+            (0xb, RESOURCE_EXHAUSTED),
+            (0xc, PERMISSION_DENIED),
+            (0x99, INTERNAL),
+        ] {
+            assert_eq!(from_http2_reset(reason), code, "reset {reason:#x}");
         }
     }
 

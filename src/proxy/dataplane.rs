@@ -240,7 +240,9 @@ impl Routing {
             }
         }
         for l in config.gateway.iter().flat_map(|g| &g.listeners) {
-            r.gateway.insert(l.port, GatewayPort::new(l)?);
+            let mut port = GatewayPort::new(l)?;
+            port.unrouted = metrics.edge(Edge::unrouted(Direction::Gateway, l.port));
+            r.gateway.insert(l.port, port);
         }
         for l in &config.inbound {
             r.inbound.insert(
@@ -453,6 +455,10 @@ pub struct Shared {
     pub metrics: Arc<ProxyMetrics>,
     /// Inbound requests that name no listener of this node.
     pub unrouted_inbound: Arc<EdgeStats>,
+    /// Requests on the explicit listener for destinations that are not backends (refused by
+    /// the egress filter or passed through), as Envoy's one BlackHole / Passthrough cluster:
+    /// one edge, port 0, whatever the destination.
+    pub unrouted_egress: Arc<EdgeStats>,
     pub tracer: Option<Tracer>,
     pub upstreams: Upstreams,
     pub settings: DataplaneSettings,
@@ -512,11 +518,13 @@ pub async fn run(
         tracer,
     } = reporting;
     let unrouted_inbound = metrics.edge(Edge::unrouted(Direction::Inbound, 0));
+    let unrouted_egress = metrics.edge(Edge::unrouted(Direction::Outbound, 0));
     let drain = Drain::default();
     let shards = Shards::new(&workers, || Shared {
         tracer: tracer.clone(),
         routing: routing_tx.subscribe(),
         unrouted_inbound: unrouted_inbound.clone(),
+        unrouted_egress: unrouted_egress.clone(),
         upstreams: Upstreams::new(identity.clone(), metrics.clone()),
         metrics: metrics.clone(),
         settings: settings.clone(),

@@ -26,7 +26,7 @@ use crate::model::shapes::{
     DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch, HttpGatewayRouteMatch,
     HttpGatewayRouteRewrite,
 };
-use crate::telemetry::proxy::Direction;
+use crate::telemetry::proxy::{Direction, Edge, EdgeStats};
 
 /// One gateway listener's routes, ready to match.
 pub struct GatewayPort {
@@ -35,6 +35,8 @@ pub struct GatewayPort {
     routes: Vec<(Option<HostTest>, CompiledGatewayRoute)>,
     /// The listener's own TLS (`None`: plaintext).
     pub tls: Option<Arc<GatewayTls>>,
+    /// Where the gateway's own refusals on this listener are counted.
+    pub unrouted: Arc<EdgeStats>,
 }
 
 enum HostTest {
@@ -111,6 +113,7 @@ impl GatewayPort {
             table: RouteTable::new(&as_routes)?,
             routes,
             tls: GatewayTls::load(l)?,
+            unrouted: Arc::new(EdgeStats::detached()),
         })
     }
 
@@ -145,16 +148,23 @@ pub(crate) fn host_of<B>(req: &Request<B>) -> String {
 pub async fn request(shared: &Arc<Shared>, port: u16, mut req: Request<Body>) -> Response<Body> {
     let started = Instant::now();
     let routing = shared.routing.borrow().clone();
+    let gw = routing.gateway.get(&port);
     let refuse = |req: &Request<Body>, e: &UpstreamError| {
         let resp = local_reply::refuse(req, e);
         let grpc = local_reply::is_grpc(req.headers());
-        let on = (Direction::Gateway, port);
-        let resp = stats::count_unrouted(&shared.metrics, on, started, grpc, resp);
+        let edge = match gw {
+            Some(gw) => gw.unrouted.clone(),
+            // The listener left the config as this request came.
+            None => shared
+                .metrics
+                .edge(Edge::unrouted(Direction::Gateway, port)),
+        };
+        let resp = stats::count_unrouted(&edge, started, grpc, resp);
         // Logged (as Envoy logs its `NR`s) where the spec asks: no target port was chosen, so
         // in the gateway's own log, not a port's.
         access::answered_here(routing.access_log.as_ref(), req, resp, e.flag())
     };
-    let Some(gw) = routing.gateway.get(&port) else {
+    let Some(gw) = gw else {
         return refuse(&req, &UpstreamError::NoRoute);
     };
     let host = host_of(&req);

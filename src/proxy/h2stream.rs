@@ -234,7 +234,7 @@ pub fn poll_pump(
 /// The reset that passes on a body's failure: the reason of an HTTP/2 error behind it (a
 /// stream the other side cancelled stays CANCEL, which gRPC reads as CANCELLED), else
 /// INTERNAL_ERROR. hyper's pipe does the same.
-fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Reason {
+pub(crate) fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Reason {
     let mut cause = Some(e);
     while let Some(e) = cause {
         if let Some(reason) = e.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {

@@ -34,7 +34,7 @@ use super::upstream::{Body, Hop, PeerStream, TARGET_PORT, UpstreamError, full, i
 use crate::model::proxy_config::{CompiledRoute, RetryPolicy, Target};
 use crate::model::shapes::{EgressFilterType, PortProtocol};
 use crate::telemetry::access_log::ResponseFlag;
-use crate::telemetry::proxy::{Direction, EdgeStats};
+use crate::telemetry::proxy::{Direction, Edge, EdgeStats};
 use crate::telemetry::trace::ActiveSpan;
 
 /// A request to a backend's VIP:port.
@@ -42,7 +42,16 @@ pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Body>) -> Resp
     let routing = shared.routing.borrow().clone();
     match routing.outbound.get(&local) {
         Some(port) => forward(shared, port, req).await,
-        None => local_reply::refuse(&req, &UpstreamError::NoRoute),
+        // The port left the config as this request came.
+        None => {
+            let started = std::time::Instant::now();
+            let grpc = local_reply::is_grpc(req.headers());
+            let resp = local_reply::refuse(&req, &UpstreamError::NoRoute);
+            let edge = shared
+                .metrics
+                .edge(Edge::unrouted(Direction::Outbound, local.port()));
+            stats::count_unrouted(&edge, started, grpc, resp)
+        }
     }
 }
 
@@ -51,12 +60,20 @@ pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Body>) -> Resp
 pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<Body> {
     let started = std::time::Instant::now();
     if req.method() == Method::CONNECT {
-        return Box::pin(connect(shared, req)).await;
+        let resp = Box::pin(connect(shared, req)).await;
+        return match resp {
+            Connected::Mesh(resp) => resp,
+            Connected::Egress(resp) => {
+                stats::count_unrouted(&shared.unrouted_egress, started, false, resp)
+            }
+        };
     }
     let Some((host, port)) = authority(&req) else {
         let e =
             UpstreamError::BadRequest("the request names no host (absolute URI or Host)".into());
-        return local_reply::refuse(&req, &e);
+        let grpc = local_reply::is_grpc(req.headers());
+        let resp = local_reply::refuse(&req, &e);
+        return stats::count_unrouted(&shared.unrouted_egress, started, grpc, resp);
     };
     // Origin-form from here on: the route sees the path, the peer the Host.
     if let Some(scheme) = SentScheme::of(req.uri()) {
@@ -77,12 +94,9 @@ pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<
     if let Some(p) = routing.by_authority(&host, port) {
         return forward(shared, p, req).await;
     }
-    // Not a backend: answered here or sent as it is, and counted on the port's unrouted edge.
+    // Not a backend: answered here or sent as it is, and counted as egress.
     let grpc = local_reply::is_grpc(req.headers());
-    let count = |resp| {
-        let on = (Direction::Outbound, port);
-        stats::count_unrouted(&shared.metrics, on, started, grpc, resp)
-    };
+    let count = |resp| stats::count_unrouted(&shared.unrouted_egress, started, grpc, resp);
     match routing.egress {
         Some(EgressFilterType::AllowAll) => {
             let addr = match tokio::net::lookup_host((host.as_str(), port)).await {
@@ -508,12 +522,15 @@ pub async fn serve_tcp(
 /// CONNECT on the explicit listener: a TCP backend is tunnelled through the mesh; on an HTTP
 /// backend the tunnel carries HTTP that is routed like any other request; anything else is
 /// the egress filter's to decide.
-async fn connect(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<Body> {
+async fn connect(shared: &Arc<Shared>, mut req: Request<Body>) -> Connected {
     let Some((host, port)) = authority(&req) else {
-        return UpstreamError::BadRequest("CONNECT needs host:port".into()).response();
+        return Connected::Egress(
+            UpstreamError::BadRequest("CONNECT needs host:port".into()).response(),
+        );
     };
     let routing = shared.routing.borrow().clone();
     let backend = routing.by_authority(&host, port).cloned();
+    let to_mesh = backend.is_some();
     let downstream = hyper::upgrade::on(&mut req);
     let tunnel: Box<dyn FnOnce(Upgraded) -> BoxFuture + Send> = match backend {
         Some(p) if p.protocol == PortProtocol::Tcp => {
@@ -547,14 +564,15 @@ async fn connect(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<Body>
                     t
                 }
                 Err(e) => {
-                    return UpstreamError::NoEndpoint(format!("{host}:{port}: {e}")).response();
+                    let e = UpstreamError::NoEndpoint(format!("{host}:{port}: {e}"));
+                    return Connected::Egress(e.response());
                 }
             };
             Box::new(move |io| {
                 Box::pin(async move { tunnel::splice(TokioIo::new(io), upstream, None).await })
             })
         }
-        None => return egress_denied(&routing, &host, port),
+        None => return Connected::Egress(egress_denied(&routing, &host, port)),
     };
     tokio::spawn(async move {
         match downstream.await {
@@ -562,7 +580,19 @@ async fn connect(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<Body>
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade"),
         }
     });
-    Response::new(full(""))
+    let resp = Response::new(full(""));
+    if to_mesh {
+        Connected::Mesh(resp)
+    } else {
+        Connected::Egress(resp)
+    }
+}
+
+/// A CONNECT's answer, and whether it counts as egress: a tunnel into the mesh is counted by
+/// the requests it carries, one out of it (or its refusal) on the egress edge.
+enum Connected {
+    Mesh(Response<Body>),
+    Egress(Response<Body>),
 }
 
 type BoxFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;

@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::upstream::{Body, BoxError};
 use crate::model::grpc;
-use crate::telemetry::proxy::{Direction, Edge, EdgeStats, ProxyMetrics};
+use crate::telemetry::proxy::EdgeStats;
 
 /// `body`, its bytes added to `counter`: at once when its length is known (most bodies), else
 /// frame by frame as they pass; as it is when `counter` is `None` (requests not counted).
@@ -64,26 +64,25 @@ impl HttpBody for Counted {
 }
 
 /// `resp`, an answer given outside any route (a gateway's refusal, the egress filter's, a
-/// destination outside the mesh), counted on the unrouted edge of its way and port as a
-/// routed one is on its edge.
+/// destination outside the mesh), counted on `stats` (an unrouted edge) as a routed answer is
+/// on its edge.
 pub fn count_unrouted(
-    metrics: &ProxyMetrics,
-    (direction, port): (Direction, u16),
+    stats: &Arc<EdgeStats>,
     started: std::time::Instant,
     grpc: bool,
     resp: http::Response<Body>,
 ) -> http::Response<Body> {
-    let stats = metrics.edge(Edge::unrouted(direction, port));
     stats.answered(resp.status().as_u16(), started.elapsed());
     let resp = resp.map(|body| count_body(body, stats.response_bytes()));
-    if grpc { count_grpc(resp, &stats) } else { resp }
+    if grpc { count_grpc(resp, stats) } else { resp }
 }
 
 /// `resp`, the answer to a gRPC call, with its `grpc-status` counted on `stats` when known: at
 /// once when the head has it (a trailers-only answer, the proxy's own) or cannot get it (an
 /// HTTP failure, an empty body: the code gRPC maps it to), else from the trailers as they pass.
-/// A body that ends without a status counts as Unknown, as gRPC clients see it; one dropped
-/// before its end as Canceled: the caller went away.
+/// What the caller's gRPC library reports otherwise: Unknown for a body that ends without a
+/// status, the reset's code for one that fails (Canceled, Internal …), Canceled for one
+/// dropped before its end (the caller went away).
 pub fn count_grpc(resp: http::Response<Body>, stats: &Arc<EdgeStats>) -> http::Response<Body> {
     if !stats.counts_grpc() {
         return resp;
@@ -142,7 +141,11 @@ impl HttpBody for GrpcCounted {
                     this.count(grpc::UNKNOWN);
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.count(grpc::UNKNOWN),
+            Poll::Ready(None) => this.count(grpc::UNKNOWN),
+            Poll::Ready(Some(Err(e))) => {
+                let reason = super::h2stream::reset_reason(e.as_ref());
+                this.count(grpc::from_http2_reset(u32::from(reason)));
+            }
             Poll::Pending => {}
         }
         polled
@@ -159,7 +162,14 @@ impl HttpBody for GrpcCounted {
 
 impl Drop for GrpcCounted {
     fn drop(&mut self) {
-        self.count(grpc::CANCELLED);
+        // Ended but never read to its end (a server that sends a finished body's head and
+        // stops): no status came.
+        let code = if self.inner.is_end_stream() {
+            grpc::UNKNOWN
+        } else {
+            grpc::CANCELLED
+        };
+        self.count(code);
     }
 }
 
@@ -249,14 +259,18 @@ mod tests {
     }
 
     /// A gRPC call is counted once, by the status its caller got: from the trailers, from a
-    /// trailers-only head, mapped from an HTTP failure, Unknown without one, Canceled when the
-    /// caller left first. Nothing is counted before the trailers pass.
+    /// trailers-only head, mapped from an HTTP failure, Unknown without one, a reset's code
+    /// for a failed body, Canceled when the caller left first. Nothing is counted before the
+    /// trailers pass.
     #[tokio::test]
     async fn grpc_calls_are_counted_by_the_status_the_caller_got() {
         let m = crate::telemetry::proxy::ProxyMetrics::new("demo", ("virtual_node", "back"));
         let stats = edge(&m);
         let answer =
             |status: u16, body: Body| http::Response::builder().status(status).body(body).unwrap();
+        let read = |resp: http::Response<Body>| async move {
+            let _ = resp.into_body().collect().await;
+        };
 
         let resp = count_grpc(
             answer(
@@ -265,32 +279,70 @@ mod tests {
             ),
             &stats,
         );
+        let mut body = resp.into_body();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
         assert!(grpc_counts(&m).is_empty(), "counted before the trailers");
-        resp.into_body().collect().await.unwrap();
+        assert!(body.frame().await.unwrap().unwrap().is_trailers());
         assert_eq!(grpc_counts(&m), ["OK 1"]);
+        drop(body);
+        assert_eq!(grpc_counts(&m), ["OK 1"], "counted again when dropped");
 
         let mut head = answer(200, empty());
         head.headers_mut()
             .insert("grpc-status", "12".parse().unwrap());
         drop(count_grpc(head, &stats));
-        count_grpc(answer(503, full("no healthy upstream")), &stats)
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
-        count_grpc(answer(200, streamed(vec![trailers("5")])), &stats)
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
-        count_grpc(
+        read(count_grpc(answer(503, full("no healthy upstream")), &stats)).await;
+        read(count_grpc(
+            answer(200, streamed(vec![trailers("5")])),
+            &stats,
+        ))
+        .await;
+        assert_eq!(
+            grpc_counts(&m),
+            ["NotFound 1", "OK 1", "Unavailable 1", "Unimplemented 1"]
+        );
+
+        // Unknown: a body that ends without trailers (seen at its last data frame, and at its
+        // end), an empty 200, trailers without a status, a code gRPC does not define.
+        read(count_grpc(answer(200, full("x")), &stats)).await;
+        read(count_grpc(
             answer(200, streamed(vec![Frame::data(Bytes::from("x"))])),
             &stats,
-        )
-        .into_body()
-        .collect()
-        .await
-        .unwrap();
+        ))
+        .await;
+        drop(count_grpc(answer(200, empty()), &stats));
+        read(count_grpc(
+            answer(200, streamed(vec![Frame::trailers(http::HeaderMap::new())])),
+            &stats,
+        ))
+        .await;
+        read(count_grpc(
+            answer(200, streamed(vec![trailers("99")])),
+            &stats,
+        ))
+        .await;
+        assert!(
+            grpc_counts(&m).contains(&"Unknown 5".to_string()),
+            "{:?}",
+            grpc_counts(&m)
+        );
+
+        // A failed body: the reset its caller gets.
+        let failed = |e: BoxError| {
+            let frames = futures_util::stream::iter([Ok(Frame::data(Bytes::from("x"))), Err(e)]);
+            answer(200, http_body_util::StreamBody::new(frames).boxed())
+        };
+        read(count_grpc(
+            failed(h2::Error::from(h2::Reason::CANCEL).into()),
+            &stats,
+        ))
+        .await;
+        read(count_grpc(
+            failed("the app's connection broke".into()),
+            &stats,
+        ))
+        .await;
+        // The caller went away mid-stream.
         drop(count_grpc(
             answer(
                 200,
@@ -301,12 +353,13 @@ mod tests {
         assert_eq!(
             grpc_counts(&m),
             [
-                "Canceled 1",
+                "Canceled 2",
+                "Internal 1",
                 "NotFound 1",
                 "OK 1",
                 "Unavailable 1",
                 "Unimplemented 1",
-                "Unknown 1"
+                "Unknown 5"
             ]
         );
 

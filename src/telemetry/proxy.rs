@@ -82,8 +82,7 @@ struct EdgeGrpc {
 }
 
 /// A gRPC status code as a label: its name as Envoy's `%GRPC_STATUS%` and gRPC's own
-/// Prometheus middleware write it (`OK`, `Unavailable`), the number for a code gRPC does not
-/// define.
+/// Prometheus middleware write it (`OK`, `Unavailable`); only codes gRPC defines get here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct GrpcStatus(u32);
 
@@ -272,7 +271,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "grpc_responses",
-            "gRPC calls answered, by edge and grpc-status (from the trailers, else the response head, else the HTTP status; Canceled when the caller left before the end)",
+            "gRPC calls answered, by edge and grpc-status (from the response head, else mapped from a failed HTTP status, else from the trailers; Unknown without one, a reset's code, Canceled when the caller left before the end)",
             m.grpc.clone(),
         );
         registry.register(
@@ -479,16 +478,21 @@ struct GrpcCounters {
 
 impl GrpcCounters {
     fn inc(&self, code: u32) {
-        let make = || {
-            self.family.get_or_create_owned(&EdgeGrpc {
-                edge: self.edge.clone(),
-                grpc_status: GrpcStatus(code),
+        // A code gRPC does not define is Unknown to its clients, and a label value a peer
+        // could pick freely would make series without end.
+        let code = if (code as usize) < self.by_code.len() {
+            code
+        } else {
+            crate::model::grpc::UNKNOWN
+        };
+        self.by_code[code as usize]
+            .get_or_init(|| {
+                self.family.get_or_create_owned(&EdgeGrpc {
+                    edge: self.edge.clone(),
+                    grpc_status: GrpcStatus(code),
+                })
             })
-        };
-        match self.by_code.get(code as usize) {
-            Some(slot) => slot.get_or_init(make).inc(),
-            None => make().inc(),
-        };
+            .inc();
     }
 }
 
