@@ -104,7 +104,7 @@ enum Command {
     },
     /// The control-plane cluster: list its members, remove one.
     ///
-    /// Example: trellis members --endpoint http://10.0.0.1:7070
+    /// Example: trellis members --endpoint https://10.0.0.1:7070
     Members {
         #[command(flatten)]
         conn: admin::Connection,

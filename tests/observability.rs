@@ -640,7 +640,12 @@ fn access_log_lines_follow_their_formats_for_success_retry_timeout_and_refusal()
         ["GET /x 403 RBAC 0 - - egress 127.0.0.1"]
     );
     // So is a CONNECT to it (what HTTPS through HTTP_PROXY sends).
-    curl(&["-p", "-x", &format!("http://{out}"), "http://elsewhere.example:443/"]);
+    curl(&[
+        "-p",
+        "-x",
+        &format!("http://{out}"),
+        "http://elsewhere.example:443/",
+    ]);
     // Both are counted as egress (one edge, port 0, no service): a refusal is traffic too.
     let metrics = curl(&[&format!("http://{}/metrics", client.admin())]).body;
     assert!(
