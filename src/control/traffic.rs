@@ -175,12 +175,17 @@ pub fn summary(table: &TrafficTable) -> Traffic {
     let mut services: BTreeMap<(String, String), Window> = BTreeMap::new();
     for p in t.values() {
         let (now, current) = &p.current;
+        // By key: a proxy with thousands of edges, looked up per edge, under the table's lock.
+        let previous: HashMap<_, _> = p
+            .previous
+            .iter()
+            .flat_map(|(then, prev)| {
+                let secs = now.duration_since(*then).as_secs_f64();
+                prev.iter().map(move |x| (key(x), (secs, x)))
+            })
+            .collect();
         for e in current {
-            let before = p.previous.as_ref().and_then(|(then, prev)| {
-                prev.iter()
-                    .find(|x| key(x) == key(e))
-                    .map(|x| (now.duration_since(*then).as_secs_f64(), x))
-            });
+            let before = previous.get(&key(e)).copied();
             let window = window(e, before);
             // Answers that took no route (a gateway's refusals, egress) name no service.
             if e.direction != "inbound" && !e.virtual_service.is_empty() {
