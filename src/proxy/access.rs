@@ -18,7 +18,6 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::upstream::{Body, BoxError, UpstreamError};
 use super::{local_reply, stats};
-use crate::model::grpc;
 use crate::telemetry::access_log::{AccessLogFormat, AccessLogWriter, Entry, ResponseFlag};
 
 /// A config's access log: its format and the writer of its file.
@@ -193,10 +192,6 @@ fn header(headers: &http::HeaderMap, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    grpc::parse_status(headers.get("grpc-status")?.as_bytes())
-}
-
 fn protocol(v: Version) -> &'static str {
     match v {
         Version::HTTP_09 => "HTTP/0.9",
@@ -223,7 +218,7 @@ impl Pending {
         if let Some(e) = &mut self.entry {
             e.status = resp.status().as_u16();
             if e.grpc {
-                e.grpc_status = grpc_status(resp.headers());
+                e.grpc_status = local_reply::grpc_status(resp.headers());
             }
             e.response_headers = self
                 .logger
@@ -296,7 +291,7 @@ impl HttpBody for LoggedBody {
                     && e.grpc
                 {
                     // A gRPC answer's status is in its trailers, unless it had no body.
-                    e.grpc_status = grpc_status(t).or(e.grpc_status);
+                    e.grpc_status = local_reply::grpc_status(t).or(e.grpc_status);
                 }
                 if this.inner.is_end_stream() {
                     this.pending.write();

@@ -186,7 +186,7 @@ pub async fn request(shared: &Arc<Shared>, port: u16, mut req: Request<Body>) ->
     if let Err(e) = rewrite(&mut req, route) {
         return refuse(&req, &e);
     }
-    outbound::forward(shared, &target, req).await
+    outbound::forward(shared, &target, req, started).await
 }
 
 /// App Mesh's rewrites: Host to the target service's name and the matched prefix to `/` unless

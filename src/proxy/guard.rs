@@ -81,6 +81,14 @@ fn timed_out(seen: usize) -> Verdict {
     }
 }
 
+/// One Content-Length value: digits only (no sign, space or list), as RFC 9110 §8.6 has it.
+pub fn content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 /// The length rules of RFC 9112 §6, strictly.
 pub fn check(head: &[u8]) -> Verdict {
     let mut headers = [httparse::EMPTY_HEADER; 128];

@@ -625,10 +625,7 @@ fn framing_of(
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {
-            let n = std::str::from_utf8(part.trim_ascii())
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
+            let n = super::guard::content_length(part.trim_ascii())
                 .ok_or_else(|| invalid("its Content-Length is not a number"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(invalid("it has two different Content-Lengths"));

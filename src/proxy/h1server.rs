@@ -233,12 +233,13 @@ fn handover<S>(read: BytesMut, io: S) -> Handover<S> {
     }
 }
 
-/// A Content-Length value: digits only (no sign, list or space), as RFC 9110 §8.6 has it.
+/// A request's Content-Length value ([`guard::content_length`]), up to 15 digits: a length
+/// to hold in memory.
 fn content_length(v: &[u8]) -> Option<usize> {
-    if v.is_empty() || v.len() > 15 || !v.iter().all(u8::is_ascii_digit) {
+    if v.len() > 15 {
         return None;
     }
-    std::str::from_utf8(v).ok()?.parse().ok()
+    usize::try_from(guard::content_length(v)?).ok()
 }
 
 /// Whether `read`, of which the first `scanned` bytes hold no end of a head, now holds one

@@ -327,12 +327,7 @@ async fn request(shared: &Shared, caller: &Caller, mut req: Request<Body>) -> ht
         let attributes = vec![("appmesh.caller", caller.describe())];
         tracer.record(span.end(name, true, resp.status().as_u16(), attributes));
     }
-    let resp = resp.map(|body| stats::count_body(body, stats.response_bytes()));
-    let resp = if grpc {
-        stats::count_grpc(resp, &stats)
-    } else {
-        resp
-    };
+    let resp = stats::count_response(resp, &stats, grpc);
     match log {
         Some((pending, served)) => pending.finish(resp, served),
         None => resp,

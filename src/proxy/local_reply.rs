@@ -27,6 +27,11 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| grpc::is_grpc_content_type(v.as_bytes()))
 }
 
+/// The `grpc-status` in a head or trailers.
+pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    grpc::parse_status(headers.get("grpc-status")?.as_bytes())
+}
+
 /// `e`'s answer as the caller of `req` gets it.
 pub fn refuse<B>(req: &Request<B>, e: &UpstreamError) -> Response<Body> {
     for_caller(is_grpc(req.headers()), e.response())

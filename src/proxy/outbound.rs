@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, Uri};
 
@@ -39,12 +39,12 @@ use crate::telemetry::trace::ActiveSpan;
 
 /// A request to a backend's VIP:port.
 pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Body>) -> Response<Body> {
+    let started = Instant::now();
     let routing = shared.routing.borrow().clone();
     match routing.outbound.get(&local) {
-        Some(port) => forward(shared, port, req).await,
+        Some(port) => forward(shared, port, req, started).await,
         // The port left the config as this request came.
         None => {
-            let started = std::time::Instant::now();
             let grpc = local_reply::is_grpc(req.headers());
             let resp = local_reply::refuse(&req, &UpstreamError::NoRoute);
             let edge = shared
@@ -58,7 +58,7 @@ pub async fn vip(shared: &Shared, local: SocketAddr, req: Request<Body>) -> Resp
 /// A request on the explicit listener: absolute-form (`HTTP_PROXY`) or with a Host naming a
 /// backend virtual service.
 pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<Body> {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     if req.method() == Method::CONNECT {
         let resp = Box::pin(connect(shared, req)).await;
         return match resp {
@@ -92,7 +92,7 @@ pub async fn explicit(shared: &Arc<Shared>, mut req: Request<Body>) -> Response<
     }
     let routing = shared.routing.borrow().clone();
     if let Some(p) = routing.by_authority(&host, port) {
-        return forward(shared, p, req).await;
+        return forward(shared, p, req, started).await;
     }
     // Not a backend: answered here or sent as it is, and counted as egress.
     let grpc = local_reply::is_grpc(req.headers());
@@ -167,9 +167,14 @@ pub(crate) fn authority<B>(req: &Request<B>) -> Option<(String, u16)> {
     })
 }
 
-/// One request to a backend port: route, target, attempts; counted on the edge it took.
-pub async fn forward(shared: &Shared, port: &OutboundPort, req: Request<Body>) -> Response<Body> {
-    let started = std::time::Instant::now();
+/// One request to a backend port: route, target, attempts; counted on the edge it took, its
+/// latency from `started` (when the listener took it).
+pub async fn forward(
+    shared: &Shared,
+    port: &OutboundPort,
+    req: Request<Body>,
+    started: Instant,
+) -> Response<Body> {
     let mut req = req;
     let span = shared
         .tracer
@@ -195,12 +200,7 @@ pub async fn forward(shared: &Shared, port: &OutboundPort, req: Request<Body>) -
         ];
         tracer.record(span.end(name, false, resp.status().as_u16(), attributes));
     }
-    let resp = resp.map(|body| stats::count_body(body, stats.response_bytes()));
-    let resp = if grpc {
-        stats::count_grpc(resp, &stats)
-    } else {
-        resp
-    };
+    let resp = stats::count_response(resp, &stats, grpc);
     match log {
         Some(pending) => pending.finish(resp, served),
         None => resp,
@@ -547,7 +547,7 @@ async fn connect(shared: &Arc<Shared>, mut req: Request<Body>) -> Connected {
                         let (shared, p) = (shared.clone(), p.clone());
                         async move {
                             Ok::<_, std::convert::Infallible>(
-                                forward(&shared, &p, req.map(incoming)).await,
+                                forward(&shared, &p, req.map(incoming), Instant::now()).await,
                             )
                         }
                     });

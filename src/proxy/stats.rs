@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 
+use super::local_reply::grpc_status;
 use super::upstream::{Body, BoxError};
 use crate::model::grpc;
 use crate::telemetry::proxy::EdgeStats;
@@ -73,6 +74,16 @@ pub fn count_unrouted(
     resp: http::Response<Body>,
 ) -> http::Response<Body> {
     stats.answered(resp.status().as_u16(), started.elapsed());
+    count_response(resp, stats, grpc)
+}
+
+/// `resp` with what its body carries counted on `stats` as it passes: its bytes, and for the
+/// answer to a gRPC call its `grpc-status` ([`count_grpc`]).
+pub fn count_response(
+    resp: http::Response<Body>,
+    stats: &Arc<EdgeStats>,
+    grpc: bool,
+) -> http::Response<Body> {
     let resp = resp.map(|body| count_body(body, stats.response_bytes()));
     if grpc { count_grpc(resp, stats) } else { resp }
 }
@@ -87,7 +98,7 @@ pub fn count_grpc(resp: http::Response<Body>, stats: &Arc<EdgeStats>) -> http::R
     if !stats.counts_grpc() {
         return resp;
     }
-    if let Some(code) = status_in(resp.headers()) {
+    if let Some(code) = grpc_status(resp.headers()) {
         stats.grpc_answered(code);
         return resp;
     }
@@ -103,10 +114,6 @@ pub fn count_grpc(resp: http::Response<Body>, stats: &Arc<EdgeStats>) -> http::R
         }
         .boxed()
     })
-}
-
-fn status_in(headers: &http::HeaderMap) -> Option<u32> {
-    grpc::parse_status(headers.get("grpc-status")?.as_bytes())
 }
 
 struct GrpcCounted {
@@ -136,7 +143,7 @@ impl HttpBody for GrpcCounted {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(t) = frame.trailers_ref() {
-                    this.count(status_in(t).unwrap_or(grpc::UNKNOWN));
+                    this.count(grpc_status(t).unwrap_or(grpc::UNKNOWN));
                 } else if this.inner.is_end_stream() {
                     this.count(grpc::UNKNOWN);
                 }

@@ -78,25 +78,9 @@ struct EdgeStatus {
 struct EdgeGrpc {
     #[prometheus(flatten)]
     edge: Edge,
-    grpc_status: GrpcStatus,
-}
-
-/// A gRPC status code as a label: its name as Envoy's `%GRPC_STATUS%` and gRPC's own
-/// Prometheus middleware write it (`OK`, `Unavailable`); only codes gRPC defines get here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct GrpcStatus(u32);
-
-impl prometheus_client::encoding::EncodeLabelValue for GrpcStatus {
-    fn encode(
-        &self,
-        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        use std::fmt::Write;
-        match crate::model::grpc::camel_name(self.0) {
-            Some(name) => encoder.write_str(name),
-            None => write!(encoder, "{}", self.0),
-        }
-    }
+    /// The code's name as Envoy's `%GRPC_STATUS%` and gRPC's own Prometheus middleware write
+    /// it (`OK`, `Unavailable`).
+    grpc_status: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -478,21 +462,23 @@ struct GrpcCounters {
 
 impl GrpcCounters {
     fn inc(&self, code: u32) {
+        use crate::model::grpc;
         // A code gRPC does not define is Unknown to its clients, and a label value a peer
         // could pick freely would make series without end.
-        let code = if (code as usize) < self.by_code.len() {
-            code
-        } else {
-            crate::model::grpc::UNKNOWN
+        let (code, name) = match grpc::camel_name(code) {
+            Some(name) => (code, name),
+            None => (grpc::UNKNOWN, "Unknown"),
         };
-        self.by_code[code as usize]
-            .get_or_init(|| {
-                self.family.get_or_create_owned(&EdgeGrpc {
-                    edge: self.edge.clone(),
-                    grpc_status: GrpcStatus(code),
-                })
+        let Some(slot) = self.by_code.get(code as usize) else {
+            return;
+        };
+        slot.get_or_init(|| {
+            self.family.get_or_create_owned(&EdgeGrpc {
+                edge: self.edge.clone(),
+                grpc_status: name,
             })
-            .inc();
+        })
+        .inc();
     }
 }
 
